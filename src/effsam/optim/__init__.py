@@ -1,0 +1,36 @@
+"""The library core: sharpness-aware optimizer wrappers. Depends on torch only."""
+
+from .ascent import AdaptiveAscent, L2Ascent
+from .masks import PerturbationMask, RandomTensorSubset
+from .registry import (
+    REGISTRY,
+    OptimizerSpec,
+    available_optimizers,
+    create_optimizer,
+    get_spec,
+    register,
+)
+from .selection import AllSamples, TopLoss, TopSharpness
+from .sharpness_aware import KeptFraction, SharpnessAware
+from .variants import ASAM, ESAM, SAM
+
+__all__ = [
+    "ASAM",
+    "ESAM",
+    "REGISTRY",
+    "SAM",
+    "AdaptiveAscent",
+    "AllSamples",
+    "KeptFraction",
+    "L2Ascent",
+    "OptimizerSpec",
+    "PerturbationMask",
+    "RandomTensorSubset",
+    "SharpnessAware",
+    "TopLoss",
+    "TopSharpness",
+    "available_optimizers",
+    "create_optimizer",
+    "get_spec",
+    "register",
+]

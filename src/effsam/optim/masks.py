@@ -1,0 +1,153 @@
+"""Mask policies: which weights the ascent perturbs.
+
+A policy answers three questions for the :class:`~effsam.SharpnessAware` skeleton:
+
+1. ``draw(params)`` — at the start of a step, which parameter TENSORS need a gradient in
+   pass 1 (``None``: all). Tensors not kept get ``requires_grad`` off for pass 1 only, so
+   autograd skips their weight-gradient kernels; that is where SWP saves time.
+2. ``element_masks(params)`` — an optional per-ELEMENT mask for the perturbed tensors
+   (SSAM), multiplied into ε.
+3. ``scale`` and ``normalise_masked`` — how ε is normalised.
+
+Policies that need data to refresh (SSAM's Fisher mask) implement ``refresh``; the
+optimizer's ``step()`` never sees a model or data, the training loop calls
+``SharpnessAware.refresh_mask`` on schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class PerturbationMask:
+    """Perturb every weight (SAM). The base class of every mask policy."""
+
+    name = "dense"
+    #: With element masks: normalise ε by ‖m ⊙ g‖ (True) or by ‖g‖ (False).
+    normalise_masked = True
+    #: Whether ``refresh`` must run before the first step.
+    needs_data = False
+
+    def draw(self, params: Sequence[Tensor]) -> list[bool] | None:
+        """Start of a step: per-tensor pass-1 keep flags (``None`` keeps all)."""
+        return None
+
+    def rollback_draw(self) -> None:
+        """Undo the last ``draw`` (a failed step must leave the policy state as it was)."""
+
+    def element_masks(self, params: Sequence[Tensor]) -> list[Tensor | None] | None:
+        """Per-element masks (same dtype as each parameter) or ``None``."""
+        return None
+
+    @property
+    def scale(self) -> float:
+        """Multiplier on ε after normalisation."""
+        return 1.0
+
+    def refresh_due(self, step: int) -> bool:
+        """Whether ``refresh`` should run before step number ``step`` (0-based)."""
+        return False
+
+    def refresh(
+        self,
+        model: torch.nn.Module,
+        params: Sequence[Tensor],
+        batch: Any,
+        loss_fn: Callable[..., Any],
+        step: int,
+    ) -> bool:
+        """Recompute the mask from data; returns whether the mask changed."""
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def extra_repr(self) -> str:
+        return ""
+
+
+class RandomTensorSubset(PerturbationMask):
+    """ESAM's Stochastic Weight Perturbation (Du et al., ICLR 2022).
+
+    Each step every parameter tensor n is kept with probability β, m_n ~ Bernoulli(β),
+    drawn from a generator owned by this policy (seedable; its state is in
+    ``state_dict``, and equal seeds give equal masks on every data-parallel worker).
+    Only kept tensors get pass-1 gradients, and
+
+        ε_n = m_n · ρ g_n / (β (‖m ⊙ g‖₂ + δ))        (``scaling="authors"``, default)
+
+    as in the authors' code: normalised by the norm of the KEPT gradients, so the
+    effective radius is ‖ε‖ = ρ/β. ``scaling="unit"`` drops the 1/β (‖ε‖ = ρ).
+
+    Args:
+        beta: keep probability in (0, 1]; β = 1 is SAM.
+        seed: seed of the mask generator.
+        scaling: ``"authors"`` (‖ε‖ = ρ/β) or ``"unit"`` (‖ε‖ = ρ).
+    """
+
+    name = "swp"
+
+    def __init__(self, beta: float, seed: int = 0, scaling: str = "authors") -> None:
+        if not isinstance(beta, (int, float)) or not (0.0 < beta <= 1.0):
+            raise ValueError(f"Invalid SWP beta: {beta!r} (must be in (0, 1])")
+        if scaling not in ("authors", "unit"):
+            raise ValueError(f"Invalid SWP scaling: {scaling!r} (choose 'authors' or 'unit')")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"Invalid SWP seed: {seed!r} (must be an int)")
+        self.beta = float(beta)
+        self.scaling = scaling
+        self.seed = seed
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(seed)
+        self._before_draw: Tensor | None = None
+
+    def draw(self, params: Sequence[Tensor]) -> list[bool] | None:
+        self._before_draw = self.generator.get_state()
+        if self.beta >= 1.0:
+            return None
+        # One draw per tensor in the optimizer's order, frozen tensors included, so the
+        # random stream does not depend on which tensors happen to have gradients.
+        u = torch.rand(len(params), generator=self.generator, dtype=torch.float64)
+        return (u < self.beta).tolist()
+
+    def rollback_draw(self) -> None:
+        if self._before_draw is not None:
+            self.generator.set_state(self._before_draw)
+            self._before_draw = None
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / self.beta if self.scaling == "authors" else 1.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "beta": self.beta}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, scaling={self.scaling!r}, seed={self.seed}"
+
+
+def kept_fraction(params: Sequence[Tensor], keep: Sequence[bool] | None) -> tuple[float, float]:
+    """Fraction of trainable tensors and of their elements kept in pass 1."""
+    trainable = [(p, k) for p, k in zip(params, keep or [True] * len(params)) if p.requires_grad]
+    if not trainable:
+        return 1.0, 1.0
+    n_kept = sum(1 for _, k in trainable if k)
+    total = sum(p.numel() for p, _ in trainable)
+    elems = sum(p.numel() for p, k in trainable if k)
+    return n_kept / len(trainable), (elems / total if total else 1.0)
+
+
+def round_half_up(x: float) -> int:
+    """Round half up (Python's ``round`` rounds half to even)."""
+    return int(math.floor(x + 0.5))

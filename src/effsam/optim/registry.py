@@ -1,0 +1,175 @@
+"""Name → optimizer spec table and one factory.
+
+``create_optimizer(model_or_params, "esam", lr=0.05, momentum=0.9, weight_decay=1e-3,
+rho=0.05, beta=0.6, gamma=0.5)`` builds the base optimizer and wraps it. ``"sgd"`` (and
+any base name used as the optimizer name) returns the plain base optimizer.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from .variants import ASAM, ESAM, SAM
+
+BASES: dict[str, type[Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adamw": torch.optim.AdamW,
+    "adam": torch.optim.Adam,
+}
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One registered optimizer: a wrapper factory and fixed keyword arguments."""
+
+    name: str
+    description: str
+    factory: Callable[..., Optimizer] | None  # None: the base optimizer alone
+    fixed: dict[str, Any] = field(default_factory=dict)
+    #: keyword defaults shown in help and used by the toolkit (paper settings)
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+REGISTRY: dict[str, OptimizerSpec] = {}
+
+
+def register(spec: OptimizerSpec) -> OptimizerSpec:
+    """Add ``spec`` to the registry (names are lower-case, unique)."""
+    if spec.name in REGISTRY:
+        raise ValueError(f"optimizer {spec.name!r} is already registered")
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def available_optimizers() -> list[str]:
+    return list(REGISTRY)
+
+
+def get_spec(name: str) -> OptimizerSpec:
+    key = name.lower()
+    if key not in REGISTRY:
+        raise ValueError(f"Unknown optimizer {name!r}; choose from {', '.join(REGISTRY)}")
+    return REGISTRY[key]
+
+
+def _wrapper_kwargs(factory: Callable[..., Any]) -> set[str]:
+    names: set[str] = set()
+    for cls in inspect.getmro(factory) if inspect.isclass(factory) else [factory]:
+        init = getattr(cls, "__init__", None)
+        if init is None or cls is object:
+            continue
+        names |= {
+            p.name
+            for p in inspect.signature(init).parameters.values()
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+            and p.name not in ("self", "base")
+        }
+    return names
+
+
+def create_optimizer(
+    params_or_model: nn.Module | Iterable[Any],
+    name: str = "sam",
+    *,
+    base: str | type[Optimizer] = "sgd",
+    lr: float = 0.1,
+    momentum: float | None = None,
+    weight_decay: float = 0.0,
+    nesterov: bool | None = None,
+    base_kwargs: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> Optimizer:
+    """Build ``base`` over the parameters and wrap it as the optimizer ``name``.
+
+    Args:
+        params_or_model: a module (its parameters) or an iterable of parameters / groups.
+        name: a registered name (``available_optimizers()``).
+        base: ``"sgd"``, ``"adamw"``, ``"adam"`` or an Optimizer class.
+        lr, momentum, weight_decay, nesterov: the base optimizer's usual settings
+            (momentum/nesterov only where the base takes them).
+        base_kwargs: any further base-optimizer keyword arguments.
+        **kwargs: the wrapper's arguments (``rho``, ``beta``, ``gamma``, ``sparsity``, …);
+            unknown ones are an error naming them.
+    """
+    spec = get_spec(name)
+    if isinstance(base, str):
+        if base.lower() not in BASES:
+            raise ValueError(f"Unknown base optimizer {base!r}; choose from {', '.join(BASES)}")
+        base_cls = BASES[base.lower()]
+    elif inspect.isclass(base) and issubclass(base, Optimizer):
+        base_cls = base
+    else:
+        raise TypeError(f"base must be a name or an Optimizer class, got {base!r}")
+    params = (
+        params_or_model.parameters() if isinstance(params_or_model, nn.Module) else params_or_model
+    )
+    bkw: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
+    accepted = inspect.signature(base_cls.__init__).parameters
+    if momentum is not None and "momentum" in accepted:
+        bkw["momentum"] = momentum
+    if nesterov is not None and "nesterov" in accepted:
+        bkw["nesterov"] = nesterov
+    bkw.update(base_kwargs or {})
+    if spec.factory is None:
+        if kwargs:
+            raise TypeError(
+                f"{spec.name!r} takes no sharpness-aware arguments, got {sorted(kwargs)}"
+            )
+        return base_cls(params, **bkw)
+    merged = {**spec.defaults, **kwargs, **spec.fixed}
+    allowed = _wrapper_kwargs(spec.factory)
+    unknown = sorted(set(merged) - allowed)
+    if unknown:
+        raise TypeError(
+            f"{spec.name!r} got unknown arguments {unknown}; it takes {sorted(allowed)}"
+        )
+    return spec.factory(base_cls(params, **bkw), **merged)
+
+
+register(OptimizerSpec("sgd", "the base optimizer alone (no sharpness-aware step)", None))
+register(OptimizerSpec("sam", "SAM (Foret et al., 2021)", SAM, defaults={"rho": 0.05}))
+register(
+    OptimizerSpec("asam", "ASAM, adaptive SAM (Kwon et al., 2021)", ASAM, defaults={"rho": 0.5})
+)
+register(
+    OptimizerSpec(
+        "esam",
+        "ESAM: SWP + SDS (Du et al., 2022)",
+        ESAM,
+        defaults={"rho": 0.05, "beta": 0.6, "gamma": 0.5},
+    )
+)
+register(
+    OptimizerSpec(
+        "esam-swp",
+        "ESAM ablation: SWP alone (gamma = 1)",
+        ESAM,
+        fixed={"gamma": 1.0},
+        defaults={"rho": 0.05, "beta": 0.6},
+    )
+)
+register(
+    OptimizerSpec(
+        "esam-sds",
+        "ESAM ablation: SDS alone (beta = 1)",
+        ESAM,
+        fixed={"beta": 1.0},
+        defaults={"rho": 0.05, "gamma": 0.5},
+    )
+)
+register(
+    OptimizerSpec(
+        "esam-loss",
+        "ESAM with cheap selection by pass-1 loss (no extra forward)",
+        ESAM,
+        fixed={"selection": "loss"},
+        defaults={"rho": 0.05, "beta": 0.6, "gamma": 0.5},
+    )
+)

@@ -1,0 +1,89 @@
+"""SAM, ASAM and ESAM: thin compositions of the :class:`SharpnessAware` skeleton."""
+
+from __future__ import annotations
+
+from torch.optim import Optimizer
+
+from .ascent import AdaptiveAscent, L2Ascent
+from .masks import RandomTensorSubset
+from .selection import SELECTIONS, AllSamples
+from .sharpness_aware import SharpnessAware
+
+
+class SAM(SharpnessAware):
+    """SAM (Foret et al., ICLR 2021); ``adaptive=True`` gives ASAM (Kwon et al., ICML 2021).
+
+    ε = ρ g / (‖g‖₂ + δ), or for ASAM ε = ρ T² g / (‖T g‖₂ + δ) with T = |θ| + η.
+    ASAM wants a ρ about 10× SAM's (e.g. 0.5 instead of 0.05).
+    """
+
+    def __init__(
+        self,
+        base: Optimizer,
+        rho: float = 0.05,
+        *,
+        adaptive: bool = False,
+        eta: float = 0.0,
+        **kwargs,
+    ) -> None:
+        ascent = AdaptiveAscent(eta) if adaptive else L2Ascent()
+        super().__init__(base, rho, ascent=ascent, **kwargs)
+
+
+class ASAM(SAM):
+    """ASAM: SAM with the adaptive ascent; default ρ = 0.5."""
+
+    def __init__(self, base: Optimizer, rho: float = 0.5, *, eta: float = 0.0, **kwargs) -> None:
+        super().__init__(base, rho, adaptive=True, eta=eta, **kwargs)
+
+
+class ESAM(SharpnessAware):
+    """ESAM (Du et al., ICLR 2022) = SAM + Stochastic Weight Perturbation (β) +
+    Sharpness-sensitive Data Selection (γ).
+
+    * SWP: each parameter tensor is perturbed with probability β; pass 1 computes weight
+      gradients only for those tensors. ε is normalised by the kept gradients and scaled
+      by 1/β (authors' code: ‖ε‖ = ρ/β); ``swp_scaling="unit"`` gives ‖ε‖ = ρ.
+    * SDS: pass 2 sees only the k = max(1, round(γ b)) samples whose loss rose most under
+      the perturbation (``selection="sharpness"``, one extra no-grad forward), or with the
+      largest pass-1 loss (``selection="loss"``, no extra forward). Needs
+      :func:`effsam.sharpness_aware_step` and a per-sample ``loss_fn`` when γ < 1.
+
+    β = 1 gives SDS alone, γ = 1 gives SWP alone, both 1 is SAM.
+
+    Args:
+        base: the optimizer instance to wrap.
+        rho: ρ (paper: 0.05 ResNet-18, 0.1 WRN-28-10, 0.2 PyramidNet-110).
+        beta: SWP keep probability in (0, 1].
+        gamma: SDS selection ratio in (0, 1].
+        seed: seed of the SWP mask generator (equal on every data-parallel worker).
+        selection: ``"sharpness"`` (paper) or ``"loss"`` (cheap mode).
+        swp_scaling: ``"authors"`` (‖ε‖ = ρ/β) or ``"unit"`` (‖ε‖ = ρ).
+        adaptive: use ASAM's adaptive ascent.
+    """
+
+    def __init__(
+        self,
+        base: Optimizer,
+        rho: float = 0.05,
+        *,
+        beta: float = 0.6,
+        gamma: float = 0.5,
+        seed: int = 0,
+        selection: str = "sharpness",
+        swp_scaling: str = "authors",
+        adaptive: bool = False,
+        eta: float = 0.0,
+        **kwargs,
+    ) -> None:
+        if selection not in SELECTIONS:
+            raise ValueError(
+                f"Invalid ESAM selection: {selection!r} (choose from {sorted(SELECTIONS)})"
+            )
+        mask = RandomTensorSubset(beta, seed=seed, scaling=swp_scaling)
+        policy = SELECTIONS[selection](gamma)
+        sel = policy if policy.gamma < 1.0 else AllSamples()
+        ascent = AdaptiveAscent(eta) if adaptive else L2Ascent()
+        super().__init__(base, rho, ascent=ascent, mask=mask, selection=sel, **kwargs)
+        self.beta = mask.beta
+        self.gamma = policy.gamma
