@@ -235,7 +235,7 @@ def sharpness_aware_step(
                 sync = not sam and last
                 with ddp.no_sync() if local and not sync else contextlib.nullcontext():
                     losses, aux_i = forward(mb)
-                    loss = losses.float().mean() * (batch_size(mb) / b)
+                    loss = _mean(losses) * (batch_size(mb) / b)
                     backward(loss)
                 losses_1.append(losses.detach())
                 total = total + loss.detach()
@@ -271,7 +271,7 @@ def sharpness_aware_step(
                         sub = index_batch(mb, idx)
                 with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
                     losses, _ = forward(sub)
-                    backward(losses.float().mean() * (batch_size(mb) / b))
+                    backward(_mean(losses) * (batch_size(mb) / b))
                 selected += batch_size(sub)
         finally:
             restore_bn(bn_after_pass1)
@@ -290,6 +290,13 @@ def sharpness_aware_step(
         else:
             optimizer.zero_grad(set_to_none=True)
         raise
+
+
+def _mean(losses: Tensor) -> Tensor:
+    # Half-precision losses (autocast) are averaged in float32; others in their own dtype.
+    if losses.dtype in (torch.float16, torch.bfloat16):
+        losses = losses.float()
+    return losses.mean()
 
 
 def _merge_aux(acc: Any, new: Any) -> Any:

@@ -86,6 +86,7 @@ class RandomTensorSubset(PerturbationMask):
 
     as in the authors' code: normalised by the norm of the KEPT gradients, so the
     effective radius is ‖ε‖ = ρ/β. ``scaling="unit"`` drops the 1/β (‖ε‖ = ρ).
+    A draw that keeps no trainable tensor keeps one chosen uniformly at random.
 
     Args:
         beta: keep probability in (0, 1]; β = 1 is SAM.
@@ -116,7 +117,15 @@ class RandomTensorSubset(PerturbationMask):
         # One draw per tensor in the optimizer's order, frozen tensors included, so the
         # random stream does not depend on which tensors happen to have gradients.
         u = torch.rand(len(params), generator=self.generator, dtype=torch.float64)
-        return (u < self.beta).tolist()
+        keep = (u < self.beta).tolist()
+        trainable = [i for i, p in enumerate(params) if p.requires_grad]
+        if trainable and not any(keep[i] for i in trainable):
+            # A draw that keeps nothing would leave pass 1 with no graph to differentiate:
+            # keep one trainable tensor, uniformly at random (matters only for tiny models;
+            # ResNet-18 at β = 0.6 has 62 tensors, P(empty) = 0.4⁶²).
+            pick = torch.randint(len(trainable), (1,), generator=self.generator)
+            keep[trainable[int(pick)]] = True
+        return keep
 
     def rollback_draw(self) -> None:
         if self._before_draw is not None:

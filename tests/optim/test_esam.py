@@ -1,0 +1,309 @@
+"""ESAM: SWP (stochastic weight perturbation) and SDS (sharpness-sensitive data selection)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import effsam
+from effsam.optim.selection import TopLoss, TopSharpness
+from helpers import clone_state, per_sample_ce, tiny_bn_net, tiny_data
+
+LR, MOM, RHO = 0.1, 0.9, 0.2
+
+
+def _steps(model, opt, n, start=0, loss_fn=per_sample_ce):
+    results = []
+    for i in range(start, start + n):
+        results.append(effsam.sharpness_aware_step(model, opt, tiny_data(seed=100 + i), loss_fn))
+    return results
+
+
+def test_esam_with_beta_and_gamma_one_is_sam():
+    sam_model, esam_model = tiny_bn_net(), tiny_bn_net()
+    sam = effsam.SAM(torch.optim.SGD(sam_model.parameters(), lr=LR, momentum=MOM), rho=RHO)
+    esam = effsam.ESAM(
+        torch.optim.SGD(esam_model.parameters(), lr=LR, momentum=MOM), rho=RHO, beta=1, gamma=1
+    )
+    _steps(sam_model, sam, 5)
+    _steps(esam_model, esam, 5)
+    a, b = clone_state(sam_model), clone_state(esam_model)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _weight_nodes(loss: torch.Tensor) -> set[int]:
+    """ids of the leaf tensors autograd will compute a gradient for (AccumulateGrad nodes)."""
+    seen, stack, leaves = set(), [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "AccumulateGrad":
+            leaves.add(id(node.variable))
+        stack.extend(fn for fn, _ in node.next_functions)
+    return leaves
+
+
+def test_swp_dropped_tensors_get_no_pass_one_gradient():
+    model = tiny_bn_net()
+    opt = effsam.ESAM(
+        torch.optim.SGD(model.parameters(), lr=LR), rho=RHO, beta=0.5, gamma=1, seed=1
+    )
+    params = list(model.parameters())
+    checked_dropped = 0
+    for i in range(6):
+        with opt.first_pass():
+            loss = per_sample_ce(model, tiny_data(seed=i)).mean()
+            in_graph = _weight_nodes(loss)
+            loss.backward()
+        keep = opt._keep
+        for p, k in zip(params, keep):
+            assert (p.grad is not None) == k
+            # not in the autograd graph at all: no weight-gradient kernel ran for it
+            assert (id(p) in in_graph) == k
+            checked_dropped += not k
+        assert all(p.requires_grad for p in params)
+        opt.first_step(zero_grad=True)
+        per_sample_ce(model, tiny_data(seed=i)).mean().backward()
+        opt.second_step(zero_grad=True)
+    assert checked_dropped > 0
+
+
+def test_swp_kept_fraction_averages_beta():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(10)])  # 20 tensors
+    opt = effsam.ESAM(torch.optim.SGD(model.parameters(), lr=0.1), beta=0.6, gamma=1, seed=0)
+    fractions = []
+    for _ in range(300):
+        opt._draw()
+        fractions.append(opt.last_kept.tensors)
+        opt._drawn = False
+    mean = sum(fractions) / len(fractions)
+    # 6,000 Bernoulli(0.6) draws: standard error 0.0063
+    assert abs(mean - 0.6) < 0.025
+    assert min(fractions) < 0.6 < max(fractions)
+
+
+@pytest.mark.parametrize("scaling, factor", [("authors", 1 / 0.5), ("unit", 1.0)])
+def test_swp_perturbation_norm(scaling, factor):
+    model = tiny_bn_net()
+    opt = effsam.ESAM(
+        torch.optim.SGD(model.parameters(), lr=LR),
+        rho=RHO,
+        beta=0.5,
+        gamma=1,
+        seed=5,
+        swp_scaling=scaling,
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    with opt.first_pass():
+        per_sample_ce(model, tiny_data()).mean().backward()
+    kept = [p.grad is not None for p in model.parameters()]
+    kept_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    opt.first_step()
+    eps = [p.detach() - q for p, q in zip(model.parameters(), before)]
+    # ‖ε‖ = ρ·factor·‖g_kept‖/(‖g_kept‖ + δ), i.e. ρ/β (authors) or ρ (unit) unless the
+    # kept gradients vanish (e.g. a bias right before BatchNorm has zero gradient).
+    norm = float(torch.cat([g.flatten() for g in kept_grads]).norm())
+    assert norm > 1e-6  # this seed keeps tensors with real gradients
+    assert math.isclose(
+        float(torch.cat([e.flatten() for e in eps]).norm()),
+        RHO * factor * norm / (norm + 1e-12),
+        rel_tol=1e-10,
+    )
+    for e, k in zip(eps, kept):
+        if not k:
+            assert e.abs().sum() == 0
+    for e, g in zip([e for e, k in zip(eps, kept) if k], kept_grads):
+        torch.testing.assert_close(e, RHO * factor * g / norm, rtol=1e-9, atol=1e-15)
+
+
+def test_sds_selects_exactly_the_top_k_sharpness():
+    before = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], dtype=torch.float64)
+    after = before + torch.tensor([0.5, -1.0, 3.0, 0.1, 2.0, 2.5, 0.0], dtype=torch.float64)
+    sel = TopSharpness(0.5)
+    assert sel.num_selected(7) == 4  # round half up: 3.5 -> 4
+    assert sel.select(before, after).tolist() == [0, 2, 4, 5]
+    assert TopSharpness(0.01).select(before, after).tolist() == [2]  # at least one sample
+    assert TopSharpness(1.0).select(before, after) is None
+    assert TopLoss(0.3).select(before, None).tolist() == [5, 6]
+
+
+class CountingNet(nn.Module):
+    """Records the batch size of every forward and whether grad mode was on."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = tiny_bn_net()
+        self.calls: list[tuple[int, bool]] = []
+
+    def forward(self, x):
+        self.calls.append((x.shape[0], torch.is_grad_enabled()))
+        return self.body(x)
+
+
+@pytest.mark.parametrize(
+    "gamma, selection, expected",
+    [
+        (1.0, "sharpness", [(12, True), (12, True)]),
+        (0.5, "sharpness", [(12, True), (12, False), (6, True)]),
+        (0.25, "loss", [(12, True), (3, True)]),
+    ],
+)
+def test_forward_counts_and_pass_two_slices_the_subset(gamma, selection, expected):
+    model = CountingNet()
+    opt = effsam.ESAM(
+        torch.optim.SGD(model.parameters(), lr=LR),
+        rho=RHO,
+        beta=0.6,
+        gamma=gamma,
+        selection=selection,
+    )
+    result = effsam.sharpness_aware_step(model, opt, tiny_data(n=12), per_sample_ce)
+    assert model.calls == expected
+    assert result.selected == expected[-1][0]
+
+
+def test_sds_trains_on_the_sharpest_samples():
+    """End to end: the pass-2 gradient equals the gradient of the selected subset at θ+ε."""
+    model = tiny_bn_net()
+    batch = tiny_data(n=10)
+    opt = effsam.ESAM(torch.optim.SGD(model.parameters(), lr=1.0), rho=RHO, beta=1, gamma=0.4)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    # the expected subset, computed by hand
+
+    probe = copy.deepcopy(model)
+    l1 = per_sample_ce(probe, batch).detach()
+    probe.zero_grad()
+    per_sample_ce(probe, batch).mean().backward()
+    g = [p.grad for p in probe.parameters()]
+    norm = torch.cat([x.flatten() for x in g]).norm()
+    with torch.no_grad():
+        for p, gi in zip(probe.parameters(), g):
+            p.add_(RHO * gi / norm)
+    probe.zero_grad()
+    l2 = per_sample_ce(probe, batch).detach()
+    top = torch.topk(l2 - l1, 4).indices.sort().values
+    x, y = batch
+    per_sample_ce(probe, (x[top], y[top])).mean().backward()
+    expected = [w - p.grad for w, p in zip(w0, probe.parameters())]
+    effsam.sharpness_aware_step(model, opt, batch, per_sample_ce)
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-10, atol=1e-12)
+
+
+def test_esam_keeps_bn_buffers_of_pass_one_and_frozen_parameters_frozen():
+    model = tiny_bn_net(momentum=None)
+    model[0].bias.requires_grad_(False)
+    frozen = model[0].bias.detach().clone()
+    batch = tiny_data()
+
+    after_pass1 = copy.deepcopy(model)
+    per_sample_ce(after_pass1, batch)
+    opt = effsam.ESAM(torch.optim.SGD(model.parameters(), lr=LR), rho=RHO, beta=0.5, gamma=0.5)
+    effsam.sharpness_aware_step(model, opt, batch, per_sample_ce)
+    for b, b1 in zip(model.buffers(), after_pass1.buffers()):
+        assert torch.equal(b, b1)
+    for _ in range(5):
+        effsam.sharpness_aware_step(model, opt, batch, per_sample_ce)
+        assert model[0].bias.requires_grad is False
+        assert model[0].bias.grad is None
+    assert torch.equal(model[0].bias.detach(), frozen)
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"beta": 0.0}, "0.0"),
+        ({"beta": 1.5}, "1.5"),
+        ({"beta": float("nan")}, "nan"),
+        ({"gamma": 0}, "gamma: 0"),
+        ({"gamma": 2}, "gamma: 2"),
+        ({"gamma": float("nan")}, "nan"),
+        ({"selection": "random"}, "'random'"),
+        ({"swp_scaling": "paper"}, "'paper'"),
+    ],
+)
+def test_bad_esam_hyperparameters(kwargs, fragment):
+    model = tiny_bn_net()
+    with pytest.raises(ValueError, match=fragment):
+        effsam.ESAM(torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+
+
+def _scalar_loss(model, batch):
+    return per_sample_ce(model, batch).mean()
+
+
+def _short_loss(model, batch):
+    return per_sample_ce(model, batch)[:-1]
+
+
+@pytest.mark.parametrize(
+    "batch_fn, loss_fn, exc, fragment",
+    [
+        (lambda: tiny_data(), _scalar_loss, ValueError, "scalar"),
+        (lambda: tiny_data(), _short_loss, ValueError, r"\[11\], expected \[12\]"),
+        (lambda: (tiny_data()[0], tiny_data()[1][:5]), per_sample_ce, ValueError, "disagree"),
+    ],
+)
+def test_bad_input_raises_before_anything_changes(batch_fn, loss_fn, exc, fragment):
+    model = tiny_bn_net()
+    opt = effsam.ESAM(
+        torch.optim.SGD(model.parameters(), lr=LR, momentum=MOM), rho=RHO, beta=0.5, gamma=0.5
+    )
+    _steps(model, opt, 2)
+    state = clone_state(model)
+    gen = opt.mask.generator.get_state().clone()
+    opt_state = copy.deepcopy(opt.state_dict())
+    with pytest.raises(exc, match=fragment):
+        effsam.sharpness_aware_step(model, opt, batch_fn(), loss_fn)
+    for k, v in clone_state(model).items():
+        assert torch.equal(v, state[k]), k
+    assert torch.equal(opt.mask.generator.get_state(), gen)
+    assert opt.steps == opt_state["effsam"]["steps"]
+    after = opt.state_dict()
+    assert after["effsam"]["steps"] == opt_state["effsam"]["steps"]
+    for k, v in opt_state["state"].items():
+        assert torch.equal(after["state"][k]["momentum_buffer"], v["momentum_buffer"])
+    # and the optimizer is usable afterwards
+    assert not _steps(model, opt, 1)[0].skipped
+
+
+def test_closure_api_works_for_swp_and_refuses_sds():
+    model = tiny_bn_net()
+    batch = tiny_data()
+    opt = effsam.ESAM(torch.optim.SGD(model.parameters(), lr=LR), rho=RHO, beta=0.5, gamma=1)
+
+    def closure():
+        opt.zero_grad()
+        loss = per_sample_ce(model, batch).mean()
+        loss.backward()
+        return loss
+
+    before = clone_state(model)
+    opt.step(closure)
+    assert any(not torch.equal(before[k], v) for k, v in clone_state(model).items())
+    sds = effsam.ESAM(torch.optim.SGD(model.parameters(), lr=LR), gamma=0.5)
+    with pytest.raises(RuntimeError, match="sharpness_aware_step"):
+        sds.step(closure)
+
+
+def test_dict_and_list_batches_are_sliced():
+    model = tiny_bn_net()
+    x, y = tiny_data(n=8)
+    opt = effsam.ESAM(torch.optim.SGD(model.parameters(), lr=LR), gamma=0.5)
+
+    def dict_loss(m, batch):
+        return per_sample_ce(m, (batch["x"], batch["y"]))
+
+    r = effsam.sharpness_aware_step(model, opt, {"x": x, "y": y, "tag": "ignored"}, dict_loss)
+    assert r.selected == 4 and r.batch_size == 8
+    r = effsam.sharpness_aware_step(model, opt, [x, y], per_sample_ce)
+    assert r.selected == 4
