@@ -1,0 +1,143 @@
+"""Throughput of every optimizer side by side, with the papers' speed targets.
+
+    python benchmarks/throughput.py                      # ResNet-18, batch 128, all variants
+    python benchmarks/throughput.py --model wrn --width 0.25 --batch 128
+    python benchmarks/throughput.py --smoke              # tiny model, two rounds (tests)
+
+Writes Markdown and JSON to benchmarks/results/ (file names carry model and environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from effsam.bench.throughput import VARIANTS, evaluate_targets, ratios, run
+from effsam.environment import environment, environment_tag
+from effsam.optim.registry import REGISTRY
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--width", type=float, default=1.0, help="channel width multiplier")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v in REGISTRY])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=3, help="steps per variant per round")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--smoke", action="store_true", help="tiny model, two rounds: checks it runs")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.model, args.width, args.batch, args.rounds, args.steps, args.warmup = (
+            "cifar_cnn",
+            0.25,
+            16,
+            2,
+            1,
+            1,
+        )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    say = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    stats = run(
+        args.variants,
+        model_name=args.model,
+        width=args.width,
+        batch_size=args.batch,
+        num_classes=args.classes,
+        rounds=args.rounds,
+        steps_per_round=args.steps,
+        warmup=args.warmup,
+        device=args.device,
+        compile_model=args.compile,
+        progress=say,
+    )
+    env = environment(args.device)
+    command = "python benchmarks/throughput.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+    rows = []
+    for name, s in stats.items():
+        step = statistics.median(s.amortised)
+        rows.append(
+            {
+                "variant": name,
+                "step_ms": step * 1e3,
+                "images_per_s": args.batch / step,
+                "vs_sam": ratios(stats, name, "sam") if "sam" in stats else None,
+                "vs_sgd": ratios(stats, name, "sgd") if "sgd" in stats else None,
+                "forward_passes": s.forward_samples,
+                "backward_passes": s.backward_samples,
+                "refresh_ms": s.refresh_time * 1e3,
+                "overhead_ms": s.overhead[0] * 1e3 if s.overhead else None,
+                "optimizer_mb": s.optimizer_mb,
+            }
+        )
+    targets = evaluate_targets(stats)
+    md = [
+        f"# Throughput: {args.model} (width {args.width}), batch {args.batch}",
+        "",
+        f"Command: `{command}`  ",
+        f"Date: {env['date']}  ",
+        f"Environment: torch {env['torch']}, {env['device']}, {env['cpu']}, "
+        f"{env['torch_threads']} threads, Python {env['python']}  ",
+        f"Protocol: {args.warmup} warm-up steps, {args.rounds} interleaved rounds of "
+        f"{args.steps} steps per variant; median per round, ratios within a round, median "
+        "over rounds. SSAM times include the mask refresh amortised over its interval.",
+        "",
+        "| variant | ms/step | images/s | vs SAM | vs SGD | fwd passes | bwd passes | "
+        "refresh ms | opt. overhead ms | opt. MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        md.append(
+            f"| {r['variant']} | {r['step_ms']:.1f} | {r['images_per_s']:.1f} | "
+            f"{fmt(r['vs_sam'], '.3f')} | {fmt(r['vs_sgd'], '.3f')} | "
+            f"{r['forward_passes']:.2f} | {r['backward_passes']:.2f} | "
+            f"{r['refresh_ms']:.1f} | {fmt(r['overhead_ms'], '.2f')} | "
+            f"{r['optimizer_mb']:.1f} |"
+        )
+    md += ["", "| target | measured | result | paper |", "|---|---:|---|---|"]
+    for t in targets:
+        md.append(
+            f"| {t['target']} | {t['value']:.3f} | {'PASS' if t['pass'] else 'FAIL'} | "
+            f"{t['paper']} |"
+        )
+    text = "\n".join(md) + "\n"
+    print(text)
+    if not args.smoke or args.out != RESULTS:
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = f"throughput-{args.model}-w{args.width:g}-b{args.batch}-{environment_tag(env)}"
+        if args.compile:
+            stem += "-compiled"
+        (args.out / f"{stem}.md").write_text(text)
+        payload = {
+            "command": command,
+            "environment": env,
+            "rows": rows,
+            "targets": targets,
+            "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        }
+        (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2, default=str))
+        say(f"wrote {args.out / stem}.md/.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Benchmark runners: throughput side by side, accuracy via the toolkit."""

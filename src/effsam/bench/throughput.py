@@ -1,0 +1,297 @@
+"""Per-step wall time of every optimizer, measured side by side in one process.
+
+Warm-up, then interleaved rounds (A B C … A B C …): each round runs a few steps of every
+variant; a variant's time for a round is its median step time in that round, and the
+ratios against SAM and SGD are taken within the round, so drift of the machine (thermal,
+other load) cancels. Reported: the median over rounds of each time and ratio, forward /
+backward sample-passes per step, the optimizer's own overhead (time in first_step and
+second_step outside the base optimizer's step) and the optimizer's memory.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..models import create_model
+from ..optim import SharpnessAware, create_optimizer
+from ..optim.registry import REGISTRY
+from ..step import sharpness_aware_step
+
+#: The variants and their settings (ESAM paper Table 1/3 for ResNet-18).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "sgd": {},
+    "sam": {"rho": 0.05},
+    "asam": {"rho": 0.5},
+    "esam": {"rho": 0.05, "beta": 0.6, "gamma": 0.5},
+    "esam-swp": {"rho": 0.05, "beta": 0.6},
+    "esam-sds": {"rho": 0.05, "gamma": 0.5},
+    "esam-loss": {"rho": 0.05, "beta": 0.6, "gamma": 0.5},
+    "ssam-f": {"rho": 0.1, "sparsity": 0.5, "num_samples": 16, "update_interval": 390},
+    "ssam-d": {"rho": 0.1, "sparsity": 0.5, "update_interval": 390, "total_steps": 78000},
+    "ssam-f-tensor": {"rho": 0.1, "sparsity": 0.5, "num_samples": 16, "update_interval": 390},
+}
+
+#: (variant, reference, minimum speed ratio = reference time / variant time, paper figure)
+TARGETS: list[tuple[str, str, float, str]] = [
+    ("esam", "sam", 1.40, "ESAM 140.3% of SAM (Table 1)"),
+    ("esam-swp", "sam", 1.09, "SWP 110.5% of SAM (Table 3)"),
+    ("esam-sds", "sam", 1.22, "SDS 122.6% of SAM (Table 3)"),
+    ("ssam-f", "sam", 0.98, "SSAM costs no more than SAM"),
+    ("ssam-d", "sam", 0.98, "SSAM costs no more than SAM"),
+]
+
+
+@dataclass
+class VariantStats:
+    name: str
+    step_times: list[float] = field(default_factory=list)  # per round (median of its steps)
+    overhead: list[float] = field(default_factory=list)  # per step: optimizer's own time
+    refresh_time: float = 0.0  # one mask refresh (SSAM), amortised over its interval
+    refresh_interval: int = 0
+    forward_samples: float = 0.0  # sample-forwards per step / batch size
+    backward_samples: float = 0.0
+    optimizer_mb: float = 0.0
+
+    @property
+    def amortised(self) -> list[float]:
+        extra = self.refresh_time / self.refresh_interval if self.refresh_interval else 0.0
+        return [t + extra for t in self.step_times]
+
+
+class _PassCounter:
+    """Counts samples forwarded with and without grad through the model's root module."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.grad = 0
+        self.nograd = 0
+        model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        n = args[0].shape[0]
+        if torch.is_grad_enabled():
+            self.grad += n
+        else:
+            self.nograd += n
+
+
+def _timed(fn: Callable[..., Any], sink: list[float]) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            sink.append(time.perf_counter() - start)
+
+    return wrapper
+
+
+def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x), y, reduction="none")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Bench:
+    """One variant under test: its model, optimizer, batch and instrumentation."""
+
+    name: str
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    batch: tuple[torch.Tensor, torch.Tensor]
+    counter: _PassCounter
+    own: list[float]
+    base_step: list[float]
+
+    def step(self) -> float:
+        device = self.batch[0].device
+        _sync(device)
+        start = time.perf_counter()
+        sharpness_aware_step(self.model, self.opt, self.batch, _loss)
+        _sync(device)
+        return time.perf_counter() - start
+
+
+def build_bench(
+    name: str,
+    model_name: str,
+    width: float,
+    batch_size: int,
+    num_classes: int,
+    image_shape: Sequence[int],
+    device: torch.device,
+    compile_model: bool = False,
+    seed: int = 0,
+) -> Bench:
+    torch.manual_seed(seed)
+    model = create_model(
+        model_name, num_classes=num_classes, in_channels=image_shape[0], width=width
+    ).to(device)
+    model.train()
+    counter = _PassCounter(model)
+    if compile_model:
+        model = torch.compile(model)
+    kwargs = dict(VARIANTS.get(name, {}))
+    opt = create_optimizer(model, name, lr=0.05, momentum=0.9, weight_decay=5e-4, **kwargs)
+    g = torch.Generator(device="cpu").manual_seed(seed + 1)
+    x = torch.randn(batch_size, *image_shape, generator=g).to(device)
+    y = torch.randint(0, num_classes, (batch_size,), generator=g).to(device)
+    own: list[float] = []
+    base_step: list[float] = []
+    if isinstance(opt, SharpnessAware):
+        opt.first_step = _timed(opt.first_step, own)  # type: ignore[method-assign]
+        opt.second_step = _timed(opt.second_step, own)  # type: ignore[method-assign]
+        opt.base.step = _timed(opt.base.step, base_step)  # type: ignore[method-assign]
+    return Bench(name, model, opt, (x, y), counter, own, base_step)
+
+
+def optimizer_megabytes(opt: torch.optim.Optimizer) -> float:
+    """Bytes held by the optimizer: base state, ε backups, masks."""
+    seen: set[int] = set()
+    total = 0
+
+    def add(obj: Any) -> None:
+        nonlocal total
+        if isinstance(obj, torch.Tensor):
+            if id(obj) not in seen:
+                seen.add(id(obj))
+                total += obj.numel() * obj.element_size()
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                add(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                add(v)
+
+    if isinstance(opt, SharpnessAware):
+        add(list(opt.state.values()))
+        add(list(opt.base.state.values()))
+        add(opt.mask.state_dict())
+    else:
+        add(list(opt.state.values()))
+    return total / 2**20
+
+
+def run(
+    variants: Sequence[str],
+    *,
+    model_name: str = "resnet18",
+    width: float = 1.0,
+    batch_size: int = 128,
+    num_classes: int = 10,
+    image_shape: Sequence[int] = (3, 32, 32),
+    rounds: int = 5,
+    steps_per_round: int = 3,
+    warmup: int = 2,
+    device: str = "cpu",
+    compile_model: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, VariantStats]:
+    """Measure every variant; returns per-variant statistics."""
+    unknown = [v for v in variants if v not in REGISTRY]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; registered: {list(REGISTRY)}")
+    dev = torch.device(device)
+    benches = [
+        build_bench(v, model_name, width, batch_size, num_classes, image_shape, dev, compile_model)
+        for v in variants
+    ]
+    stats = {b.name: VariantStats(b.name) for b in benches}
+    for b in benches:
+        opt = b.opt
+        if isinstance(opt, SharpnessAware) and opt.mask.needs_data:
+            # SSAM refreshes every update_interval steps: time one refresh to amortise it.
+            start = time.perf_counter()
+            opt.refresh_mask(b.model, b.batch, _loss)
+            _sync(dev)
+            stats[b.name].refresh_time = time.perf_counter() - start
+            stats[b.name].refresh_interval = int(VARIANTS[b.name].get("update_interval", 0))
+        elif isinstance(opt, SharpnessAware) and VARIANTS.get(b.name, {}).get("update_interval"):
+            opt.refresh_mask(b.model, b.batch, _loss)  # SSAM-D: time its drop/grow as well
+            start = time.perf_counter()
+            opt.refresh_mask(b.model, b.batch, _loss)
+            stats[b.name].refresh_time = time.perf_counter() - start
+            stats[b.name].refresh_interval = int(VARIANTS[b.name]["update_interval"])
+        for _ in range(warmup):
+            b.step()
+        b.own.clear()
+        b.base_step.clear()
+        b.counter.grad = b.counter.nograd = 0
+    for r in range(rounds):
+        for b in benches:
+            times = []
+            for _ in range(steps_per_round):
+                times.append(b.step())
+            stats[b.name].step_times.append(statistics.median(times))
+        if progress:
+            progress(
+                f"round {r + 1}/{rounds}: "
+                + ", ".join(
+                    f"{b.name} {stats[b.name].step_times[-1] * 1e3:.0f} ms" for b in benches
+                )
+            )
+    n_steps = rounds * steps_per_round
+    for b in benches:
+        s = stats[b.name]
+        s.forward_samples = (b.counter.grad + b.counter.nograd) / n_steps / batch_size
+        s.backward_samples = b.counter.grad / n_steps / batch_size
+        if b.own:
+            own = sum(b.own) - sum(b.base_step)
+            s.overhead = [own / n_steps]
+        s.optimizer_mb = optimizer_megabytes(b.opt)
+    return stats
+
+
+def ratios(stats: dict[str, VariantStats], name: str, ref: str) -> float:
+    """Median over rounds of (reference step time / variant step time): a speed ratio."""
+    a, r = stats[name].amortised, stats[ref].amortised
+    return statistics.median(rr / aa for aa, rr in zip(a, r))
+
+
+def evaluate_targets(stats: dict[str, VariantStats]) -> list[dict[str, Any]]:
+    """Each target with its measured value and PASS/FAIL (missing variants are skipped)."""
+    rows = []
+    for name, ref, minimum, paper in TARGETS:
+        if name in stats and ref in stats:
+            value = ratios(stats, name, ref)
+            rows.append(
+                {
+                    "target": f"{name} speed vs {ref} >= {minimum:.2f}x",
+                    "value": value,
+                    "pass": value >= minimum,
+                    "paper": paper,
+                }
+            )
+    if "sam" in stats and "sgd" in stats:
+        value = 1.0 / ratios(stats, "sam", "sgd")
+        rows.append(
+            {
+                "target": "SAM step <= 2.05x SGD step",
+                "value": value,
+                "pass": value <= 2.05,
+                "paper": "SAM = 2 x SGD passes",
+            }
+        )
+    if "sam" in stats and stats["sam"].overhead:
+        value = stats["sam"].overhead[0] / statistics.median(stats["sam"].step_times)
+        rows.append(
+            {
+                "target": "optimizer overhead <= 3% of a SAM step",
+                "value": value,
+                "pass": value <= 0.03,
+                "paper": "-",
+            }
+        )
+    return rows
