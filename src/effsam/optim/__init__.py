@@ -12,6 +12,8 @@ from .registry import (
 )
 from .selection import AllSamples, TopLoss, TopSharpness
 from .sharpness_aware import KeptFraction, SharpnessAware
+from .sparse import DynamicMask, FisherMask
+from .ssam import SSAM
 from .variants import ASAM, ESAM, SAM
 
 __all__ = [
@@ -19,8 +21,11 @@ __all__ = [
     "ESAM",
     "REGISTRY",
     "SAM",
+    "SSAM",
     "AdaptiveAscent",
     "AllSamples",
+    "DynamicMask",
+    "FisherMask",
     "KeptFraction",
     "L2Ascent",
     "OptimizerSpec",

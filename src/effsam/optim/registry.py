@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from .ssam import SSAM
 from .variants import ASAM, ESAM, SAM
 
 BASES: dict[str, type[Optimizer]] = {
@@ -171,5 +172,35 @@ register(
         ESAM,
         fixed={"selection": "loss"},
         defaults={"rho": 0.05, "beta": 0.6, "gamma": 0.5},
+    )
+)
+
+_SSAM_DEFAULTS = {"rho": 0.1, "sparsity": 0.5, "update_interval": 390}
+register(
+    OptimizerSpec(
+        "ssam-f",
+        "SSAM-F: sparse perturbation by Fisher mask (Mi et al., 2022)",
+        SSAM,
+        fixed={"mask": "fisher"},
+        defaults={**_SSAM_DEFAULTS, "num_samples": 16},
+    )
+)
+register(
+    OptimizerSpec(
+        "ssam-d",
+        "SSAM-D: sparse perturbation by dynamic drop/grow mask (Mi et al., 2022); "
+        "needs total_steps",
+        SSAM,
+        fixed={"mask": "dynamic"},
+        defaults={**_SSAM_DEFAULTS, "drop_rate": 0.5},
+    )
+)
+register(
+    OptimizerSpec(
+        "ssam-f-tensor",
+        "SSAM-F extension: whole tensors chosen by Fisher mass, pass 1 skips the others",
+        SSAM,
+        fixed={"mask": "fisher", "granularity": "tensor"},
+        defaults={**_SSAM_DEFAULTS, "num_samples": 16},
     )
 )
