@@ -1,0 +1,140 @@
+"""Accuracy and speed on real CIFAR-10 at CPU scale: SGD, SAM, ESAM, SSAM-F side by side.
+
+    python benchmarks/accuracy.py --data-dir DIR          # the protocol below (~1 h on 2 cores)
+    python benchmarks/accuracy.py --smoke                 # synthetic data, tiny model (tests)
+
+The protocol (why these numbers: see benchmarks/README.md): a class-balanced subset of
+5,000 training images, the full 10,000-image test set, ResNet-18 at width 1/8, 30 epochs
+of SGD with Nesterov momentum 0.9, lr 0.1 with a 1-epoch warm-up and cosine decay, weight
+decay 5e-4, batch 128, crop + flip augmentation, ρ = 0.1 for every sharpness-aware
+method, ESAM β 0.6 γ 0.5, SSAM-F sparsity 0.5 with 16 Fisher samples refreshed every
+epoch, seeds 0, 1, 2. It drives ``effsam compare`` and writes the table and verdicts to
+benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from effsam.environment import environment, environment_tag
+from effsam.train.cli import main as effsam_main
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+PROTOCOL = (
+    "--dataset cifar10 --model resnet18 --width 0.125 --train-subset 5000 --epochs 30 "
+    "--batch-size 128 --lr 0.1 --nesterov --weight-decay 5e-4 --warmup-epochs 1 --rho 0.1 "
+    "--optimizers sgd,sam,esam,ssam-f --seeds 0,1,2"
+).split()
+SMOKE = (
+    "--dataset synthetic --model cifar_cnn --width 0.25 --epochs 2 --batch-size 64 "
+    "--optimizers sgd,sam,esam --seeds 0,1 --set data.synthetic_train=128 "
+    "--set data.synthetic_test=64 --set train.timing_warmup_steps=1"
+).split()
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """Plain-language checks of the papers' claims against the measured spread."""
+    by = {r["optimizer"]: r for r in rows}
+    out = []
+    sam, sgd = by.get("sam"), by.get("sgd")
+    if sam and sgd:
+        gain = (sam["acc_mean"] - sgd["acc_mean"]) * 100
+        spread = max(sam["acc_std"], sgd["acc_std"]) * 100
+        out.append(
+            f"SAM over SGD: {gain:+.2f} points; seed-to-seed spread (largest std) "
+            f"{spread:.2f} -> {'gain larger than the spread' if gain > spread else 'NOT larger than the spread'}"
+        )
+    if sam:
+        for name in ("esam", "ssam-f", "ssam-d", "esam-swp", "esam-sds", "esam-loss"):
+            r = by.get(name)
+            if not r:
+                continue
+            diff = (r["acc_mean"] - sam["acc_mean"]) * 100
+            spread = max(r["acc_std"], sam["acc_std"]) * 100
+            keeps = diff >= -spread
+            speed = r.get("speed_vs_sam")
+            out.append(
+                f"{r['label']} vs SAM: {diff:+.2f} points (spread {spread:.2f}) -> "
+                f"{'keeps SAM accuracy' if keeps else 'below SAM beyond the spread'}; "
+                + (f"speed {speed * 100:.1f}% of SAM" if speed else "speed not measured")
+            )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data-dir", default=None, help="CIFAR-10 location (default $EFFSAM_DATA_DIR)")
+    p.add_argument("--work", type=Path, default=Path("runs") / "accuracy", help="run directories")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--resume", action="store_true", help="reuse finished runs, resume others")
+    p.add_argument("--smoke", action="store_true", help="synthetic data, tiny model")
+    p.add_argument("extra", nargs="*", help="further `effsam compare` arguments (after --)")
+    args = p.parse_args(argv)
+    compare_args = [
+        "compare",
+        *(SMOKE if args.smoke else PROTOCOL),
+        "--threads",
+        str(args.threads),
+        "--out",
+        str(args.work),
+        "--name",
+        "smoke" if args.smoke else "cifar10_cpu",
+    ]
+    if args.data_dir and not args.smoke:
+        compare_args += ["--data-dir", args.data_dir]
+    if args.resume:
+        compare_args.append("--resume")
+    compare_args += args.extra
+    code = effsam_main(compare_args + ["--quiet"] if args.smoke else compare_args)
+    if code:
+        return code
+    root = args.work / ("smoke" if args.smoke else "cifar10_cpu")
+    result = json.loads((root / "compare.json").read_text())
+    env = environment("cpu")
+    command = "python benchmarks/accuracy.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+    checks = verdicts(result["rows"])
+    md = [
+        f"# Accuracy at CPU scale: {result['title']}",
+        "",
+        f"Command: `{command}`  ",
+        f"Equivalent: `effsam {' '.join(shlex.quote(a) for a in compare_args)}`  ",
+        f"Date: {env['date']}  ",
+        f"Environment: torch {env['torch']}, {env['cpu']}, {args.threads} threads  ",
+        "",
+        (root / "compare.md").read_text().strip(),
+        "",
+        "## Verdicts",
+        "",
+    ]
+    md += [f"- {c}" for c in checks]
+    text = "\n".join(md) + "\n"
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"accuracy-{'smoke' if args.smoke else 'cifar10'}-{environment_tag(env)}"
+    (args.out / f"{stem}.md").write_text(text)
+    (args.out / f"{stem}.json").write_text(
+        json.dumps(
+            {
+                "command": command,
+                "compare_args": compare_args,
+                "environment": env,
+                "rows": result["rows"],
+                "runs": result["runs"],
+                "verdicts": checks,
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
