@@ -9,9 +9,14 @@
 * BatchNorm statistics exactly as pass 1 left them;
 * SDS: a no-grad forward at θ + ε, top-k selection, pass 2 on the sliced subset only;
 * AMP: autocast (bf16/fp16) and a GradScaler unscaled once per pass; the whole step is
-  skipped (weights restored, base not stepped, scaler backed off) if either pass overflows;
+  skipped (weights restored, base not stepped, scaler backed off) if either pass overflows
+  — under DDP on every worker together, even when only one worker's pass 1 overflowed;
 * gradient accumulation over micro-batches, clipping of the final gradient;
-* a failure part-way leaves weights, BN buffers and optimizer state as they were.
+* a failure part-way leaves weights, BN buffers, optimizer state and the GradScaler as
+  they were;
+* under DDP, the settings (ρ, β, γ, seed, …) are compared across workers at the first step.
+
+The recipes (and what torch.compile does with SWP) are in docs/scaling.md.
 
 With a plain ``torch.optim`` optimizer it is an ordinary training step with the same
 AMP/accumulation/clipping handling, so one loop serves SGD and every SAM variant.
@@ -20,6 +25,8 @@ AMP/accumulation/clipping handling, so one loop serves SGD and every SAM variant
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -129,34 +136,117 @@ def _allreduce_mean(grads: list[Tensor]) -> None:
         offset += g.numel()
 
 
-def _check_ddp_settings(optimizer: Any, settings: dict[str, Any]) -> None:
-    """Once per optimizer: every worker must run the same step (same ρ, β, γ, …)."""
+def _sync_ascent_grads(optimizer: SharpnessAware) -> None:
+    """All-reduce pass 1 by hand (DDP's hooks were off for it, see ``no_sync`` below).
+
+    The list of tensors must be the same on every worker, or the flat buffers differ in
+    length and the collective fails or hangs: it is fixed by the (shared) SWP mask and the
+    trainable flags, never by which tensors happened to receive a gradient locally; a
+    missing local gradient takes part as zeros.
+    """
+    keep = optimizer._keep
+    grads = []
+    with torch.no_grad():
+        for i, p in enumerate(optimizer._params()):
+            if not p.requires_grad or (keep is not None and not keep[i]):
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        _allreduce_mean(grads)
+
+
+def _digest(data: bytes) -> str:
+    # Python's hash() of bytes is salted per process, so it cannot be compared across
+    # workers; a cryptographic digest can.
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _check_ddp_settings(optimizer: Any, settings: dict[str, str]) -> None:
+    """Once per optimizer: every worker must run the same step (same ρ, β, γ, seed, …).
+
+    Different settings would not fail loudly on their own: the workers would compute
+    different collectives (a hang) or silently train different models. One
+    ``all_gather_object`` at the first step turns that into a RuntimeError on every rank.
+    """
     if getattr(optimizer, "_effsam_ddp_checked", False):
         return
-    mine = repr(sorted(settings.items()))
     gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
-    if any(g != mine for g in gathered):
-        lines = "\n".join(f"  rank {r}: {g}" for r, g in enumerate(gathered))
-        raise RuntimeError(f"effsam: workers disagree on the step's settings:\n{lines}")
+    dist.all_gather_object(gathered, settings)
+    keys = sorted({k for g in gathered for k in g})
+    differ = [k for k in keys if any(g.get(k) != settings.get(k) for g in gathered)]
+    if differ:
+        lines = "\n".join(
+            f"  {k}: "
+            + ", ".join(f"rank {r} {g.get(k, '<missing>')}" for r, g in enumerate(gathered))
+            for k in differ
+        )
+        raise RuntimeError(
+            f"effsam: data-parallel workers disagree on {', '.join(differ)}; every rank must "
+            f"build the optimizer and call sharpness_aware_step with the same settings:\n{lines}"
+        )
     optimizer._effsam_ddp_checked = True
 
 
-def _settings(optimizer: Any, sync_ascent: bool, accumulation_steps: int) -> dict[str, Any]:
-    s: dict[str, Any] = {
+def _settings(optimizer: Any, sync_ascent: bool, accumulation_steps: int) -> dict[str, str]:
+    base = optimizer.base if isinstance(optimizer, SharpnessAware) else optimizer
+    shapes = [tuple(p.shape) for g in optimizer.param_groups for p in g["params"]]
+    s: dict[str, str] = {
         "optimizer": type(optimizer).__name__,
-        "sync_ascent": sync_ascent,
-        "accumulation_steps": accumulation_steps,
+        "base optimizer": type(base).__name__,
+        "parameter shapes": _digest(repr(shapes).encode()),
+        "sync_ascent": repr(sync_ascent),
+        "accumulation_steps": repr(accumulation_steps),
     }
     if isinstance(optimizer, SharpnessAware):
-        s["rho"] = [g.get("rho") for g in optimizer.param_groups]
-        s["ascent"] = repr(optimizer.ascent.extra_repr())
-        s["mask"] = optimizer.mask.extra_repr()
-        s["selection"] = optimizer.selection.extra_repr()
+        s["rho"] = repr([g.get("rho") for g in optimizer.param_groups])
+        s["ascent"] = f"{optimizer.ascent.name}({optimizer.ascent.extra_repr()})"
+        s["mask"] = f"{optimizer.mask.name}({optimizer.mask.extra_repr()})"
+        s["selection"] = f"{optimizer.selection.name}({optimizer.selection.extra_repr()})"
         gen = getattr(optimizer.mask, "generator", None)
-        if gen is not None:
-            s["mask_generator"] = hash(gen.get_state().numpy().tobytes())
+        if isinstance(gen, torch.Generator):
+            s["mask generator state"] = _digest(gen.get_state().numpy().tobytes())
     return s
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """``torch.compile(model)`` (a wrapper) or ``model.compile()`` (in place), DDP or not."""
+    while True:
+        if getattr(model, "_compiled_call_impl", None) is not None:
+            return True
+        if hasattr(model, "_orig_mod"):
+            return True
+        if not isinstance(model, DistributedDataParallel):
+            return False
+        model = model.module
+
+
+def _warn_if_compiled(model: nn.Module, optimizer: SharpnessAware) -> None:
+    """Once per optimizer: SWP and torch.compile work together but rarely pay off."""
+    if getattr(optimizer, "_effsam_compile_warned", False) or not _is_compiled(model):
+        return
+    optimizer._effsam_compile_warned = True
+    warnings.warn(
+        "effsam: SWP switches requires_grad per tensor in pass 1, and a torch.compile'd "
+        "model is guarded on those flags: each new mask pattern recompiles, and once "
+        "torch._dynamo.config.recompile_limit is reached an unseen pattern runs eagerly. "
+        "Results stay right; see docs/scaling.md (torch.compile) for the trade-offs.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _reset_scaler(scaler: torch.amp.GradScaler, *optimizers: Any) -> None:
+    """Forget this step's ``unscale_`` records after a failed step.
+
+    Otherwise the next step's ``unscale_`` raises "unscale_() has already been called on
+    this optimizer since the last update()". GradScaler has no public call for this
+    (``update`` would also move the scale, which a failed step must not do).
+    """
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if isinstance(states, dict):
+        for opt in optimizers:
+            states.pop(id(opt), None)
 
 
 def sharpness_aware_step(
@@ -205,6 +295,14 @@ def sharpness_aware_step(
     micro = split_batch(batch, accumulation_steps) if accumulation_steps > 1 else [batch]
     ddp = _ddp(model)
     if ddp is not None:
+        if getattr(ddp, "static_graph", False) and (sam or accumulation_steps > 1):
+            # DDP's static-graph mode asserts inside its reducer on a no_sync backward in
+            # its first iteration, and SWP changes the set of used tensors every step.
+            raise ValueError(
+                "DistributedDataParallel(static_graph=True) cannot run pass 1 (or "
+                "accumulation micro-batches) under no_sync: build the DDP model without "
+                "static_graph"
+            )
         _check_ddp_settings(optimizer, _settings(optimizer, sync_ascent, accumulation_steps))
     device_type = next((p.device.type for p in model.parameters()), "cpu")
     per_sample = sam and optimizer.selection.needs_per_sample
@@ -240,20 +338,30 @@ def sharpness_aware_step(
                 losses_1.append(losses.detach())
                 total = total + loss.detach()
                 aux = aux_i if len(micro) == 1 else _merge_aux(aux, aux_i)
+        if sam and optimizer._keep is not None and not all(optimizer._keep):
+            _warn_if_compiled(model, optimizer)
         if not sam:
             return _plain_step(
                 optimizer, model, scaler if use_scaler else None, clip_grad_norm, total, b, aux
             )
         if ddp is not None and sync_ascent:
-            with torch.no_grad():
-                _allreduce_mean([p.grad for p in optimizer._params() if p.grad is not None])
+            _sync_ascent_grads(optimizer)
         if use_scaler:
             scaler.unscale_(optimizer)  # pass 1, keyed by the wrapper
+        # A non-finite pass 1 skips the step. Under m-sharpness only this worker may know:
+        # returning early would leave the others waiting in pass 2's all-reduce (and in
+        # DDP's buffer broadcasts). So this worker runs pass 2 anyway, at θ, with a NaN
+        # loss; the all-reduce hands the NaN to every worker and all of them skip (and
+        # back their scalers off) together. With sync_ascent or one process everyone
+        # already saw the same gradient, and stopping here is safe.
+        poison = False
         if not optimizer.first_step(zero_grad=True):
-            optimizer.second_step()  # restores nothing, counts the skip
-            if use_scaler:
-                scaler.update()
-            return StepResult(total, b, 0, optimizer.last_kept, True, refreshed, aux)
+            if ddp is None or sync_ascent:
+                optimizer.second_step()  # restores nothing, counts the skip
+                if use_scaler:
+                    scaler.update()
+                return StepResult(total, b, 0, optimizer.last_kept, True, refreshed, aux)
+            poison = True
         # ---- pass 2 at θ + ε, BN statistics kept as pass 1 left them
         bn_after_pass1 = snapshot_bn(model)
         selected = 0
@@ -271,13 +379,16 @@ def sharpness_aware_step(
                         sub = index_batch(mb, idx)
                 with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
                     losses, _ = forward(sub)
-                    backward(_mean(losses) * (batch_size(mb) / b))
+                    loss = _mean(losses) * (batch_size(mb) / b)
+                    backward(loss * float("nan") if poison else loss)
                 selected += batch_size(sub)
         finally:
             restore_bn(bn_after_pass1)
         if use_scaler:
             scaler.unscale_(optimizer.base)  # pass 2, keyed by the base optimizer
         if clip_grad_norm is not None:
+            # After unscaling and DDP's all-reduce: the final gradient, the same on every
+            # worker. (Clipping pass 1 would do nothing: the ascent normalises it away.)
             torch.nn.utils.clip_grad_norm_(optimizer._params(), clip_grad_norm)
         ok = optimizer.second_step()
         if use_scaler:
@@ -289,6 +400,8 @@ def sharpness_aware_step(
             optimizer.abort_step()
         else:
             optimizer.zero_grad(set_to_none=True)
+        if use_scaler:
+            _reset_scaler(scaler, optimizer, getattr(optimizer, "base", optimizer))
         raise
 
 
