@@ -18,8 +18,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .policy import Policy
 
-class L2Ascent:
+
+class L2Ascent(Policy):
     """SAM's ascent (Foret et al., ICLR 2021): ε = ρ g / (‖g‖₂ + δ)."""
 
     name = "l2"
@@ -36,11 +38,8 @@ class L2Ascent:
     ) -> list[Tensor]:
         return list(grads)
 
-    def extra_repr(self) -> str:
-        return ""
 
-
-class AdaptiveAscent:
+class AdaptiveAscent(L2Ascent):
     """ASAM's ascent: with T = |θ| + η, ε = ρ T² g / (‖T g‖₂ + δ).
 
     Args:

@@ -23,8 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .policy import Policy
 
-class PerturbationMask:
+
+class PerturbationMask(Policy):
     """Perturb every weight (SAM). The base class of every mask policy."""
 
     name = "dense"
@@ -63,15 +65,6 @@ class PerturbationMask:
     ) -> bool:
         """Recompute the mask from data; returns whether the mask changed."""
         return False
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-    def extra_repr(self) -> str:
-        return ""
 
 
 class RandomTensorSubset(PerturbationMask):

@@ -14,12 +14,11 @@ falls with γ.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from .masks import round_half_up
+from .policy import Policy
 
 
 def _check_gamma(gamma: float) -> float:
@@ -28,7 +27,7 @@ def _check_gamma(gamma: float) -> float:
     return float(gamma)
 
 
-class AllSamples:
+class AllSamples(Policy):
     """Pass 2 on the whole batch."""
 
     name = "all"
@@ -41,15 +40,6 @@ class AllSamples:
 
     def select(self, loss_before: Tensor | None, loss_after: Tensor | None) -> Tensor | None:
         return None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-    def extra_repr(self) -> str:
-        return ""
 
 
 class TopSharpness(AllSamples):
