@@ -60,19 +60,29 @@ def get_spec(name: str) -> OptimizerSpec:
     return REGISTRY[key]
 
 
-def _wrapper_kwargs(factory: Callable[..., Any]) -> set[str]:
+def accepted_kwargs(name: str) -> set[str]:
+    """The wrapper keyword arguments optimizer ``name`` takes (empty for the plain base).
+
+    Collected from the ``__init__`` signatures along the factory's class hierarchy, minus
+    the ones the registry entry fixes (e.g. ``gamma`` of ``esam-swp``).
+    """
+    spec = get_spec(name)
+    if spec.factory is None:
+        return set()
+    factory = spec.factory
     names: set[str] = set()
     for cls in inspect.getmro(factory) if inspect.isclass(factory) else [factory]:
-        init = getattr(cls, "__init__", None)
-        if init is None or cls is object:
+        init = getattr(cls, "__init__", None) if cls is not object else None
+        if init is None:
             continue
         names |= {
             p.name
             for p in inspect.signature(init).parameters.values()
             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-            and p.name not in ("self", "base")
         }
-    return names
+    # the instance, the wrapped optimizer and torch.optim.Optimizer's own arguments
+    names -= {"self", "base", "params", "defaults"}
+    return (names | set(spec.defaults)) - set(spec.fixed)
 
 
 def create_optimizer(
@@ -124,13 +134,13 @@ def create_optimizer(
                 f"{spec.name!r} takes no sharpness-aware arguments, got {sorted(kwargs)}"
             )
         return base_cls(params, **bkw)
-    merged = {**spec.defaults, **kwargs, **spec.fixed}
-    allowed = _wrapper_kwargs(spec.factory)
-    unknown = sorted(set(merged) - allowed)
+    allowed = accepted_kwargs(spec.name)
+    unknown = sorted(set(kwargs) - allowed)
     if unknown:
         raise TypeError(
             f"{spec.name!r} got unknown arguments {unknown}; it takes {sorted(allowed)}"
         )
+    merged = {**spec.defaults, **kwargs, **spec.fixed}
     return spec.factory(base_cls(params, **bkw), **merged)
 
 

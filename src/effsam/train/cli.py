@@ -1,0 +1,282 @@
+"""The ``effsam`` command: ``compare``, ``train`` and ``list``.
+
+Every option is a config key (see :mod:`effsam.train.config`). Precedence, lowest first:
+defaults, ``--config FILE``, explicit flags, ``--set key=value`` (any key, e.g.
+``--set optim.args.beta=0.5``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import Config, ConfigError, dump_yaml, load_config
+
+# (flag, config key, type or "flag", help); type "flag" is a store_true switch
+_COMMON_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--dataset", "data.dataset", str, "digits, synthetic, cifar10, cifar100, imagefolder"),
+    ("--data-dir", "data.data_dir", str, "data root (default $EFFSAM_DATA_DIR, then ./data)"),
+    ("--download", "data.download", "flag", "download CIFAR if it is missing"),
+    ("--allow-unverified", "data.allow_unverified", "flag", "skip CIFAR checksum checks"),
+    ("--train-subset", "data.train_subset", int, "train on a class-balanced subset of N images"),
+    ("--image-size", "data.image_size", int, "image side for imagefolder data"),
+    ("--batch-size", "data.batch_size", int, "training batch size per worker"),
+    ("--augment", "data.augment", str, "none, flip or cifar (default: the data set's own)"),
+    ("--cutout", "data.cutout", int, "Cutout square side (0 = off)"),
+    ("--model", "model.name", str, "model name (see `effsam list`)"),
+    ("--width", "model.width", float, "channel-width multiplier"),
+    ("--base", "optim.base", str, "base optimizer: sgd, adamw, adam"),
+    ("--lr", "optim.lr", float, "peak learning rate"),
+    ("--momentum", "optim.momentum", float, "SGD momentum"),
+    ("--nesterov", "optim.nesterov", "flag", "Nesterov momentum"),
+    ("--weight-decay", "optim.weight_decay", float, "weight decay"),
+    ("--rho", "optim.args.rho", float, "neighbourhood radius ρ"),
+    ("--beta", "optim.args.beta", float, "ESAM SWP keep probability β"),
+    ("--gamma", "optim.args.gamma", float, "ESAM SDS selection ratio γ"),
+    ("--sparsity", "optim.args.sparsity", float, "SSAM sparsity s"),
+    ("--epochs", "train.epochs", int, "training epochs"),
+    ("--schedule", "train.schedule", str, "cosine or constant (per step)"),
+    ("--warmup-epochs", "train.warmup_epochs", float, "linear LR warm-up"),
+    ("--label-smoothing", "train.label_smoothing", float, "label smoothing of the loss"),
+    ("--amp", "train.amp", str, "mixed precision: off, bf16, fp16"),
+    ("--accumulation-steps", "train.accumulation_steps", int, "micro-batches per step"),
+    ("--clip-grad-norm", "train.clip_grad_norm", float, "clip the update's gradient norm"),
+    ("--sync-ascent", "train.sync_ascent", "flag", "data parallel: all-reduce pass 1"),
+    ("--compile", "train.compile", "flag", "torch.compile the model"),
+    ("--device", "train.device", str, "auto, cpu, cuda, cuda:N"),
+    ("--threads", "train.threads", int, "torch CPU threads"),
+    ("--name", "name", str, "run (or comparison) directory name"),
+    ("--out", "out_dir", str, "parent directory of runs (default ./runs)"),
+]
+
+
+_PRECEDENCE = (
+    "Config values, lowest precedence first: defaults, --config FILE, explicit flags, "
+    "--set key=value. See docs/toolkit.md."
+)
+
+
+def _list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(t) for t in _list(text)]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"seeds must be integers like 0,1,2: {text!r}") from exc
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML config file (may `extends:` another)")
+    p.add_argument(
+        "--set",
+        dest="assignments",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set optim.args.beta=0.5 (repeatable)",
+    )
+    group = p.add_argument_group("config keys")
+    for flag, key, kind, text in _COMMON_FLAGS:
+        if kind == "flag":
+            group.add_argument(
+                flag, dest=key, action="store_true", default=None, help=f"{text} [{key}]"
+            )
+        else:
+            metavar = flag.lstrip("-").upper().replace("-", "_")
+            group.add_argument(
+                flag, dest=key, type=kind, default=None, metavar=metavar, help=f"{text} [{key}]"
+            )
+    group.add_argument("--seed", dest="seed", type=int, default=None, help="random seed [seed]")
+    group.add_argument(
+        "--no-checkpoint", dest="checkpoint", action="store_false", default=None,
+        help="do not save a checkpoint every epoch",
+    )  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="start afresh over an existing run")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the resolved config, validate it and exit"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``effsam`` command."""
+    parser = argparse.ArgumentParser(
+        prog="effsam",
+        description="Train with SGD, SAM, ESAM, SSAM and compare their accuracy and speed.",
+        epilog=_PRECEDENCE,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser(
+        "compare",
+        epilog=_PRECEDENCE,
+        help="train several optimizers on the same budget and print a table",
+        description="Train several optimizers (default SGD, SAM, ESAM) on the same data, model, "
+        "seeds and budget; write a table (Markdown, CSV), a JSON summary and a plot. Without "
+        "--config: scikit-learn's digits, a small CNN, 10 epochs, seeds 0,1,2 (one CPU "
+        "thread for this tiny model unless --threads is given).",
+    )
+    _add_common(c)
+    c.add_argument(
+        "--optimizers", dest="compare.optimizers", type=_list, default=None,
+        help="comma-separated optimizer names, e.g. sgd,sam,esam [compare.optimizers]",
+    )  # fmt: skip
+    c.add_argument(
+        "--seeds", dest="compare.seeds", type=_seeds, default=None,
+        help="comma-separated seeds, e.g. 0,1,2 [compare.seeds]",
+    )  # fmt: skip
+    c.add_argument("--resume", action="store_true", help="reuse finished runs, resume others")
+    c.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+
+    t = sub.add_parser(
+        "train", help="one training run from a config and overrides", epilog=_PRECEDENCE
+    )
+    _add_common(t)
+    t.add_argument(
+        "--optimizer", dest="optim.name", default=None, help="optimizer name [optim.name]"
+    )
+    t.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue the run from its checkpoint (the config's run directory, or RUN_DIR, "
+        "whose config.yaml is used when no --config is given)",
+    )
+    t.add_argument(
+        "--stop-after", type=int, default=None, metavar="EPOCHS",
+        help="stop once this many epochs are done, leaving a resumable run",
+    )  # fmt: skip
+    sub.add_parser("list", help="list data sets, models, optimizers and configs")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The resolved config: defaults ← --config ← flags ← --set."""
+    overrides = {
+        key: value
+        for key, value in vars(args).items()
+        if value is not None and ("." in key or key in ("seed", "name", "out_dir", "checkpoint"))
+    }
+    config_path = args.config
+    resume_dir = getattr(args, "resume", None)
+    if config_path is None and isinstance(resume_dir, str) and resume_dir:
+        config_path = Path(resume_dir) / "config.yaml"
+    if args.command == "compare" and config_path is None:
+        from .compare import builtin_compare_config
+
+        return builtin_compare_config(overrides, args.assignments)
+    return load_config(config_path, overrides, args.assignments)
+
+
+def _cmd_list() -> int:
+    from effsam.data import DATASETS
+    from effsam.models import MODELS
+    from effsam.optim import available_optimizers, get_spec
+
+    print("data sets:  " + ", ".join(DATASETS))
+    print("models:     " + ", ".join(MODELS))
+    print("optimizers:")
+    for name in available_optimizers():
+        spec = get_spec(name)
+        defaults = ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
+        print(f"  {name:<13} {spec.description}{f'  ({defaults})' if defaults else ''}")
+    configs = Path("configs")
+    if configs.is_dir():
+        print("configs (here, in configs/):")
+        for folder in sorted(p for p in configs.iterdir() if p.is_dir() and p.name[0] != "_"):
+            names = sorted(f.stem for f in folder.glob("*.yaml") if not f.name.startswith("_"))
+            if names:
+                print(f"  {folder.name}/: {', '.join(names)}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace, cfg: Config) -> int:
+    from .loop import train
+
+    run_dir = Path(args.resume) if args.resume else None
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ConfigError(f"invalid --stop-after: {args.stop_after} (must be >= 1)")
+    s = train(
+        cfg,
+        run_dir=run_dir,
+        resume=args.resume is not None,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+        stop_after=args.stop_after,
+    )
+    if s.get("world_size", 1) > 1 and _rank() != 0:
+        return 0
+    state = "finished" if s["finished"] else f"stopped after epoch {s['completed_epochs']}"
+    print(
+        f"{s['name']}: {state}; test accuracy {_percent(s['final_test_acc'])} "
+        f"(best {_percent(s['best_test_acc'])}), {_rate(s['images_per_s'])} images/s"
+    )
+    return 0
+
+
+def _percent(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.2f}%"
+
+
+def _rate(x: float | None) -> str:
+    return "—" if x is None else f"{x:,.0f}"
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
+def _cmd_compare(args: argparse.Namespace, cfg: Config) -> int:
+    from .compare import run_compare
+
+    result = run_compare(
+        cfg, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, plot=not args.no_plot
+    )
+    print()
+    print(result["markdown"])
+    files = "compare.md, compare.csv, compare.json" + ("" if args.no_plot else ", compare.png")
+    print(f"written to {result['dir']}: {files}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``effsam`` and ``python -m effsam``; returns the exit status."""
+    from effsam.data import DatasetError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        return _cmd_list()
+    try:
+        cfg = config_from_args(args)
+        if args.dry_run:
+            from .validate import validate
+
+            validate(cfg, compare=args.command == "compare")
+            print(dump_yaml(cfg), end="")
+            return 0
+        if args.command == "compare":
+            return _cmd_compare(args, cfg)
+        return _cmd_train(args, cfg)
+    except (ConfigError, DatasetError) as exc:
+        print(f"effsam {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"effsam {args.command}: interrupted; the last finished epoch is checkpointed, "
+            "continue with --resume",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""``effsam compare``: several optimizers, same data, model, seeds and budget, one table.
+
+out_dir/<name>/
+  config.yaml, env.json
+  compare.md, compare.csv   the table (ESAM paper, Table 1 layout)
+  compare.json              rows + every run's summary
+  compare.png               accuracy against images/s (ESAM paper, Figure 1)
+  runs/<label>_s<seed>/     one ordinary run directory per optimizer and seed
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .checkpoint import RESUMABLE_CHANGES, changed_keys
+from .config import Config, ConfigError, dump_yaml, load_config, to_dict
+from .distributed import resolve_device
+from .loop import train
+from .records import environment, write_json, write_text_atomic
+from .report import aggregate, csv_table, markdown_table, plot_accuracy_speed
+from .validate import compare_entries, compare_seeds, validate
+
+#: ``effsam compare`` without ``--config``: the config defaults (digits, small CNN, SGD vs
+#: SAM vs ESAM) plus these values.
+DEFAULT_COMPARE: dict[str, Any] = {
+    "train": {"epochs": 10},
+    "compare": {"optimizers": ["sgd", "sam", "esam"], "seeds": [0, 1, 2]},
+}
+
+
+def builtin_compare_config(
+    overrides: dict[str, Any] | None = None, assignments: list[str] | None = None
+) -> Config:
+    """The config of ``effsam compare`` without ``--config``, with flags and ``--set`` applied.
+
+    The demo model is so small that a second CPU thread costs more in synchronisation than
+    it gains (and suffers most on a busy machine), so digits + small_cnn runs on one thread
+    unless ``train.threads`` is given; any other data set or model keeps torch's default.
+    """
+    cfg = load_config(None, overrides, assignments, base=DEFAULT_COMPARE)
+    if cfg.train.threads is None and (cfg.data.dataset, cfg.model.name) == ("digits", "small_cnn"):
+        cfg.train.threads = 1
+    return cfg
+
+
+def compare_name(cfg: Config) -> str:
+    """The comparison's directory name."""
+    return cfg.name or f"compare_{cfg.data.dataset}_{cfg.model.name}"
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or "run"
+
+
+def run_compare(
+    cfg: Config,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    plot: bool = True,
+) -> dict[str, Any]:
+    """Trains every optimizer of ``cfg.compare`` for every seed and writes the table.
+
+    Runs go one after another in this process, so they share the machine's state equally;
+    a finished run is not repeated with ``resume`` (a partial one continues).
+
+    Returns:
+        ``{"rows": [...], "runs": [...], "dir": str, "markdown": str}``.
+    """
+    validate(cfg, compare=True)
+    entries = compare_entries(cfg)
+    seeds = compare_seeds(cfg)
+    root = Path(cfg.out_dir) / compare_name(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(root / "config.yaml", dump_yaml(cfg))
+    env = environment(resolve_device(cfg.train.device), 1, cfg.train.amp, cfg.train.compile)
+    if cfg.train.threads is not None:
+        env["torch_threads"] = cfg.train.threads  # what each run sets for itself
+    write_json(root / "env.json", env)
+
+    runs: list[dict[str, Any]] = []
+    total = len(entries) * len(seeds)
+    for seed in seeds:
+        for label, optim in entries:
+            run_name = f"{_slug(label)}_s{seed}"
+            run_cfg = dataclasses.replace(cfg, name=run_name, seed=seed, optim=optim)
+            run_dir = root / "runs" / run_name
+            done = _finished_summary(run_dir, run_cfg) if resume else None
+            if done is not None:
+                runs.append(done)
+                continue
+            if not quiet:
+                print(f"[{len(runs) + 1}/{total}] {label} (seed {seed})", flush=True)
+            summary = train(
+                run_cfg,
+                run_dir=run_dir,
+                resume=resume,
+                overwrite=overwrite,
+                quiet=quiet,
+                label=label,
+            )
+            runs.append(summary)
+
+    rows = aggregate([(label, o.name) for label, o in entries], runs)
+    title = (
+        f"{cfg.data.dataset}, {cfg.model.name}, {cfg.train.epochs} epochs, "
+        f"batch {cfg.data.batch_size}, seeds {', '.join(map(str, seeds))}"
+    )
+    md = markdown_table(rows, title)
+    note = (
+        "\nAccuracy: final test accuracy (mean ± std over seeds). Images/s: training steps "
+        "only (evaluation and data loading excluded), total images / total step time.\n"
+    )
+    write_text_atomic(root / "compare.md", md + note)
+    write_text_atomic(root / "compare.csv", csv_table(rows))
+    write_json(
+        root / "compare.json",
+        {"title": title, "seeds": seeds, "rows": rows, "runs": runs, "config": to_dict(cfg)},
+    )
+    if plot:
+        plot_accuracy_speed(rows, root / "compare.png", title)
+    return {"rows": rows, "runs": runs, "dir": str(root), "markdown": md}
+
+
+def _finished_summary(run_dir: Path, cfg: Config) -> dict[str, Any] | None:
+    """The summary of a finished run of exactly this config (None: train or continue it)."""
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    if not summary.get("finished"):
+        return None
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    changed = changed_keys(saved, to_dict(cfg)) - RESUMABLE_CHANGES
+    if changed:
+        raise ConfigError(
+            f"cannot reuse the finished run {run_dir}: its config differs in "
+            f"{', '.join(sorted(changed))} (use --overwrite to train it again)"
+        )
+    return summary

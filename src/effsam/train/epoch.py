@@ -1,0 +1,162 @@
+"""One epoch of training and one evaluation, with the metrics reduced over workers once."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from effsam.step import sharpness_aware_step
+
+from . import distributed as ddp
+
+
+def train_epoch(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    loader: Any,
+    loss_fn: Any,
+    step_kwargs: dict[str, Any],
+    epoch: int,
+    epochs: int,
+    untimed: int,
+    ctx: ddp.DistContext,
+    quiet: bool,
+    label: str,
+) -> tuple[dict[str, Any], int]:
+    """One pass over this worker's shard of the training set.
+
+    Args:
+        net: the model as trained (plain, compiled and/or DDP-wrapped).
+        optimizer, scheduler: stepped once per batch.
+        loader: this worker's ``BatchLoader``.
+        loss_fn: per-sample losses and logits, for :func:`effsam.sharpness_aware_step`.
+        step_kwargs: the step's options (scaler, autocast, accumulation, clipping, …).
+        epoch, epochs: this epoch (0-based) and the total, for the progress bar.
+        untimed: steps still to leave out of the timing (process warm-up).
+        ctx: the worker's place in the process group.
+        quiet: no progress bar.
+        label: shown in front of the progress bar.
+
+    Returns:
+        The epoch's record, summed over all workers, and the remaining ``untimed`` count.
+    """
+    from tqdm.auto import tqdm
+
+    net.train()
+    loader.set_epoch(epoch)
+    device = ctx.device
+    # loss and correct stay on the device (no sync per step); the rest are Python numbers
+    on_device = torch.zeros(2, dtype=torch.float64, device=device)
+    seen = timed_images = selected = skipped = refreshes = 0
+    kept_sum = 0.0
+    train_time = 0.0
+    rates: list[float] = []  # per timed step, for a median robust to busy machines
+    desc = f"{label + ' ' if label else ''}epoch {epoch + 1}/{epochs}"
+    # disable=None: no bar when stderr is not a terminal (logs stay readable)
+    bar = tqdm(
+        total=len(loader),
+        desc=desc,
+        leave=False,
+        disable=True if quiet else None,
+        dynamic_ncols=True,
+    )
+    refresh = max(1, len(loader) // 20)
+    for i, (x, y) in enumerate(loader):
+        _sync(device)  # time the step alone: the batch was built before this point
+        start = time.perf_counter()
+        res = sharpness_aware_step(net, optimizer, (x, y), loss_fn, **step_kwargs)
+        scheduler.step()
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        n = res.batch_size
+        if untimed == 0:
+            train_time += elapsed
+            timed_images += n
+            rates.append(n / max(elapsed, 1e-9))
+        else:
+            untimed -= 1
+        on_device[0] += res.loss.detach().double() * n
+        on_device[1] += (res.aux.argmax(dim=1) == y).sum()
+        seen += n
+        selected += res.selected
+        skipped += int(res.skipped)
+        refreshes += int(res.mask_refreshed)
+        if res.kept_fraction is not None:
+            kept_sum += res.kept_fraction.elements
+        bar.update(1)
+        if not bar.disable and ((i + 1) % refresh == 0 or i + 1 == len(loader)):
+            bar.set_postfix(
+                loss=f"{float(on_device[0]) / seen:.3f}",
+                acc=f"{100 * float(on_device[1]) / seen:.1f}",
+                img_s=f"{timed_images / train_time:.0f}" if train_time > 0 else "-",
+            )
+    bar.close()
+    steps = len(loader)
+    tracks_kept = getattr(optimizer, "last_kept", None) is not None
+    # one reduction of the sums and one of the time per epoch: totals over all workers
+    sums = torch.cat(
+        [
+            on_device,
+            torch.tensor(
+                [seen, timed_images, selected, skipped, kept_sum, refreshes],
+                dtype=torch.float64,
+                device=device,
+            ),
+        ]
+    )
+    ddp.all_reduce(sums, ctx)
+    slowest = ddp.all_reduce(
+        torch.tensor([train_time], dtype=torch.float64, device=device), ctx, op="max"
+    )
+    loss_sum, correct, seen, timed_images, selected, skipped, kept_sum, refreshes = sums.tolist()
+    train_time = float(slowest[0])
+    record = {
+        "epoch": epoch + 1,
+        "lr": scheduler.get_last_lr()[0],
+        "train_loss": loss_sum / seen,
+        "train_acc": correct / seen,
+        "steps": steps,
+        "skipped_steps": int(round(skipped / ctx.world_size)),
+        "selected_fraction": selected / seen,
+        "kept_fraction": kept_sum / (steps * ctx.world_size) if tracks_kept else None,
+        "mask_refreshes": int(round(refreshes / ctx.world_size)),
+        "timed_images": int(timed_images),
+        "train_time_s": train_time,
+        "images_per_s": timed_images / train_time if train_time > 0 else None,
+        "images_per_s_median": world_size_rate(rates, ctx.world_size),
+    }
+    return record, untimed
+
+
+def world_size_rate(rates: list[float], world_size: int) -> float | None:
+    """This worker's median per-step images/s, times the number of workers."""
+    return float(np.median(rates)) * world_size if rates else None
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, amp: str, ctx: ddp.DistContext) -> tuple[float, float]:
+    """Test loss and accuracy over this worker's share, summed over workers once."""
+    model.eval()
+    device = ctx.device
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    for x, y in loader:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(x)
+        sums[0] += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        sums[1] += (logits.argmax(dim=1) == y).sum()
+        sums[2] += y.numel()
+    ddp.all_reduce(sums, ctx)
+    loss_sum, correct, total = sums.tolist()
+    return loss_sum / total, correct / total
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,120 @@
+"""The files of a run directory: resolved config, environment, per-epoch metrics, summary.
+
+run_dir/
+  config.yaml      the resolved config
+  env.json         versions, device, threads, world size
+  metrics.jsonl    one JSON object per epoch
+  metrics.csv      the same, as a table
+  summary.json     the final (or latest) results
+  checkpoint.pt    the resumable state after the last finished epoch
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+#: Per-epoch fields that measure time; everything else must repeat exactly across a resume.
+TIMING_FIELDS = (
+    "images_per_s",
+    "images_per_s_median",
+    "train_time_s",
+    "timed_images",
+    "eval_time_s",
+    "epoch_time_s",
+)
+
+METRIC_FIELDS = (
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "steps",
+    "skipped_steps",
+    "selected_fraction",
+    "kept_fraction",
+    "mask_refreshes",
+    *TIMING_FIELDS,
+)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Writes ``text`` via a temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def environment(device: torch.device, world_size: int, amp: str, compiled: bool) -> dict[str, Any]:
+    """Versions, hardware and threading: what a throughput number depends on."""
+    from effsam.environment import environment as machine
+
+    env = machine(device)
+    env.update(
+        {
+            "torch_interop_threads": torch.get_num_interop_threads(),
+            "world_size": world_size,
+            "amp": amp,
+            "compile": compiled,
+            "cuda": torch.version.cuda,
+        }
+    )
+    return env
+
+
+def write_metrics(run_dir: Path, metrics: list[dict[str, Any]]) -> None:
+    """Rewrites metrics.jsonl and metrics.csv from the full list (consistent after a resume)."""
+    lines = "".join(json.dumps(m) + "\n" for m in metrics)
+    write_text_atomic(run_dir / "metrics.jsonl", lines)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for m in metrics:
+        writer.writerow({k: "" if m.get(k) is None else m.get(k) for k in METRIC_FIELDS})
+    write_text_atomic(run_dir / "metrics.csv", buf.getvalue())
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The per-epoch records of a run directory."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summarize(metrics: list[dict[str, Any]], info: dict[str, Any], epochs: int) -> dict[str, Any]:
+    """The run's results: final and best accuracy, overall images/s (timed steps only)."""
+    last = metrics[-1] if metrics else {}
+    timed = sum(m.get("timed_images") or 0 for m in metrics)
+    seconds = sum(m.get("train_time_s") or 0.0 for m in metrics)
+    medians = [m["images_per_s_median"] for m in metrics if m.get("images_per_s_median")]
+    accs = [m["test_acc"] for m in metrics if m.get("test_acc") is not None]
+    return {
+        **info,
+        "epochs": epochs,
+        "completed_epochs": len(metrics),
+        "finished": len(metrics) >= epochs,
+        "final_test_acc": last.get("test_acc"),
+        "best_test_acc": max(accs) if accs else None,
+        "final_test_loss": last.get("test_loss"),
+        "final_train_loss": last.get("train_loss"),
+        "final_train_acc": last.get("train_acc"),
+        "images_per_s": timed / seconds if seconds > 0 else None,
+        "images_per_s_median": float(np.median(medians)) if medians else None,
+        "train_time_s": seconds,
+        "wall_time_s": sum(m.get("epoch_time_s") or 0.0 for m in metrics),
+        "steps": sum(m.get("steps") or 0 for m in metrics),
+        "skipped_steps": sum(m.get("skipped_steps") or 0 for m in metrics),
+    }

@@ -1,0 +1,229 @@
+"""Every check of a configuration, in one place, run before any data is loaded."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import torch
+
+from effsam.optim import available_optimizers
+from effsam.optim.registry import BASES, accepted_kwargs
+
+from .config import CompareConfig, Config, ConfigError, OptimConfig, from_dict, to_dict
+
+SCHEDULES = ("cosine", "constant")
+AMP_MODES = ("off", "bf16", "fp16")
+AUGMENT_CHOICES = (None, "none", "flip", "cifar")
+
+# Range checks of the common wrapper arguments, so the message names the config key; the
+# wrapper's own validation (a dry build) catches the rest.
+_ARG_RANGES: dict[str, tuple[str, Any]] = {
+    "rho": ("must be >= 0", lambda v: v >= 0),
+    "beta": ("must be in (0, 1]", lambda v: 0 < v <= 1),
+    "gamma": ("must be in (0, 1]", lambda v: 0 < v <= 1),
+    "sparsity": ("must be in [0, 1)", lambda v: 0 <= v < 1),
+    "num_samples": ("must be an integer >= 1", lambda v: isinstance(v, int) and v >= 1),
+    "update_interval": ("must be an integer >= 1", lambda v: isinstance(v, int) and v >= 1),
+    "total_steps": ("must be an integer >= 1", lambda v: isinstance(v, int) and v >= 1),
+}
+
+
+def _fail(key: str, value: Any, why: str) -> None:
+    raise ConfigError(f"invalid {key}: {value!r} ({why})")
+
+
+def _choice(key: str, value: Any, choices: Any, what: str) -> None:
+    if value not in choices:
+        shown = ", ".join(str(c) for c in choices)
+        raise ConfigError(f"unknown {what} {value!r} for {key}; choose from {shown}")
+
+
+def _number(key: str, value: Any, low: float | None = None, *, strict: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(key, value, "must be a finite number")
+    if low is not None and (value <= low if strict else value < low):
+        _fail(key, value, f"must be {'>' if strict else '>='} {low}")
+
+
+def _integer(key: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        _fail(key, value, f"must be an integer >= {low}")
+
+
+def validate_optim(o: OptimConfig, where: str = "optim") -> None:
+    """Checks one optimizer section, including a dry build of the optimizer."""
+    _choice(f"{where}.name", o.name, available_optimizers(), "optimizer")
+    _choice(f"{where}.base", o.base, tuple(BASES), "base optimizer")
+    _number(f"{where}.lr", o.lr, 0.0, strict=True)
+    _number(f"{where}.momentum", o.momentum, 0.0)
+    if o.momentum >= 1:
+        _fail(f"{where}.momentum", o.momentum, "must be < 1")
+    _number(f"{where}.weight_decay", o.weight_decay, 0.0)
+    if o.nesterov and o.momentum <= 0:
+        _fail(f"{where}.nesterov", o.nesterov, "Nesterov momentum needs momentum > 0")
+    for key, value in o.args.items():
+        if key in _ARG_RANGES:
+            why, ok = _ARG_RANGES[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+                _fail(f"{where}.args.{key}", value, why)
+    _dry_build(o, where)
+
+
+def _dry_build(o: OptimConfig, where: str) -> None:
+    """Builds the optimizer over one dummy tensor so the wrapper checks its own arguments."""
+    from .build import optimizer_args
+
+    unknown = sorted(set(o.args) - accepted_kwargs(o.name))
+    if unknown:
+        takes = ", ".join(sorted(accepted_kwargs(o.name))) or "none"
+        raise ConfigError(
+            f"invalid {where}.args: {o.name!r} does not take {unknown}; it takes: {takes}"
+        )
+    args = optimizer_args(o, steps_per_epoch=1, epochs=1, seed=0)
+    from effsam.optim import create_optimizer
+
+    try:
+        create_optimizer(
+            [torch.nn.Parameter(torch.zeros(2))],
+            o.name,
+            base=o.base,
+            lr=o.lr,
+            momentum=o.momentum,
+            weight_decay=o.weight_decay,
+            nesterov=o.nesterov,
+            **args,
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid {where} ({o.name}): {exc}") from exc
+
+
+def validate(cfg: Config, *, compare: bool = False) -> None:
+    """Checks names and ranges of the whole config; raises :class:`ConfigError` naming the key.
+
+    Args:
+        cfg: the config.
+        compare: also check the ``compare`` section and every optimizer it lists.
+    """
+    from effsam.data import DATASETS
+    from effsam.models import MODELS
+
+    _integer("seed", cfg.seed, 0)
+    if cfg.name is not None and (not cfg.name or "/" in cfg.name or cfg.name in (".", "..")):
+        _fail("name", cfg.name, "must be a plain directory name")
+    d = cfg.data
+    _choice("data.dataset", d.dataset, DATASETS, "data set")
+    _integer("data.batch_size", d.batch_size, 1)
+    _integer("data.eval_batch_size", d.eval_batch_size, 1)
+    _integer("data.cutout", d.cutout, 0)
+    if d.train_subset is not None:
+        _integer("data.train_subset", d.train_subset, 1)
+    if d.image_size is not None:
+        _integer("data.image_size", d.image_size, 1)
+    _choice("data.augment", d.augment, AUGMENT_CHOICES, "augmentation")
+    if len(d.synthetic_shape) != 3 or any(s < 1 for s in d.synthetic_shape):
+        _fail("data.synthetic_shape", d.synthetic_shape, "must be three positive integers C, H, W")
+    _integer("data.synthetic_classes", d.synthetic_classes, 2)
+    _integer("data.synthetic_train", d.synthetic_train, 1)
+    _integer("data.synthetic_test", d.synthetic_test, 1)
+
+    _choice("model.name", cfg.model.name, MODELS, "model")
+    _number("model.width", cfg.model.width, 0.0, strict=True)
+
+    if compare:
+        _validate_compare(cfg)
+    else:
+        validate_optim(cfg.optim)
+
+    t = cfg.train
+    _integer("train.epochs", t.epochs, 1)
+    _choice("train.schedule", t.schedule, SCHEDULES, "LR schedule")
+    _number("train.warmup_epochs", t.warmup_epochs, 0.0)
+    if t.warmup_epochs > t.epochs:
+        _fail("train.warmup_epochs", t.warmup_epochs, f"must not exceed epochs ({t.epochs})")
+    _number("train.label_smoothing", t.label_smoothing, 0.0)
+    if t.label_smoothing >= 1:
+        _fail("train.label_smoothing", t.label_smoothing, "must be < 1")
+    _choice("train.amp", t.amp, AMP_MODES, "AMP mode")
+    _integer("train.accumulation_steps", t.accumulation_steps, 1)
+    if t.accumulation_steps > d.batch_size:
+        _fail(
+            "train.accumulation_steps",
+            t.accumulation_steps,
+            f"must not exceed data.batch_size ({d.batch_size})",
+        )
+    if t.clip_grad_norm is not None:
+        _number("train.clip_grad_norm", t.clip_grad_norm, 0.0, strict=True)
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", t.device):
+        _fail("train.device", t.device, "use auto, cpu, cuda or cuda:N")
+    if t.threads is not None:
+        _integer("train.threads", t.threads, 1)
+    _integer("train.timing_warmup_steps", t.timing_warmup_steps, 0)
+
+
+def _validate_compare(cfg: Config) -> None:
+    """The compare section: every listed optimizer with its merged settings, and the seeds.
+
+    The top-level ``optim`` section is only the shared default here, so its ``args`` must
+    each be taken by at least one of the optimizers (a typo would otherwise vanish).
+    """
+
+    entries = compare_entries(cfg)
+    for label, o in entries:
+        validate_optim(o, f"compare.optimizers[{label}]")
+    taken = set().union(*(accepted_kwargs(o.name) for _, o in entries))
+    unused = sorted(set(cfg.optim.args) - taken)
+    if unused:
+        names = ", ".join(o.name for _, o in entries)
+        raise ConfigError(
+            f"invalid optim.args: {unused} taken by none of the compared optimizers ({names})"
+        )
+    seeds = compare_seeds(cfg)
+    for s in seeds:
+        _integer("compare.seeds", s, 0)
+    if len(set(seeds)) != len(seeds):
+        _fail("compare.seeds", seeds, "must not repeat")
+
+
+def compare_seeds(cfg: Config) -> list[int]:
+    """The seeds of a comparison (``compare.seeds``, else the run's seed)."""
+    seeds = cfg.compare.seeds
+    if seeds is None:
+        return [cfg.seed]
+    if not seeds:
+        _fail("compare.seeds", seeds, "must not be empty")
+    return list(seeds)
+
+
+def compare_entries(cfg: Config) -> list[tuple[str, OptimConfig]]:
+    """(label, optimizer section) for each optimizer of a comparison.
+
+    A bare name is labelled in upper case (``esam`` → ``ESAM``), as in the papers' tables.
+
+    An entry's own keys override ``cfg.optim``; ``args`` merge, and shared ``cfg.optim.args``
+    that an optimizer does not take are dropped for it (SGD has no ``rho``), while the entry's
+    own args must all be accepted.
+    """
+
+    c: CompareConfig = cfg.compare
+    if not c.optimizers:
+        _fail("compare.optimizers", c.optimizers, "must list at least one optimizer")
+    out: list[tuple[str, OptimConfig]] = []
+    for i, entry in enumerate(c.optimizers):
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        if not isinstance(entry, dict) or "name" not in entry:
+            _fail(f"compare.optimizers[{i}]", entry, "must be a name or a mapping with 'name'")
+        entry = dict(entry)
+        label = str(entry.pop("label", str(entry["name"]).upper()))
+        _choice(f"compare.optimizers[{i}].name", entry["name"], available_optimizers(), "optimizer")
+        shared = {
+            k: v for k, v in cfg.optim.args.items() if k in accepted_kwargs(str(entry["name"]))
+        }
+        merged = {**to_dict(cfg.optim), **entry, "args": {**shared, **entry.get("args", {})}}
+        out.append((label, from_dict(merged, OptimConfig, f"compare.optimizers[{i}]")))
+    labels = [label for label, _ in out]
+    if len(set(labels)) != len(labels):
+        _fail("compare.optimizers", labels, "labels must be unique (add 'label:' to repeats)")
+    return out
