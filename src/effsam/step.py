@@ -25,20 +25,19 @@ AMP/accumulation/clipping handling, so one loop serves SGD and every SAM variant
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .batching import batch_size, index_batch, split_batch
 from .bn import restore_bn, snapshot_bn
 from .optim.sharpness_aware import KeptFraction, SharpnessAware
+from .parallel import check_ddp_settings, find_ddp, step_settings, sync_ascent_grads, unwrap_model
 
 LossFn = Callable[[nn.Module, Any], Any]
 
@@ -73,24 +72,6 @@ class StepResult:
     aux: Any = None
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP and/or ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def _ddp(model: nn.Module) -> DistributedDataParallel | None:
-    if isinstance(model, DistributedDataParallel):
-        return model
-    inner = getattr(model, "_orig_mod", None)
-    return inner if isinstance(inner, DistributedDataParallel) else None
-
-
 def _autocast_dtype(autocast: Any) -> torch.dtype | None:
     if autocast in (None, False, "off", "none", "fp32"):
         return None
@@ -121,92 +102,6 @@ def _split_loss(out: Any, n: int, per_sample: bool) -> tuple[Tensor, Any]:
     if out.shape != (n,):
         raise ValueError(f"loss_fn returned losses of shape {list(out.shape)}, expected [{n}]")
     return out, aux
-
-
-def _allreduce_mean(grads: list[Tensor]) -> None:
-    """Average gradients over workers in one flat buffer (one collective)."""
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def _sync_ascent_grads(optimizer: SharpnessAware) -> None:
-    """All-reduce pass 1 by hand (DDP's hooks were off for it, see ``no_sync`` below).
-
-    The list of tensors must be the same on every worker, or the flat buffers differ in
-    length and the collective fails or hangs: it is fixed by the (shared) SWP mask and the
-    trainable flags, never by which tensors happened to receive a gradient locally; a
-    missing local gradient takes part as zeros.
-    """
-    keep = optimizer._keep
-    grads = []
-    with torch.no_grad():
-        for i, p in enumerate(optimizer._params()):
-            if not p.requires_grad or (keep is not None and not keep[i]):
-                continue
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-        _allreduce_mean(grads)
-
-
-def _digest(data: bytes) -> str:
-    # Python's hash() of bytes is salted per process, so it cannot be compared across
-    # workers; a cryptographic digest can.
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
-def _check_ddp_settings(optimizer: Any, settings: dict[str, str]) -> None:
-    """Once per optimizer: every worker must run the same step (same ρ, β, γ, seed, …).
-
-    Different settings would not fail loudly on their own: the workers would compute
-    different collectives (a hang) or silently train different models. One
-    ``all_gather_object`` at the first step turns that into a RuntimeError on every rank.
-    """
-    if getattr(optimizer, "_effsam_ddp_checked", False):
-        return
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, settings)
-    keys = sorted({k for g in gathered for k in g})
-    differ = [k for k in keys if any(g.get(k) != settings.get(k) for g in gathered)]
-    if differ:
-        lines = "\n".join(
-            f"  {k}: "
-            + ", ".join(f"rank {r} {g.get(k, '<missing>')}" for r, g in enumerate(gathered))
-            for k in differ
-        )
-        raise RuntimeError(
-            f"effsam: data-parallel workers disagree on {', '.join(differ)}; every rank must "
-            f"build the optimizer and call sharpness_aware_step with the same settings:\n{lines}"
-        )
-    optimizer._effsam_ddp_checked = True
-
-
-def _settings(optimizer: Any, sync_ascent: bool, accumulation_steps: int) -> dict[str, str]:
-    base = optimizer.base if isinstance(optimizer, SharpnessAware) else optimizer
-    shapes = [tuple(p.shape) for g in optimizer.param_groups for p in g["params"]]
-    s: dict[str, str] = {
-        "optimizer": type(optimizer).__name__,
-        "base optimizer": type(base).__name__,
-        "parameter shapes": _digest(repr(shapes).encode()),
-        "sync_ascent": repr(sync_ascent),
-        "accumulation_steps": repr(accumulation_steps),
-    }
-    if isinstance(optimizer, SharpnessAware):
-        s["rho"] = repr([g.get("rho") for g in optimizer.param_groups])
-        s["ascent"] = f"{optimizer.ascent.name}({optimizer.ascent.extra_repr()})"
-        s["mask"] = f"{optimizer.mask.name}({optimizer.mask.extra_repr()})"
-        s["selection"] = f"{optimizer.selection.name}({optimizer.selection.extra_repr()})"
-        gen = getattr(optimizer.mask, "generator", None)
-        if isinstance(gen, torch.Generator):
-            s["mask generator state"] = _digest(gen.get_state().numpy().tobytes())
-    return s
 
 
 def _is_compiled(model: nn.Module) -> bool:
@@ -293,7 +188,7 @@ def sharpness_aware_step(
         raise ValueError("a GradScaler needs the optimizer's check_finite=True")
     b = batch_size(batch)
     micro = split_batch(batch, accumulation_steps) if accumulation_steps > 1 else [batch]
-    ddp = _ddp(model)
+    ddp = find_ddp(model)
     if ddp is not None:
         if getattr(ddp, "static_graph", False) and (sam or accumulation_steps > 1):
             # DDP's static-graph mode asserts inside its reducer on a no_sync backward in
@@ -303,7 +198,7 @@ def sharpness_aware_step(
                 "accumulation micro-batches) under no_sync: build the DDP model without "
                 "static_graph"
             )
-        _check_ddp_settings(optimizer, _settings(optimizer, sync_ascent, accumulation_steps))
+        check_ddp_settings(optimizer, step_settings(optimizer, sync_ascent, accumulation_steps))
     device_type = next((p.device.type for p in model.parameters()), "cpu")
     per_sample = sam and optimizer.selection.needs_per_sample
 
@@ -345,7 +240,7 @@ def sharpness_aware_step(
                 optimizer, model, scaler if use_scaler else None, clip_grad_norm, total, b, aux
             )
         if ddp is not None and sync_ascent:
-            _sync_ascent_grads(optimizer)
+            sync_ascent_grads(optimizer)
         if use_scaler:
             scaler.unscale_(optimizer)  # pass 1, keyed by the wrapper
         # A non-finite pass 1 skips the step. Under m-sharpness only this worker may know:

@@ -1,0 +1,119 @@
+"""Data-parallel support for :func:`effsam.sharpness_aware_step`: finding the DDP module,
+the hand-made pass-1 all-reduce of ``sync_ascent``, and the check that every worker runs
+the same step."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .optim.sharpness_aware import SharpnessAware
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP and/or ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def find_ddp(model: nn.Module) -> DistributedDataParallel | None:
+    if isinstance(model, DistributedDataParallel):
+        return model
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, DistributedDataParallel) else None
+
+
+def allreduce_mean(grads: list[Tensor]) -> None:
+    """Average gradients over workers in one flat buffer (one collective)."""
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def sync_ascent_grads(optimizer: SharpnessAware) -> None:
+    """All-reduce pass 1 by hand (DDP's hooks were off for it, see ``no_sync`` below).
+
+    The list of tensors must be the same on every worker, or the flat buffers differ in
+    length and the collective fails or hangs: it is fixed by the (shared) SWP mask and the
+    trainable flags, never by which tensors happened to receive a gradient locally; a
+    missing local gradient takes part as zeros.
+    """
+    keep = optimizer._keep
+    grads = []
+    with torch.no_grad():
+        for i, p in enumerate(optimizer._params()):
+            if not p.requires_grad or (keep is not None and not keep[i]):
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        allreduce_mean(grads)
+
+
+def _digest(data: bytes) -> str:
+    # Python's hash() of bytes is salted per process, so it cannot be compared across
+    # workers; a cryptographic digest can.
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def check_ddp_settings(optimizer: Any, settings: dict[str, str]) -> None:
+    """Once per optimizer: every worker must run the same step (same ρ, β, γ, seed, …).
+
+    Different settings would not fail loudly on their own: the workers would compute
+    different collectives (a hang) or silently train different models. One
+    ``all_gather_object`` at the first step turns that into a RuntimeError on every rank.
+    """
+    if getattr(optimizer, "_effsam_ddp_checked", False):
+        return
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, settings)
+    keys = sorted({k for g in gathered for k in g})
+    differ = [k for k in keys if any(g.get(k) != settings.get(k) for g in gathered)]
+    if differ:
+        lines = "\n".join(
+            f"  {k}: "
+            + ", ".join(f"rank {r} {g.get(k, '<missing>')}" for r, g in enumerate(gathered))
+            for k in differ
+        )
+        raise RuntimeError(
+            f"effsam: data-parallel workers disagree on {', '.join(differ)}; every rank must "
+            f"build the optimizer and call sharpness_aware_step with the same settings:\n{lines}"
+        )
+    optimizer._effsam_ddp_checked = True
+
+
+def step_settings(optimizer: Any, sync_ascent: bool, accumulation_steps: int) -> dict[str, str]:
+    base = optimizer.base if isinstance(optimizer, SharpnessAware) else optimizer
+    shapes = [tuple(p.shape) for g in optimizer.param_groups for p in g["params"]]
+    s: dict[str, str] = {
+        "optimizer": type(optimizer).__name__,
+        "base optimizer": type(base).__name__,
+        "parameter shapes": _digest(repr(shapes).encode()),
+        "sync_ascent": repr(sync_ascent),
+        "accumulation_steps": repr(accumulation_steps),
+    }
+    if isinstance(optimizer, SharpnessAware):
+        s["rho"] = repr([g.get("rho") for g in optimizer.param_groups])
+        s["ascent"] = f"{optimizer.ascent.name}({optimizer.ascent.extra_repr()})"
+        s["mask"] = f"{optimizer.mask.name}({optimizer.mask.extra_repr()})"
+        s["selection"] = f"{optimizer.selection.name}({optimizer.selection.extra_repr()})"
+        gen = getattr(optimizer.mask, "generator", None)
+        if isinstance(gen, torch.Generator):
+            s["mask generator state"] = _digest(gen.get_state().numpy().tobytes())
+    return s
