@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
@@ -37,18 +37,27 @@ def batch_size(batch: Any) -> int:
     return next(iter(sizes.values()))
 
 
-def index_batch(batch: Any, index: Tensor | slice) -> Any:
-    """The same structure with every tensor indexed on dim 0 (non-tensors kept as is)."""
+def map_tensors(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """The same structure with every tensor replaced by ``fn(tensor)``, in order
+    (non-tensor entries kept as they are)."""
     if isinstance(batch, Tensor):
-        return batch[index]
+        return fn(batch)
     if isinstance(batch, Mapping):
-        return type(batch)(
-            {k: (v[index] if isinstance(v, Tensor) else v) for k, v in batch.items()}
-        )
-    items = [v[index] if isinstance(v, Tensor) else v for v in batch]
+        return type(batch)({k: (fn(v) if isinstance(v, Tensor) else v) for k, v in batch.items()})
+    items = [fn(v) if isinstance(v, Tensor) else v for v in batch]
     if hasattr(batch, "_fields"):  # a namedtuple
         return type(batch)(*items)
     return tuple(items) if isinstance(batch, tuple) else items
+
+
+def batch_tensors(batch: Any) -> list[Tensor]:
+    """The batch's tensors, in the order :func:`map_tensors` visits them."""
+    return [t for _, t in _tensors(batch)]
+
+
+def index_batch(batch: Any, index: Tensor | slice) -> Any:
+    """The same structure with every tensor indexed on dim 0."""
+    return map_tensors(batch, lambda t: t[index])
 
 
 def split_batch(batch: Any, chunks: int) -> list[Any]:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -41,7 +41,7 @@ from torch.func import functional_call, grad, vmap
 
 # batching is a torch-only helper on batch structure (tensor, tuple/list, dict), shared
 # with step.py; nothing else of the package is imported here.
-from ..batching import batch_size, index_batch
+from ..batching import batch_size, batch_tensors, index_batch, map_tensors
 from .masks import PerturbationMask, round_half_up
 
 NORMALISATIONS = ("authors", "masked")
@@ -100,26 +100,6 @@ def _common_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------- batches
-def _batch_leaves(batch: Any) -> list[Tensor]:
-    if isinstance(batch, Tensor):
-        return [batch]
-    values = batch.values() if isinstance(batch, Mapping) else batch
-    return [v for v in values if isinstance(v, Tensor)]
-
-
-def _with_leaves(batch: Any, leaves: Sequence[Tensor]) -> Any:
-    """``batch`` with its tensors replaced, in order, by ``leaves`` (same structure)."""
-    if isinstance(batch, Tensor):
-        return leaves[0]
-    it = iter(leaves)
-    if isinstance(batch, Mapping):
-        return type(batch)({k: next(it) if isinstance(v, Tensor) else v for k, v in batch.items()})
-    items = [next(it) if isinstance(v, Tensor) else v for v in batch]
-    if hasattr(batch, "_fields"):  # a namedtuple
-        return type(batch)(*items)
-    return tuple(items) if isinstance(batch, tuple) else items
-
-
 class _LossOf(nn.Module):
     """``loss_fn(model, batch)`` as a module, so ``functional_call`` can swap the model's
     parameters whatever way ``loss_fn`` calls the model."""
@@ -177,12 +157,13 @@ def empirical_fisher(
         return out
     n = min(num_samples, batch_size(batch))
     first = index_batch(batch, slice(0, n))
-    leaves = _batch_leaves(first)
+    leaves = batch_tensors(first)
     wrapper = _LossOf(model, loss_fn)
     primals = {key: params[i].detach() for key, i in wanted.items()}
 
     def sample_loss(theta: dict[str, Tensor], sample: tuple[Tensor, ...]) -> Tensor:
-        one = _with_leaves(first, [t.unsqueeze(0) for t in sample])
+        it = iter(sample)
+        one = map_tensors(first, lambda _: next(it).unsqueeze(0))
         return functional_call(wrapper, theta, (one,))
 
     per_sample_grads = vmap(grad(sample_loss), in_dims=(None, 0))
