@@ -3,12 +3,10 @@
     python benchmarks/accuracy.py --data-dir DIR          # the protocol below (~1 h on 2 cores)
     python benchmarks/accuracy.py --smoke                 # synthetic data, tiny model (tests)
 
-The protocol (why these numbers: see benchmarks/README.md): a class-balanced subset of
-5,000 training images, the full 10,000-image test set, ResNet-18 at width 1/8, 30 epochs
-of SGD with Nesterov momentum 0.9, lr 0.1 with a 1-epoch warm-up and cosine decay, weight
-decay 5e-4, batch 128, crop + flip augmentation, ρ = 0.1 for every sharpness-aware
-method, ESAM β 0.6 γ 0.5, SSAM-F sparsity 0.5 with 16 Fisher samples refreshed every
-epoch, seeds 0, 1, 2. It drives ``effsam compare`` and writes the table and verdicts to
+The protocol is configs/compare/cifar10_cpu_accuracy.yaml (why these numbers: see
+benchmarks/README.md): ResNet-18 at width 1/8 on a class-balanced subset of 2,500
+CIFAR-10 training images, the full 10,000-image test set, 60 epochs, SGD vs SAM vs ESAM vs
+SSAM-F, seeds 0, 1, 2. It drives ``effsam compare`` and writes the table and verdicts to
 benchmarks/results/.
 """
 
@@ -25,11 +23,10 @@ from effsam.train.cli import main as effsam_main
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-PROTOCOL = (
-    "--dataset cifar10 --model resnet18 --width 0.125 --train-subset 5000 --epochs 30 "
-    "--batch-size 128 --lr 0.1 --nesterov --weight-decay 5e-4 --warmup-epochs 1 --rho 0.1 "
-    "--optimizers sgd,sam,esam,ssam-f --seeds 0,1,2"
-).split()
+PROTOCOL = [
+    "--config",
+    str(Path(__file__).resolve().parents[1] / "configs" / "compare" / "cifar10_cpu_accuracy.yaml"),
+]
 SMOKE = (
     "--dataset synthetic --model cifar_cnn --width 0.25 --epochs 2 --batch-size 64 "
     "--optimizers sgd,sam,esam --seeds 0,1 --set data.synthetic_train=128 "
@@ -94,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     code = effsam_main(compare_args + ["--quiet"] if args.smoke else compare_args)
     if code:
         return code
-    root = args.work / ("smoke" if args.smoke else "cifar10_cpu")
+    root = args.work / ("smoke" if args.smoke else "cifar10_cpu_accuracy")
     result = json.loads((root / "compare.json").read_text())
     env = environment("cpu")
     command = "python benchmarks/accuracy.py " + " ".join(
