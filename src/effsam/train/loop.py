@@ -9,7 +9,6 @@ from __future__ import annotations
 import random
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -140,13 +139,7 @@ def _train(
 
     net: nn.Module = model
     if t.compile:
-        if getattr(getattr(optimizer, "mask", None), "beta", 1.0) < 1.0:
-            warnings.warn(
-                "torch.compile with ESAM's SWP: each new pattern of perturbed tensors changes "
-                "requires_grad and triggers a recompilation; expect slow steps",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        # (sharpness_aware_step warns once about SWP and compile recompilations)
         net = torch.compile(net)
     eval_net = net
     if ctx.enabled:
