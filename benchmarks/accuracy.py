@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     code = effsam_main(compare_args + ["--quiet"] if args.smoke else compare_args)
     if code:
         return code
-    root = args.work / ("smoke" if args.smoke else "cifar10_cpu_accuracy")
+    root = args.work / ("smoke" if args.smoke else "cifar10_cpu")
     result = json.loads((root / "compare.json").read_text())
     env = environment("cpu")
     command = "python benchmarks/accuracy.py " + " ".join(
