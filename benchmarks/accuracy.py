@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="synthetic data, tiny model")
     p.add_argument("extra", nargs="*", help="further `effsam compare` arguments (after --)")
     args = p.parse_args(argv)
+    name = "smoke" if args.smoke else "cifar10_cpu"
     compare_args = [
         "compare",
         *(SMOKE if args.smoke else PROTOCOL),
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         "--out",
         str(args.work),
         "--name",
-        "smoke" if args.smoke else "cifar10_cpu",
+        name,
     ]
     if args.data_dir and not args.smoke:
         compare_args += ["--data-dir", args.data_dir]
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     code = effsam_main(compare_args + ["--quiet"] if args.smoke else compare_args)
     if code:
         return code
-    root = args.work / ("smoke" if args.smoke else "cifar10_cpu")
+    root = args.work / name
     result = json.loads((root / "compare.json").read_text())
     env = environment("cpu")
     command = "python benchmarks/accuracy.py " + " ".join(
