@@ -1,12 +1,12 @@
 """Accuracy and speed on real CIFAR-10 at CPU scale: SGD, SAM, ESAM, SSAM-F side by side.
 
-    python benchmarks/accuracy.py --data-dir DIR          # the protocol below (~1 h on 2 cores)
+    python benchmarks/accuracy.py --data-dir DIR          # the protocol below (~40 min on 2 cores)
     python benchmarks/accuracy.py --smoke                 # synthetic data, tiny model (tests)
 
 The protocol is configs/compare/cifar10_cpu_accuracy.yaml (why these numbers: see
-benchmarks/README.md): ResNet-18 at width 1/8 on a class-balanced subset of 2,500
-CIFAR-10 training images, the full 10,000-image test set, 60 epochs, SGD vs SAM vs ESAM vs
-SSAM-F, seeds 0, 1, 2. It drives ``effsam compare`` and writes the table and verdicts to
+benchmarks/README.md): the 5-convolution CIFAR CNN on a fixed class-balanced subset of
+2,500 CIFAR-10 training images, the full 10,000-image test set, 60 epochs, SGD vs SAM vs
+ESAM vs SSAM-F at rho 0.1, seeds 0, 1, 2. It drives ``effsam compare`` and writes the table and verdicts to
 benchmarks/results/.
 """
 

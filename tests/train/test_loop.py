@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import pytest
 import torch
 import yaml
 
+from effsam.train.build import load_data
 from effsam.train.checkpoint import load_checkpoint
-from effsam.train.config import ConfigError
+from effsam.train.config import ConfigError, load_config
 from effsam.train.loop import train
 from effsam.train.records import METRIC_FIELDS, read_metrics
 from train.tiny_runs import without_timing
@@ -154,3 +156,30 @@ def test_compiled_model_trains_and_checkpoints_the_plain_module(tiny, tmp_path):
     assert summary["finished"]
     state = load_checkpoint(tmp_path / "c" / "checkpoint.pt")["model"]
     assert not any(k.startswith("_orig_mod") for k in state)  # loadable without compile
+
+
+def test_eval_every_and_a_fixed_subset(tmp_path):
+    """Evaluation every N epochs (always after the last); the subset can stay fixed across
+    run seeds so that the seed-to-seed spread measures the optimizer, not the data."""
+    cfg = load_config(
+        assignments=[
+            "data.dataset=digits",
+            "data.train_subset=200",
+            "data.subset_seed=5",
+            "model.name=small_cnn",
+            "optim.name=sgd",
+            "train.epochs=3",
+            "train.eval_every=2",
+            f"out_dir={tmp_path}",
+            "checkpoint=false",
+        ],
+    )
+    summary = train(cfg, quiet=True)
+    metrics = read_metrics(tmp_path / cfg.run_name())
+    assert [m["test_acc"] is not None for m in metrics] == [False, True, True]
+    assert summary["final_test_acc"] == metrics[-1]["test_acc"]
+    a = load_data(cfg)
+    b = load_data(dataclasses.replace(cfg, seed=cfg.seed + 1))
+    assert torch.equal(a.train_x, b.train_x)
+    c = load_data(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, subset_seed=6)))
+    assert not torch.equal(a.train_x, c.train_x)

@@ -28,7 +28,7 @@ def load_data(cfg: Config) -> Any:
         d.dataset,
         data_dir=d.data_dir,
         train_subset=d.train_subset,
-        seed=cfg.seed,
+        seed=cfg.seed if d.subset_seed is None else d.subset_seed,
         download=d.download,
         allow_unverified=d.allow_unverified,
         image_size=d.image_size,

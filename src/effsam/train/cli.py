@@ -1,4 +1,4 @@
-"""The ``effsam`` command: ``compare``, ``train`` and ``list``.
+"""The ``effsam`` command: ``compare``, ``train``, ``analyze`` and ``list``.
 
 Every option is a config key (see :mod:`effsam.train.config`). Precedence, lowest first:
 defaults, ``--config FILE``, explicit flags, ``--set key=value`` (any key, e.g.
@@ -22,6 +22,7 @@ _COMMON_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--download", "data.download", "flag", "download CIFAR if it is missing"),
     ("--allow-unverified", "data.allow_unverified", "flag", "skip CIFAR checksum checks"),
     ("--train-subset", "data.train_subset", int, "train on a class-balanced subset of N images"),
+    ("--subset-seed", "data.subset_seed", int, "seed of the subset (default: the run's seed)"),
     ("--image-size", "data.image_size", int, "image side for imagefolder data"),
     ("--batch-size", "data.batch_size", int, "training batch size per worker"),
     ("--augment", "data.augment", str, "none, flip or cifar (default: the data set's own)"),
@@ -38,6 +39,7 @@ _COMMON_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--gamma", "optim.args.gamma", float, "ESAM SDS selection ratio γ"),
     ("--sparsity", "optim.args.sparsity", float, "SSAM sparsity s"),
     ("--epochs", "train.epochs", int, "training epochs"),
+    ("--eval-every", "train.eval_every", int, "evaluate every N epochs (and after the last)"),
     ("--schedule", "train.schedule", str, "cosine or constant (per step)"),
     ("--warmup-epochs", "train.warmup_epochs", float, "linear LR warm-up"),
     ("--label-smoothing", "train.label_smoothing", float, "label smoothing of the loss"),
@@ -68,6 +70,16 @@ def _seeds(text: str) -> list[int]:
         return [int(t) for t in _list(text)]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"seeds must be integers like 0,1,2: {text!r}") from exc
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer: {text!r}")
+    return value
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -152,6 +164,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--stop-after", type=int, default=None, metavar="EPOCHS",
         help="stop once this many epochs are done, leaving a resumable run",
     )  # fmt: skip
+    a = sub.add_parser(
+        "analyze",
+        help="Hessian sharpness and loss landscape of a trained run",
+        description="Load a run's config and checkpoint and measure, on training batches "
+        "without augmentation: the Hessian's top eigenvalue and trace, and a loss landscape "
+        "along filter-normalised random directions. Writes analysis.json and landscape.png. "
+        "See docs/analysis.md.",
+    )
+    a.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory")
+    a.add_argument(
+        "--batches", type=_positive, default=1, metavar="N", help="training batches (default 1)"
+    )
+    a.add_argument("--landscape", choices=("1d", "2d", "none"), default="1d", help="default 1d")
+    a.add_argument("--out", type=Path, default=None, metavar="DIR", help="default RUN_DIR")
     sub.add_parser("list", help="list data sets, models, optimizers and configs")
     return parser
 
@@ -247,6 +273,23 @@ def _cmd_compare(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from effsam.analysis.run import analyze_run
+
+    r = analyze_run(args.run_dir, batches=args.batches, landscape=args.landscape, out_dir=args.out)
+    trace = f"{r['hessian_trace']:.4g}"
+    if r["hessian_trace_stderr"] is not None:
+        trace += f" ± {r['hessian_trace_stderr']:.2g}"
+    print(
+        f"{r['run']} ({r['optimizer']}, epoch {r['epoch']}/{r['epochs']}): loss {r['loss']:.4f}, "
+        f"accuracy {_percent(r['accuracy'])} on {r['samples_analysed']} training images; "
+        f"Hessian top eigenvalue {r['hessian_top_eigenvalue']:.4g}, trace {trace}"
+    )
+    files = "analysis.json" + ("" if r["landscape"] is None else ", landscape.png")
+    print(f"written to {args.out or args.run_dir}: {files}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``effsam`` and ``python -m effsam``; returns the exit status."""
     from effsam.data import DatasetError
@@ -256,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "list":
         return _cmd_list()
     try:
+        if args.command == "analyze":
+            return _cmd_analyze(args)
         cfg = config_from_args(args)
         if args.dry_run:
             from .validate import validate
@@ -270,6 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"effsam {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if args.command == "analyze":  # writes nothing until it has finished
+            print("effsam analyze: interrupted", file=sys.stderr)
+            return 130
         print(
             f"effsam {args.command}: interrupted; the last finished epoch is checkpointed, "
             "continue with --resume",

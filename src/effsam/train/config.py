@@ -30,6 +30,7 @@ class DataConfig:
     download: bool = False
     allow_unverified: bool = False
     train_subset: int | None = None  # a stratified subset of N training images
+    subset_seed: int | None = None  # seed of the subset's choice (None: the run's seed)
     image_size: int | None = None  # resize (imagefolder) or None for the native size
     augment: str | None = None  # None: the data set's own recipe ("cifar" = crop + flip)
     cutout: int = 0  # side of the Cutout square, 0 = off
@@ -85,6 +86,7 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", …
     threads: int | None = None  # torch.set_num_threads; None leaves torch's default
     timing_warmup_steps: int = 2  # steps at the start of each process left out of images/s
+    eval_every: int = 1  # evaluate every N epochs (and always after the last one)
 
 
 @dataclass

@@ -173,8 +173,10 @@ def _train(
             epoch, t.epochs, untimed, ctx, quiet or not ctx.is_main, label,
         )  # fmt: skip
         eval_start = time.perf_counter()
-        ddp.broadcast_buffers(model, ctx)  # every worker evaluates the checkpointed model
-        test_loss, test_acc = evaluate(eval_net, test_loader, t.amp, ctx)
+        test_loss = test_acc = None
+        if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
+            ddp.broadcast_buffers(model, ctx)  # every worker evaluates the checkpointed model
+            test_loss, test_acc = evaluate(eval_net, test_loader, t.amp, ctx)
         record.update(
             epoch=epoch + 1,
             test_loss=test_loss,
@@ -224,7 +226,11 @@ def _print_epoch(record: dict[str, Any], epochs: int, label: str) -> None:
     tqdm.write(
         f"{label + '  ' if label else ''}epoch {record['epoch']:>3}/{epochs}  "
         f"lr {record['lr']:.4g}  train loss {record['train_loss']:.4f} "
-        f"acc {100 * record['train_acc']:.2f}%  test loss {record['test_loss']:.4f} "
-        f"acc {100 * record['test_acc']:.2f}%  "
-        f"{'-' if ips is None else f'{ips:,.0f}'} img/s"
+        f"acc {100 * record['train_acc']:.2f}%  "
+        + (
+            f"test loss {record['test_loss']:.4f} acc {100 * record['test_acc']:.2f}%  "
+            if record["test_acc"] is not None
+            else ""
+        )
+        + f"{'-' if ips is None else f'{ips:,.0f}'} img/s"
     )

@@ -119,6 +119,8 @@ def validate(cfg: Config, *, compare: bool = False) -> None:
     _integer("data.cutout", d.cutout, 0)
     if d.train_subset is not None:
         _integer("data.train_subset", d.train_subset, 1)
+    if d.subset_seed is not None:
+        _integer("data.subset_seed", d.subset_seed, 0)
     if d.image_size is not None:
         _integer("data.image_size", d.image_size, 1)
     _choice("data.augment", d.augment, AUGMENT_CHOICES, "augmentation")
@@ -160,6 +162,7 @@ def validate(cfg: Config, *, compare: bool = False) -> None:
     if t.threads is not None:
         _integer("train.threads", t.threads, 1)
     _integer("train.timing_warmup_steps", t.timing_warmup_steps, 0)
+    _integer("train.eval_every", t.eval_every, 1)
 
 
 def _validate_compare(cfg: Config) -> None:
