@@ -1,0 +1,52 @@
+"""Sharpness analysis: Hessian eigenvalue and trace, loss landscapes, plots.
+
+Every function takes ``(model, batch, loss_fn)`` with the convention of
+:func:`effsam.sharpness_aware_step`: ``loss_fn(model, batch)`` returns per-sample losses (or a
+tuple whose first element is that) and their mean is analysed, with the model in eval mode.
+
+Example:
+    >>> from effsam.analysis import hessian_top_eigenvalue, loss_landscape_1d, plot_landscape
+    >>> lam = hessian_top_eigenvalue(model, (x, y), loss_fn, iters=50)
+    >>> plot_landscape(loss_landscape_1d(model, (x, y), loss_fn), "landscape.png")
+
+:func:`analyze_run` (``effsam analyze RUN_DIR``) measures a trained run; it needs the
+toolkit extra. See docs/analysis.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .evaluation import LossFn, eval_mode
+from .hessian import hessian_top_eigenvalue, hessian_trace, hessian_trace_samples
+from .landscape import (
+    Landscape,
+    filter_normalized_direction,
+    loss_landscape_1d,
+    loss_landscape_2d,
+)
+from .plot import plot_landscape
+
+__all__ = [
+    "Landscape",
+    "LossFn",
+    "analyze_run",
+    "eval_mode",
+    "filter_normalized_direction",
+    "hessian_top_eigenvalue",
+    "hessian_trace",
+    "hessian_trace_samples",
+    "loss_landscape_1d",
+    "loss_landscape_2d",
+    "plot_landscape",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # analyze_run pulls in the toolkit (YAML configs, data sets), which the measurements
+    # themselves do not need: import it on first use only.
+    if name == "analyze_run":
+        from .run import analyze_run
+
+        return analyze_run
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,192 @@
+"""Sharpness of a trained run: load a run directory, measure, write ``analysis.json``.
+
+The run is rebuilt with the toolkit's own functions (config, data, model, checkpoint,
+loader, loss), so the analysed loss is exactly the training objective of the run (label
+smoothing included) at the checkpointed weights, on training batches without augmentation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from effsam.data import DatasetError
+from effsam.train.build import build_model, load_data, make_loaders, make_loss_fn
+from effsam.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from effsam.train.config import Config, ConfigError, load_config
+from effsam.train.distributed import resolve_device
+from effsam.train.records import write_json
+
+from .evaluation import check_int, check_positive, eval_mode
+from .hessian import hessian_top_eigenvalue, hessian_trace_samples
+from .landscape import loss_landscape_1d, loss_landscape_2d
+from .plot import plot_landscape
+
+__all__ = ["LANDSCAPES", "analyze_run"]
+
+#: Values of ``analyze_run(landscape=...)``.
+LANDSCAPES = ("1d", "2d", "none")
+
+
+def analyze_run(
+    run_dir: str | Path,
+    *,
+    batches: int = 1,
+    landscape: str = "1d",
+    out_dir: str | Path | None = None,
+    iters: int = 20,
+    tol: float = 1e-4,
+    samples: int = 10,
+    steps: int | None = None,
+    span: float = 1.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Measures the sharpness of a run's checkpointed model and writes the results.
+
+    The first ``batches`` training batches of epoch 0 (the run's own shuffled order and
+    per-worker batch size, augmentation and Cutout off) are joined into one batch; in eval mode the
+    samples do not interact, so this is the mean loss over all of them. On it: the loss and
+    accuracy, the Hessian's top eigenvalue and trace, and a loss landscape.
+
+    Writes ``analysis.json`` and (unless ``landscape="none"``) ``landscape.png`` into
+    ``out_dir`` (default: the run directory).
+
+    Args:
+        run_dir: A run directory of ``effsam train`` or ``effsam compare``, holding
+            ``config.yaml`` and ``checkpoint.pt``.
+        batches: Training batches to analyse (≥ 1).
+        landscape: ``"1d"``, ``"2d"`` or ``"none"``.
+        out_dir: Where the files go.
+        iters: Power iterations for the top eigenvalue.
+        tol: Relative tolerance of the power iteration.
+        samples: Hutchinson samples for the trace.
+        steps: Landscape grid points per axis (default 21 in 1D, 11 in 2D).
+        span: Landscape half-width, in filter norms.
+        seed: Seed of the random vectors and directions.
+
+    Returns:
+        What ``analysis.json`` holds.
+
+    Raises:
+        ValueError: For an invalid option (the message names it).
+        ConfigError: If ``run_dir`` holds no config or checkpoint, its model cannot be
+            rebuilt from them, or an epoch has fewer than ``batches`` batches.
+        effsam.data.DatasetError: If the run's data cannot be loaded.
+    """
+    # every option is checked before the (possibly slow) loading and measuring starts
+    check_int("batches", batches, 1)
+    check_int("iters", iters, 1)
+    check_positive("tol", tol)
+    check_int("samples", samples, 1)
+    check_positive("span", span)
+    if steps is not None:
+        check_int("steps", steps, 2)
+    if landscape not in LANDSCAPES:
+        raise ValueError(f"landscape must be one of {', '.join(LANDSCAPES)}, got {landscape!r}")
+    run_dir = Path(run_dir)
+    config_path, ckpt_path = run_dir / "config.yaml", run_dir / CHECKPOINT_NAME
+    if not config_path.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory: it has no config.yaml")
+    if not ckpt_path.is_file():
+        raise ConfigError(
+            f"{run_dir} has no {CHECKPOINT_NAME} (was it trained with --no-checkpoint?)"
+        )
+    cfg = load_config(config_path)
+    threads = torch.get_num_threads()
+    try:
+        if cfg.train.threads is not None:
+            torch.set_num_threads(cfg.train.threads)
+        return _analyze(
+            cfg, run_dir, ckpt_path, batches, landscape, out_dir, iters, tol, samples, steps,
+            span, seed,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)  # a library call leaves the process as it found it
+
+
+def _analyze(
+    cfg: Config,
+    run_dir: Path,
+    ckpt_path: Path,
+    batches: int,
+    landscape: str,
+    out_dir: str | Path | None,
+    iters: int,
+    tol: float,
+    samples: int,
+    steps: int | None,
+    span: float,
+    seed: int,
+) -> dict[str, Any]:
+    device = resolve_device(cfg.train.device)
+    state = load_checkpoint(ckpt_path)
+    try:
+        data = load_data(cfg)
+        model = build_model(cfg, data.num_classes, data.train_x.shape[1]).to(device)
+        model.load_state_dict(state["model"])
+    except DatasetError:
+        raise  # (a RuntimeError, but not a config problem)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        # a config edited or a code change since training: report it, not a traceback
+        raise ConfigError(f"cannot rebuild the run in {run_dir}: {exc}") from exc
+
+    plain = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, augment="none", cutout=0))
+    loader, _ = make_loaders(plain, data, 0, 1, device)
+    if batches > len(loader):
+        raise ConfigError(
+            f"--batches {batches} is more than the {len(loader)} training batches of an epoch"
+        )
+    loader.set_epoch(0)
+    order = loader.indices()
+    parts = [loader.batch(b, order) for b in range(batches)]
+    batch = (torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts]))
+    loss_fn = make_loss_fn(cfg.train.label_smoothing)
+
+    with eval_mode(model), torch.no_grad():
+        losses, logits = loss_fn(model, batch)
+        loss = float(losses.mean())
+        accuracy = float((logits.argmax(1) == batch[1]).double().mean())
+    top = hessian_top_eigenvalue(model, batch, loss_fn, iters=iters, tol=tol, seed=seed)
+    traces = hessian_trace_samples(model, batch, loss_fn, samples=samples, seed=seed)
+    stderr = float(traces.std() / math.sqrt(samples)) if samples > 1 else None
+
+    result: dict[str, Any] = {
+        "run": run_dir.name,
+        "optimizer": cfg.optim.name,
+        "seed": cfg.seed,
+        "dataset": cfg.data.dataset,
+        "model": cfg.model.name,
+        "epoch": int(state["epoch"]),
+        "epochs": cfg.train.epochs,
+        "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "batches": batches,
+        "samples_analysed": int(batch[1].numel()),
+        "loss": loss,
+        "accuracy": accuracy,
+        "hessian_top_eigenvalue": top,
+        "hessian_trace": float(traces.mean()),
+        "hessian_trace_stderr": stderr,
+        "settings": {
+            "iters": iters,
+            "tol": tol,
+            "trace_samples": samples,
+            "seed": seed,
+            "label_smoothing": cfg.train.label_smoothing,
+        },
+        "landscape": None,
+    }
+    out = Path(out_dir) if out_dir is not None else run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    if landscape != "none":
+        compute = loss_landscape_1d if landscape == "1d" else loss_landscape_2d
+        grid = {} if steps is None else {"steps": steps}
+        surface = compute(model, batch, loss_fn, span=span, seed=seed, **grid)
+        result["landscape"] = surface.to_dict()
+        title = f"{run_dir.name}: {cfg.optim.name}, epoch {result['epoch']}"
+        plot_landscape(surface, out / "landscape.png", title=title)
+    write_json(out / "analysis.json", result)
+    return result
