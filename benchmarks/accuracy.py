@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -23,10 +24,9 @@ from effsam.train.cli import main as effsam_main
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-PROTOCOL = [
-    "--config",
-    str(Path(__file__).resolve().parents[1] / "configs" / "compare" / "cifar10_cpu_accuracy.yaml"),
-]
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "compare" / "cifar10_cpu_accuracy.yaml"
+PROTOCOL = ["--config", str(CONFIG)]
 SMOKE = (
     "--dataset synthetic --model cifar_cnn --width 0.25 --epochs 2 --batch-size 64 "
     "--optimizers sgd,sam,esam --seeds 0,1 --set data.synthetic_train=128 "
@@ -99,12 +99,16 @@ def main(argv: list[str] | None = None) -> int:
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
     checks = verdicts(result["rows"])
+    # the files name the config relative to the repository, not where it was checked out
+    shown = [os.path.relpath(a, ROOT) if a == str(CONFIG) else a for a in compare_args]
     md = [
         f"# Accuracy at CPU scale: {result['title']}",
         "",
         f"Command: `{command}`  ",
-        f"Equivalent: `effsam {' '.join(shlex.quote(a) for a in compare_args)}`  ",
+        f"Equivalent (from the repository root): `effsam {' '.join(shlex.quote(a) for a in shown)}`  ",
         f"Date: {env['date']}  ",
+        "Data: CIFAR-10 from `--data-dir` or `$EFFSAM_DATA_DIR` (the training subset and the "
+        "full test set)  ",
         f"Environment: torch {env['torch']}, {env['cpu']}, {args.threads} threads  ",
         "",
         (root / "compare.md").read_text().strip(),
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps(
             {
                 "command": command,
-                "compare_args": compare_args,
+                "compare_args": shown,
                 "environment": env,
                 "rows": result["rows"],
                 "runs": result["runs"],
