@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from effsam.train.config import Config, load_config
+from effsam.train.records import TIMING_FIELDS
 
 #: A run that takes well under a second per epoch on one CPU thread.
 TINY: dict[str, Any] = {
@@ -37,16 +38,6 @@ TINY_ARGS: list[str] = [
     "--threads", "1",
 ]  # fmt: skip
 
-#: Per-epoch fields that measure time (everything else must repeat exactly).
-TIMING = {
-    "images_per_s",
-    "images_per_s_median",
-    "train_time_s",
-    "timed_images",
-    "eval_time_s",
-    "epoch_time_s",
-}
-
 
 def tiny_config(out_dir: Path, **overrides: Any) -> Config:
     """The tiny run, written under ``out_dir``; keyword keys use ``__`` for dots."""
@@ -55,4 +46,4 @@ def tiny_config(out_dir: Path, **overrides: Any) -> Config:
 
 
 def without_timing(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in m.items() if k not in TIMING} for m in metrics]
+    return [{k: v for k, v in m.items() if k not in TIMING_FIELDS} for m in metrics]

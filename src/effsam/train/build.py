@@ -110,9 +110,13 @@ def build_optimizer(
     cfg: Config, params: Any, steps_per_epoch: int, *, args: dict[str, Any] | None = None
 ) -> Optimizer:
     """The optimizer named by ``cfg.optim`` over ``params`` (a module or parameters)."""
-    o = cfg.optim
     if args is None:
-        args = optimizer_args(o, steps_per_epoch, cfg.train.epochs, cfg.seed)
+        args = optimizer_args(cfg.optim, steps_per_epoch, cfg.train.epochs, cfg.seed)
+    return optimizer_from(cfg.optim, params, args)
+
+
+def optimizer_from(o: OptimConfig, params: Any, args: dict[str, Any]) -> Optimizer:
+    """``create_optimizer`` with the optimizer section's base settings and ``args``."""
     return create_optimizer(
         params,
         o.name,

@@ -73,7 +73,7 @@ def validate_optim(o: OptimConfig, where: str = "optim") -> None:
 
 def _dry_build(o: OptimConfig, where: str) -> None:
     """Builds the optimizer over one dummy tensor so the wrapper checks its own arguments."""
-    from .build import optimizer_args
+    from .build import optimizer_args, optimizer_from
 
     unknown = sorted(set(o.args) - accepted_kwargs(o.name))
     if unknown:
@@ -82,19 +82,8 @@ def _dry_build(o: OptimConfig, where: str) -> None:
             f"invalid {where}.args: {o.name!r} does not take {unknown}; it takes: {takes}"
         )
     args = optimizer_args(o, steps_per_epoch=1, epochs=1, seed=0)
-    from effsam.optim import create_optimizer
-
     try:
-        create_optimizer(
-            [torch.nn.Parameter(torch.zeros(2))],
-            o.name,
-            base=o.base,
-            lr=o.lr,
-            momentum=o.momentum,
-            weight_decay=o.weight_decay,
-            nesterov=o.nesterov,
-            **args,
-        )
+        optimizer_from(o, [torch.nn.Parameter(torch.zeros(2))], args)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid {where} ({o.name}): {exc}") from exc
 
