@@ -1,13 +1,14 @@
 """Ascent policies: how the perturbation direction is computed from the pass-1 gradient.
 
-Every policy gives two per-tensor quantities from the parameters θ and gradients g:
+Every policy's ``terms`` gives two per-tensor quantities from the parameters θ and
+gradients g:
 
-* ``norm_terms`` — the vector whose global L2 norm normalises the ascent, and
-* ``numerators`` — the (unnormalised) direction,
+* the norm terms — the vector whose global L2 norm normalises the ascent, and
+* the numerators — the (unnormalised) direction,
 
 so that ε = ρ · numerator / (‖norm_terms‖₂ + δ). For SAM both are g. For ASAM
 (Kwon et al., ICML 2021) with T = |θ| + η: norm_terms = T ⊙ g and numerators = T² ⊙ g.
-Both list methods have a ``foreach`` switch: ``torch._foreach_*`` kernels, or a plain
+``terms`` has a ``foreach`` switch: ``torch._foreach_*`` kernels, or a plain
 loop kept as the readable reference (a test checks that they agree).
 """
 
@@ -26,17 +27,11 @@ class L2Ascent(Policy):
 
     name = "l2"
 
-    def norm_terms(self, params: Sequence[Tensor], grads: Sequence[Tensor], foreach: bool):
-        return list(grads)
-
-    def numerators(
-        self,
-        params: Sequence[Tensor],
-        grads: Sequence[Tensor],
-        norm_terms: Sequence[Tensor],
-        foreach: bool,
-    ) -> list[Tensor]:
-        return list(grads)
+    def terms(
+        self, params: Sequence[Tensor], grads: Sequence[Tensor], foreach: bool
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """(norm terms, numerators): the vector whose norm normalises ε, and ε's direction."""
+        return list(grads), list(grads)
 
 
 class AdaptiveAscent(L2Ascent):
@@ -62,24 +57,16 @@ class AdaptiveAscent(L2Ascent):
             return list(t)
         return [p.abs() + self.eta if self.eta else p.abs() for p in params]
 
-    def norm_terms(self, params: Sequence[Tensor], grads: Sequence[Tensor], foreach: bool):
+    def terms(
+        self, params: Sequence[Tensor], grads: Sequence[Tensor], foreach: bool
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        # T is computed once; T² g = T · (T g) reuses the norm terms.
         t = self._scales(params, foreach)
         if foreach:
-            return list(torch._foreach_mul(t, list(grads)))
-        return [ti * g for ti, g in zip(t, grads)]
-
-    def numerators(
-        self,
-        params: Sequence[Tensor],
-        grads: Sequence[Tensor],
-        norm_terms: Sequence[Tensor],
-        foreach: bool,
-    ) -> list[Tensor]:
-        # T² g = T · (T g): reuse the norm terms instead of a second product with g.
-        t = self._scales(params, foreach)
-        if foreach:
-            return list(torch._foreach_mul(t, list(norm_terms)))
-        return [ti * tg for ti, tg in zip(t, norm_terms)]
+            tg = list(torch._foreach_mul(t, list(grads)))
+            return tg, list(torch._foreach_mul(t, tg))
+        tg = [ti * g for ti, g in zip(t, grads)]
+        return tg, [ti * x for ti, x in zip(t, tg)]
 
     def extra_repr(self) -> str:
         return f"eta={self.eta}"

@@ -207,7 +207,7 @@ class SharpnessAware(Optimizer):
         masks = self.mask.element_masks(all_ps)
         if masks is not None:
             masks_wanted = any(m is not None for m in masks)
-        terms = self.ascent.norm_terms(all_ps, all_gs, self.foreach)
+        terms, numer = self.ascent.terms(all_ps, all_gs, self.foreach)
         if masks_wanted and self.mask.normalise_masked:
             terms = [t if m is None else t * m for t, m in zip(terms, masks)]
         norm = global_norm(terms, self.foreach)
@@ -217,7 +217,6 @@ class SharpnessAware(Optimizer):
             if zero_grad:
                 self.zero_grad(set_to_none=True)
             return False
-        numer = self.ascent.numerators(all_ps, all_gs, terms, self.foreach)
         if masks_wanted:
             numer = [a if m is None else a * m for a, m in zip(numer, masks)]
         denom = norm + self.eps_denominator
