@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from effsam.bench.throughput import evaluate_targets, run
+from effsam.bench.throughput import PASSES, evaluate_targets, pass_costs, predicted_speeds, run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,6 +42,33 @@ def test_smoke_script_writes_results(tmp_path):
     assert rows["sgd"]["vs_sgd"] == pytest.approx(1.0)
     md = json_file.with_suffix(".md").read_text()
     assert "| esam |" in md and ("PASS" in md or "FAIL" in md)
+    assert set(data["pass_costs_s"]) == set(PASSES)
+    assert all(v > 0 for v in data["pass_costs_s"].values())
+    assert set(data["predicted_vs_sam"]) >= set(variants)
+    assert "## Cost model" in md
+
+
+def test_predicted_speeds_follow_the_pass_counts():
+    # F = 1, B = 2: SAM = 6; ESAM = F + B_swp + F_ng + F_k + B_k = 1 + 1.2 + 0.8 + 0.5 + 1
+    costs = {
+        "forward": 1.0,
+        "backward": 2.0,
+        "backward_swp": 1.2,
+        "forward_no_grad": 0.8,
+        "forward_subset": 0.5,
+        "backward_subset": 1.0,
+    }
+    got = predicted_speeds(costs)
+    assert got["sam"] == 1.0 and got["sgd"] == 2.0
+    assert got["esam"] == pytest.approx(6 / 4.5)
+    assert got["esam-swp"] == pytest.approx(6 / 5.2)
+    assert got["esam-sds"] == pytest.approx(6 / 5.3)
+    assert got["esam-loss"] == pytest.approx(6 / 3.7)
+
+
+def test_pass_costs_time_every_pass():
+    costs = pass_costs(model_name="cifar_cnn", width=0.25, batch_size=8, rounds=1, warmup=0)
+    assert set(costs) == set(PASSES) and all(v > 0 for v in costs.values())
 
 
 def test_pass_counts_reflect_the_algorithms():

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..models import create_model
 from ..optim import SharpnessAware, create_optimizer
+from ..optim.masks import RandomTensorSubset, round_half_up
 from ..optim.registry import REGISTRY
 from ..step import sharpness_aware_step
 
@@ -295,3 +296,104 @@ def evaluate_targets(stats: dict[str, VariantStats]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+#: What each pass costs, for the cost model below (all at the benchmark's batch size b).
+PASSES = {
+    "forward": "forward with autograd, batch b",
+    "backward": "backward, batch b",
+    "backward_swp": "backward, batch b, weight grads of a Bernoulli(beta) subset of tensors only",
+    "forward_no_grad": "forward under no_grad, batch b (SDS's sharpness forward)",
+    "forward_subset": "forward with autograd, the gamma*b selected samples",
+    "backward_subset": "backward, the gamma*b selected samples",
+}
+
+
+def pass_costs(
+    *,
+    model_name: str = "resnet18",
+    width: float = 1.0,
+    batch_size: int = 128,
+    num_classes: int = 10,
+    image_shape: Sequence[int] = (3, 32, 32),
+    beta: float = 0.6,
+    gamma: float = 0.5,
+    rounds: int = 5,
+    warmup: int = 2,
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict[str, float]:
+    """Median seconds of each pass in :data:`PASSES`, measured in interleaved rounds.
+
+    The passes ESAM's step is made of, timed one by one on the same model and batch: with
+    them, :func:`predicted_speeds` says what each variant's speed against SAM must be on
+    this hardware, so a missed target can be told apart from overhead of ours.
+    """
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    model = create_model(
+        model_name, num_classes=num_classes, in_channels=image_shape[0], width=width
+    ).to(dev)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    swp = RandomTensorSubset(beta, seed=seed)
+    g = torch.Generator(device="cpu").manual_seed(seed + 1)
+    x = torch.randn(batch_size, *image_shape, generator=g).to(dev)
+    y = torch.randint(0, num_classes, (batch_size,), generator=g).to(dev)
+    k = max(1, round_half_up(gamma * batch_size))
+    times: dict[str, list[float]] = {name: [] for name in PASSES}
+
+    def clock() -> float:
+        _sync(dev)
+        return time.perf_counter()
+
+    def forward_backward(xb: Tensor, yb: Tensor, fwd: str, bwd: str, keep=None) -> None:
+        if keep is not None:
+            for p, kept in zip(params, keep):
+                p.requires_grad_(kept)
+        try:
+            t0 = clock()
+            loss = F.cross_entropy(model(xb), yb)
+            t1 = clock()
+            loss.backward()
+            t2 = clock()
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+        model.zero_grad(set_to_none=True)
+        if fwd:
+            times[fwd].append(t1 - t0)
+        times[bwd].append(t2 - t1)
+
+    for r in range(warmup + rounds):
+        if r == warmup:
+            times = {name: [] for name in PASSES}
+        forward_backward(x, y, "forward", "backward")
+        keep = swp.draw(params)
+        forward_backward(x, y, "", "backward_swp", keep=keep)
+        t0 = clock()
+        with torch.no_grad():
+            model(x)
+        times["forward_no_grad"].append(clock() - t0)
+        forward_backward(x[:k], y[:k], "forward_subset", "backward_subset")
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def predicted_speeds(costs: dict[str, float]) -> dict[str, float]:
+    """Speed against SAM (SAM step time / variant step time) from the pass costs alone.
+
+    SGD = F + B; SAM = 2 (F + B); SWP alone = F + B_swp + F + B; SDS alone = F + B + F_ng +
+    F_k + B_k; ESAM = F + B_swp + F_ng + F_k + B_k; esam-loss = F + B_swp + F_k + B_k.
+    """
+    f, b = costs["forward"], costs["backward"]
+    sub = costs["forward_subset"] + costs["backward_subset"]
+    sam = 2 * (f + b)
+    steps = {
+        "sgd": f + b,
+        "sam": sam,
+        "esam-swp": f + costs["backward_swp"] + f + b,
+        "esam-sds": f + b + costs["forward_no_grad"] + sub,
+        "esam": f + costs["backward_swp"] + costs["forward_no_grad"] + sub,
+        "esam-loss": f + costs["backward_swp"] + sub,
+    }
+    return {name: sam / t for name, t in steps.items()}

@@ -116,7 +116,8 @@ def run_compare(
     md = markdown_table(rows, title)
     note = (
         "\nAccuracy: final test accuracy (mean ± std over seeds). Images/s: training steps "
-        "only (evaluation and data loading excluded), total images / total step time.\n"
+        "only (evaluation and data loading excluded): each run's total images / total step time, "
+        "median over seeds.\n"
     )
     write_text_atomic(root / "compare.md", md + note)
     write_text_atomic(root / "compare.csv", csv_table(rows))

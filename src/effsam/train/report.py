@@ -42,13 +42,19 @@ def aggregate(entries: Sequence[tuple[str, str]], runs: Sequence[dict[str, Any]]
     Args:
         entries: (label, registered optimizer name) in table order.
         runs: run summaries, each with ``label``, ``final_test_acc``, ``images_per_s``, ….
+
+    Accuracy is the mean ± sample std over seeds; images/s is the median over seeds of each
+    run's images/s (with their std), so the speed ratios are robust to one disturbed run.
     """
     rows: list[dict[str, Any]] = []
     for label, name in entries:
         mine = [r for r in runs if r["label"] == label]
         acc, acc_std = mean_std([r["final_test_acc"] for r in mine])
         best, _ = mean_std([r["best_test_acc"] for r in mine])
-        ips, ips_std = mean_std([r["images_per_s"] for r in mine])
+        rates = [r["images_per_s"] for r in mine if r["images_per_s"] is not None]
+        # the median over seeds: one run that shared a busy machine does not move it
+        ips = statistics.median(rates) if rates else None
+        _, ips_std = mean_std(rates)
         med, _ = mean_std([r.get("images_per_s_median") for r in mine])
         time_s, _ = mean_std([r["train_time_s"] for r in mine])
         loss, _ = mean_std([r["final_train_loss"] for r in mine])
