@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 "refresh_ms": s.refresh_time * 1e3,
                 "overhead_ms": s.overhead[0] * 1e3 if s.overhead else None,
                 "optimizer_mb": s.optimizer_mb,
+                "step_peak_mb": s.peak_mb,
             }
         )
     targets = evaluate_targets(stats)
@@ -127,11 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{env['torch_threads']} threads, Python {env['python']}  ",
         f"Protocol: {args.warmup} warm-up steps, {args.rounds} interleaved rounds of "
         f"{args.steps} steps per variant; median per round, ratios within a round, median "
-        "over rounds. SSAM times include the mask refresh amortised over its interval.",
+        "over rounds. SSAM times include the mask refresh amortised over its interval. "
+        "Step peak MB: the most memory one more step (profiled, untimed) holds at once beyond "
+        "what was allocated before it.",
         "",
         "| variant | ms/step | images/s | vs SAM | vs SGD | fwd passes | bwd passes | "
-        "refresh ms | opt. overhead ms | opt. MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "refresh ms | opt. overhead ms | opt. MB | step peak MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{fmt(r['vs_sam'], '.3f')} | {fmt(r['vs_sgd'], '.3f')} | "
             f"{r['forward_passes']:.2f} | {r['backward_passes']:.2f} | "
             f"{r['refresh_ms']:.1f} | {fmt(r['overhead_ms'], '.2f')} | "
-            f"{r['optimizer_mb']:.1f} |"
+            f"{r['optimizer_mb']:.1f} | {fmt(r['step_peak_mb'], '.0f')} |"
         )
     md += ["", "| target | measured | result | paper |", "|---|---:|---|---|"]
     for t in targets:

@@ -46,6 +46,7 @@ def test_smoke_script_writes_results(tmp_path):
     assert all(v > 0 for v in data["pass_costs_s"].values())
     assert set(data["predicted_vs_sam"]) >= set(variants)
     assert "## Cost model" in md
+    assert all(r["step_peak_mb"] > 0 for r in data["rows"])
 
 
 def test_predicted_speeds_follow_the_pass_counts():
@@ -88,6 +89,10 @@ def test_pass_counts_reflect_the_algorithms():
     assert (stats["esam"].forward_samples, stats["esam"].backward_samples) == (2.5, 1.5)
     assert (stats["esam-loss"].forward_samples, stats["esam-loss"].backward_samples) == (1.5, 1.5)
     assert stats["sam"].overhead and stats["sam"].overhead[0] > 0
+    # a step re-creates every gradient (zero_grad sets them to None): its peak holds them all
+    grads_mb = sum(p.numel() * p.element_size() for p in model_params("cifar_cnn")) / 2**20
+    for name in ("sgd", "sam", "esam"):
+        assert stats[name].peak_mb is not None and stats[name].peak_mb >= grads_mb
     targets = {t["target"]: t for t in evaluate_targets(stats)}
     assert "esam speed vs sam >= 1.40x" in targets
 
@@ -95,3 +100,9 @@ def test_pass_counts_reflect_the_algorithms():
 def test_unknown_variant_is_an_error():
     with pytest.raises(ValueError, match="'nope'"):
         run(["nope"], model_name="cifar_cnn", width=0.25, batch_size=4, rounds=1)
+
+
+def model_params(name: str) -> list:
+    from effsam.models import create_model
+
+    return list(create_model(name, num_classes=10, in_channels=3, width=0.25).parameters())

@@ -5,7 +5,8 @@ variant; a variant's time for a round is its median step time in that round, and
 ratios against SAM and SGD are taken within the round, so drift of the machine (thermal,
 other load) cancels. Reported: the median over rounds of each time and ratio, forward /
 backward sample-passes per step, the optimizer's own overhead (time in first_step and
-second_step outside the base optimizer's step) and the optimizer's memory.
+second_step outside the base optimizer's step), the optimizer's memory and the peak memory
+of a step.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class VariantStats:
     forward_samples: float = 0.0  # sample-forwards per step / batch size
     backward_samples: float = 0.0
     optimizer_mb: float = 0.0
+    peak_mb: float | None = None  # memory allocated during one step, at its highest
 
     @property
     def amortised(self) -> list[float]:
@@ -252,7 +254,36 @@ def run(
             own = sum(b.own) - sum(b.base_step)
             s.overhead = [own / n_steps]
         s.optimizer_mb = optimizer_megabytes(b.opt)
+    for b in benches:  # last: the profiled step must not count in the times or passes
+        stats[b.name].peak_mb = step_peak_megabytes(b)
     return stats
+
+
+def step_peak_megabytes(bench: Bench) -> float | None:
+    """The most memory one step holds at once beyond what was allocated before it
+    (activations, gradients, SDS's losses, …): CUDA's allocator statistics on a GPU, the
+    profiler's allocation events on a CPU (None where neither is available)."""
+    device = bench.batch[0].device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        bench.step()
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        bench.step()
+    results = getattr(getattr(prof, "profiler", None), "kineto_results", None)
+    if results is None:
+        return None
+    # allocations are positive, frees negative: the peak of their running sum in time order
+    deltas = sorted((e.start_ns(), e.nbytes()) for e in results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in deltas:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 def ratios(stats: dict[str, VariantStats], name: str, ref: str) -> float:
