@@ -127,6 +127,27 @@ class Bench:
         return time.perf_counter() - start
 
 
+def _model_and_batch(
+    model_name: str,
+    width: float,
+    batch_size: int,
+    num_classes: int,
+    image_shape: Sequence[int],
+    device: torch.device,
+    seed: int,
+) -> tuple[nn.Module, tuple[Tensor, Tensor]]:
+    """A seeded model in training mode and a random batch: the same for every variant."""
+    torch.manual_seed(seed)
+    model = create_model(
+        model_name, num_classes=num_classes, in_channels=image_shape[0], width=width
+    ).to(device)
+    model.train()
+    g = torch.Generator(device="cpu").manual_seed(seed + 1)
+    x = torch.randn(batch_size, *image_shape, generator=g).to(device)
+    y = torch.randint(0, num_classes, (batch_size,), generator=g).to(device)
+    return model, (x, y)
+
+
 def build_bench(
     name: str,
     model_name: str,
@@ -138,19 +159,14 @@ def build_bench(
     compile_model: bool = False,
     seed: int = 0,
 ) -> Bench:
-    torch.manual_seed(seed)
-    model = create_model(
-        model_name, num_classes=num_classes, in_channels=image_shape[0], width=width
-    ).to(device)
-    model.train()
+    model, (x, y) = _model_and_batch(
+        model_name, width, batch_size, num_classes, image_shape, device, seed
+    )
     counter = _PassCounter(model)
     if compile_model:
         model = torch.compile(model)
     kwargs = dict(VARIANTS.get(name, {}))
     opt = create_optimizer(model, name, lr=0.05, momentum=0.9, weight_decay=5e-4, **kwargs)
-    g = torch.Generator(device="cpu").manual_seed(seed + 1)
-    x = torch.randn(batch_size, *image_shape, generator=g).to(device)
-    y = torch.randint(0, num_classes, (batch_size,), generator=g).to(device)
     own: list[float] = []
     base_step: list[float] = []
     if isinstance(opt, SharpnessAware):
@@ -361,16 +377,11 @@ def pass_costs(
     this hardware, so a missed target can be told apart from overhead of ours.
     """
     dev = torch.device(device)
-    torch.manual_seed(seed)
-    model = create_model(
-        model_name, num_classes=num_classes, in_channels=image_shape[0], width=width
-    ).to(dev)
-    model.train()
+    model, (x, y) = _model_and_batch(
+        model_name, width, batch_size, num_classes, image_shape, dev, seed
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     swp = RandomTensorSubset(beta, seed=seed)
-    g = torch.Generator(device="cpu").manual_seed(seed + 1)
-    x = torch.randn(batch_size, *image_shape, generator=g).to(dev)
-    y = torch.randint(0, num_classes, (batch_size,), generator=g).to(dev)
     k = max(1, round_half_up(gamma * batch_size))
     times: dict[str, list[float]] = {name: [] for name in PASSES}
 
