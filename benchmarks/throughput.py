@@ -21,6 +21,7 @@ import torch
 from effsam.bench.throughput import (
     PASSES,
     VARIANTS,
+    Workload,
     evaluate_targets,
     pass_costs,
     predicted_speeds,
@@ -68,16 +69,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     say = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    stats = run(
-        args.variants,
+    workload = Workload(
         model_name=args.model,
         width=args.width,
         batch_size=args.batch,
         num_classes=args.classes,
+        device=args.device,
+    )
+    stats = run(
+        args.variants,
+        workload,
         rounds=args.rounds,
         steps_per_round=args.steps,
         warmup=args.warmup,
-        device=args.device,
         compile_model=args.compile,
         progress=say,
     )
@@ -85,15 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.pass_costs and not args.compile:
         say("timing each pass alone (cost model)")
         costs = pass_costs(
-            model_name=args.model,
-            width=args.width,
-            batch_size=args.batch,
-            num_classes=args.classes,
+            workload,
             beta=VARIANTS["esam"]["beta"],
             gamma=VARIANTS["esam"]["gamma"],
             rounds=max(3, args.rounds),
             warmup=args.warmup,
-            device=args.device,
         )
         predicted = predicted_speeds(costs)
     env = environment(args.device)

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from effsam.bench.throughput import PASSES, evaluate_targets, pass_costs, predicted_speeds, run
+from effsam.bench.throughput import (
+    PASSES,
+    Workload,
+    evaluate_targets,
+    pass_costs,
+    predicted_speeds,
+    run,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,16 +75,15 @@ def test_predicted_speeds_follow_the_pass_counts():
 
 
 def test_pass_costs_time_every_pass():
-    costs = pass_costs(model_name="cifar_cnn", width=0.25, batch_size=8, rounds=1, warmup=0)
+    costs = pass_costs(Workload("cifar_cnn", width=0.25, batch_size=8), rounds=1, warmup=0)
     assert set(costs) == set(PASSES) and all(v > 0 for v in costs.values())
 
 
 def test_pass_counts_reflect_the_algorithms():
+    workload = Workload("cifar_cnn", width=0.25, batch_size=8)
     stats = run(
         ["sgd", "sam", "esam", "esam-loss"],
-        model_name="cifar_cnn",
-        width=0.25,
-        batch_size=8,
+        workload,
         rounds=1,
         steps_per_round=1,
         warmup=0,
@@ -90,7 +96,8 @@ def test_pass_counts_reflect_the_algorithms():
     assert (stats["esam-loss"].forward_samples, stats["esam-loss"].backward_samples) == (1.5, 1.5)
     assert stats["sam"].overhead and stats["sam"].overhead[0] > 0
     # a step re-creates every gradient (zero_grad sets them to None): its peak holds them all
-    grads_mb = sum(p.numel() * p.element_size() for p in model_params("cifar_cnn")) / 2**20
+    model, _ = workload.build()
+    grads_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     for name in ("sgd", "sam", "esam"):
         assert stats[name].peak_mb is not None and stats[name].peak_mb >= grads_mb
     targets = {t["target"]: t for t in evaluate_targets(stats)}
@@ -99,10 +106,4 @@ def test_pass_counts_reflect_the_algorithms():
 
 def test_unknown_variant_is_an_error():
     with pytest.raises(ValueError, match="'nope'"):
-        run(["nope"], model_name="cifar_cnn", width=0.25, batch_size=4, rounds=1)
-
-
-def model_params(name: str) -> list:
-    from effsam.models import create_model
-
-    return list(create_model(name, num_classes=10, in_channels=3, width=0.25).parameters())
+        run(["nope"], Workload("cifar_cnn", width=0.25, batch_size=4), rounds=1)

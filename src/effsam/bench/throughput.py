@@ -127,41 +127,36 @@ class Bench:
         return time.perf_counter() - start
 
 
-def _model_and_batch(
-    model_name: str,
-    width: float,
-    batch_size: int,
-    num_classes: int,
-    image_shape: Sequence[int],
-    device: torch.device,
-    seed: int,
-) -> tuple[nn.Module, tuple[Tensor, Tensor]]:
-    """A seeded model in training mode and a random batch: the same for every variant."""
-    torch.manual_seed(seed)
-    model = create_model(
-        model_name, num_classes=num_classes, in_channels=image_shape[0], width=width
-    ).to(device)
-    model.train()
-    g = torch.Generator(device="cpu").manual_seed(seed + 1)
-    x = torch.randn(batch_size, *image_shape, generator=g).to(device)
-    y = torch.randint(0, num_classes, (batch_size,), generator=g).to(device)
-    return model, (x, y)
+@dataclass(frozen=True)
+class Workload:
+    """What is measured: the model, its batch and the device, the same for every variant."""
+
+    model_name: str = "resnet18"
+    width: float = 1.0  # channel width multiplier
+    batch_size: int = 128
+    num_classes: int = 10
+    image_shape: tuple[int, ...] = (3, 32, 32)
+    device: str = "cpu"
+
+    def build(self, seed: int = 0) -> tuple[nn.Module, tuple[Tensor, Tensor]]:
+        """A seeded model in training mode and a random batch on the device."""
+        device = torch.device(self.device)
+        torch.manual_seed(seed)
+        model = create_model(
+            self.model_name,
+            num_classes=self.num_classes,
+            in_channels=self.image_shape[0],
+            width=self.width,
+        ).to(device)
+        model.train()
+        g = torch.Generator(device="cpu").manual_seed(seed + 1)
+        x = torch.randn(self.batch_size, *self.image_shape, generator=g).to(device)
+        y = torch.randint(0, self.num_classes, (self.batch_size,), generator=g).to(device)
+        return model, (x, y)
 
 
-def build_bench(
-    name: str,
-    model_name: str,
-    width: float,
-    batch_size: int,
-    num_classes: int,
-    image_shape: Sequence[int],
-    device: torch.device,
-    compile_model: bool = False,
-    seed: int = 0,
-) -> Bench:
-    model, (x, y) = _model_and_batch(
-        model_name, width, batch_size, num_classes, image_shape, device, seed
-    )
+def build_bench(name: str, workload: Workload, compile_model: bool = False, seed: int = 0) -> Bench:
+    model, (x, y) = workload.build(seed)
     counter = _PassCounter(model)
     if compile_model:
         model = torch.compile(model)
@@ -205,16 +200,11 @@ def optimizer_megabytes(opt: torch.optim.Optimizer) -> float:
 
 def run(
     variants: Sequence[str],
+    workload: Workload = Workload(),
     *,
-    model_name: str = "resnet18",
-    width: float = 1.0,
-    batch_size: int = 128,
-    num_classes: int = 10,
-    image_shape: Sequence[int] = (3, 32, 32),
     rounds: int = 5,
     steps_per_round: int = 3,
     warmup: int = 2,
-    device: str = "cpu",
     compile_model: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, VariantStats]:
@@ -222,11 +212,8 @@ def run(
     unknown = [v for v in variants if v not in REGISTRY]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; registered: {list(REGISTRY)}")
-    dev = torch.device(device)
-    benches = [
-        build_bench(v, model_name, width, batch_size, num_classes, image_shape, dev, compile_model)
-        for v in variants
-    ]
+    dev = torch.device(workload.device)
+    benches = [build_bench(v, workload, compile_model) for v in variants]
     stats = {b.name: VariantStats(b.name) for b in benches}
     for b in benches:
         opt = b.opt
@@ -264,8 +251,8 @@ def run(
     n_steps = rounds * steps_per_round
     for b in benches:
         s = stats[b.name]
-        s.forward_samples = (b.counter.grad + b.counter.nograd) / n_steps / batch_size
-        s.backward_samples = b.counter.grad / n_steps / batch_size
+        s.forward_samples = (b.counter.grad + b.counter.nograd) / n_steps / workload.batch_size
+        s.backward_samples = b.counter.grad / n_steps / workload.batch_size
         if b.own:
             own = sum(b.own) - sum(b.base_step)
             s.overhead = [own / n_steps]
@@ -357,17 +344,12 @@ PASSES = {
 
 
 def pass_costs(
+    workload: Workload = Workload(),
     *,
-    model_name: str = "resnet18",
-    width: float = 1.0,
-    batch_size: int = 128,
-    num_classes: int = 10,
-    image_shape: Sequence[int] = (3, 32, 32),
     beta: float = 0.6,
     gamma: float = 0.5,
     rounds: int = 5,
     warmup: int = 2,
-    device: str = "cpu",
     seed: int = 0,
 ) -> dict[str, float]:
     """Median seconds of each pass in :data:`PASSES`, measured in interleaved rounds.
@@ -376,13 +358,11 @@ def pass_costs(
     them, :func:`predicted_speeds` says what each variant's speed against SAM must be on
     this hardware, so a missed target can be told apart from overhead of ours.
     """
-    dev = torch.device(device)
-    model, (x, y) = _model_and_batch(
-        model_name, width, batch_size, num_classes, image_shape, dev, seed
-    )
+    dev = torch.device(workload.device)
+    model, (x, y) = workload.build(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     swp = RandomTensorSubset(beta, seed=seed)
-    k = max(1, round_half_up(gamma * batch_size))
+    k = max(1, round_half_up(gamma * workload.batch_size))
     times: dict[str, list[float]] = {name: [] for name in PASSES}
 
     def clock() -> float:
