@@ -37,7 +37,13 @@ from torch.nn.parallel import DistributedDataParallel
 from .batching import batch_size, index_batch, split_batch
 from .bn import restore_bn, snapshot_bn
 from .optim.sharpness_aware import KeptFraction, SharpnessAware
-from .parallel import check_ddp_settings, find_ddp, step_settings, sync_ascent_grads, unwrap_model
+from .parallel import (
+    check_ddp_settings,
+    find_ddp,
+    step_settings,
+    sync_ascent_grads,
+    unwrap_model,
+)
 
 LossFn = Callable[[nn.Module, Any], Any]
 
@@ -61,6 +67,8 @@ class StepResult:
         skipped: the update was skipped (non-finite gradients or AMP overflow).
         mask_refreshed: a data-dependent mask (SSAM) was refreshed before this step.
         aux: what ``loss_fn`` returned beside the losses in pass 1 (e.g. logits).
+        sharpness_aware: the step was sharpness-aware (False: a plain base step, by the
+            optimizer's schedule, or a plain optimizer).
     """
 
     loss: Tensor
@@ -70,6 +78,7 @@ class StepResult:
     skipped: bool
     mask_refreshed: bool = False
     aux: Any = None
+    sharpness_aware: bool = False
 
 
 def _autocast_dtype(autocast: Any) -> torch.dtype | None:
@@ -216,8 +225,17 @@ def sharpness_aware_step(
         if sam and optimizer.mask_refresh_due():
             refreshed = optimizer.refresh_mask(unwrap_model(model), batch, loss_fn)
         optimizer.zero_grad(set_to_none=True)
+        # ---- the schedule: sharpness-aware (True), plain (False) or after pass 1 (None)
+        decision = optimizer.begin_step() if sam else False
+        two_pass = sam and decision is not False and not optimizer.single_pass
+        # ---- K-SAM: a no-grad forward ranks the samples, both passes see the top k
+        pre_loss = pre_aux = None
+        if sam and decision is not False and _preselects(optimizer):
+            micro, pre_loss, pre_aux = _preselect(optimizer, micro, forward, b)
+            restore_bn(bn_start)  # the ranking forward must not move BN statistics
+        b_run = sum(batch_size(mb) for mb in micro)
         # ---- pass 1: local to this worker unless sync_ascent (then reduced by hand below)
-        local = ddp is not None and (sam or accumulation_steps > 1)
+        local = ddp is not None and (two_pass or accumulation_steps > 1)
         first_pass = optimizer.first_pass() if sam else contextlib.nullcontext()
         losses_1: list[Tensor] = []
         total = torch.zeros((), device=next(iter(model.parameters())).device)
@@ -225,20 +243,32 @@ def sharpness_aware_step(
         with first_pass:
             for i, mb in enumerate(micro):
                 last = i == len(micro) - 1
-                sync = not sam and last
+                sync = not two_pass and last
                 with ddp.no_sync() if local and not sync else contextlib.nullcontext():
                     losses, aux_i = forward(mb)
-                    loss = _mean(losses) * (batch_size(mb) / b)
+                    loss = _mean(losses) * (batch_size(mb) / b_run)
                     backward(loss)
                 losses_1.append(losses.detach())
                 total = total + loss.detach()
                 aux = aux_i if len(micro) == 1 else _merge_aux(aux, aux_i)
+        if pre_loss is not None:
+            total, aux = pre_loss, pre_aux  # the step reports the whole batch
         if sam and optimizer._keep is not None and not all(optimizer._keep):
             _warn_if_compiled(model, optimizer)
         if not sam:
             return _plain_step(
                 optimizer, model, scaler if use_scaler else None, clip_grad_norm, total, b, aux
             )
+        if decision is None:
+            # AE-SAM: decided from pass 1's gradient norm; under m-sharpness from the mean
+            # over workers of the local ‖g‖², so that every worker takes the same branch.
+            decision = optimizer.decide_after_pass1(_grad_sq_norm(optimizer, ddp, scaler))
+            if not decision and ddp is not None:
+                sync_ascent_grads(optimizer)  # pass 1 was local: reduce it by hand
+        if not decision or optimizer.single_pass:
+            ok = _scheduled_plain_step(optimizer, scaler if use_scaler else None, clip_grad_norm)
+            aware = bool(optimizer.last_step_sharpness_aware)  # MSAM: its one pass moved θ
+            return StepResult(total, b, b_run, None, not ok, refreshed, aux, aware)
         if ddp is not None and sync_ascent:
             sync_ascent_grads(optimizer)
         if use_scaler:
@@ -255,16 +285,17 @@ def sharpness_aware_step(
                 optimizer.second_step()  # restores nothing, counts the skip
                 if use_scaler:
                     scaler.update()
-                return StepResult(total, b, 0, optimizer.last_kept, True, refreshed, aux)
+                return StepResult(total, b, 0, optimizer.last_kept, True, refreshed, aux, True)
             poison = True
         # ---- pass 2 at θ + ε, BN statistics kept as pass 1 left them
         bn_after_pass1 = snapshot_bn(model)
         selected = 0
+        sds = optimizer.selection.needs_per_sample and not _preselects(optimizer)
         try:
             for i, mb in enumerate(micro):
                 last = i == len(micro) - 1
                 sub = mb
-                if optimizer.selection.needs_per_sample:
+                if sds:
                     after = None
                     if optimizer.selection.needs_perturbed_loss:
                         with torch.no_grad():
@@ -274,7 +305,7 @@ def sharpness_aware_step(
                         sub = index_batch(mb, idx)
                 with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
                     losses, _ = forward(sub)
-                    loss = _mean(losses) * (batch_size(mb) / b)
+                    loss = _mean(losses) * (batch_size(mb) / b_run)
                     backward(loss * float("nan") if poison else loss)
                 selected += batch_size(sub)
         finally:
@@ -288,7 +319,7 @@ def sharpness_aware_step(
         ok = optimizer.second_step()
         if use_scaler:
             scaler.update()  # backs off if either pass recorded an overflow
-        return StepResult(total, b, selected, optimizer.last_kept, not ok, refreshed, aux)
+        return StepResult(total, b, selected, optimizer.last_kept, not ok, refreshed, aux, True)
     except BaseException:
         restore_bn(bn_start)
         if sam:
@@ -298,6 +329,65 @@ def sharpness_aware_step(
         if use_scaler:
             _reset_scaler(scaler, optimizer, getattr(optimizer, "base", optimizer))
         raise
+
+
+def _preselects(optimizer: SharpnessAware) -> bool:
+    return optimizer.selection.before_pass1 and optimizer.selection.needs_per_sample
+
+
+def _preselect(
+    optimizer: SharpnessAware, micro: list[Any], forward: Callable, b: int
+) -> tuple[list[Any], Tensor, Any]:
+    """K-SAM: rank each micro-batch's samples by a no-grad forward at θ and keep the top k
+    of each. Returns the subsets, the whole batch's mean loss and its aux (e.g. logits)."""
+    subsets, total, aux = [], None, None
+    with torch.no_grad():
+        for mb in micro:
+            losses, aux_i = forward(mb)
+            idx = optimizer.selection.select(losses.detach(), None)
+            subsets.append(mb if idx is None else index_batch(mb, idx))
+            part = _mean(losses) * (batch_size(mb) / b)
+            total = part if total is None else total + part
+            aux = aux_i if len(micro) == 1 else _merge_aux(aux, aux_i)
+    return subsets, total, aux
+
+
+def _grad_sq_norm(
+    optimizer: SharpnessAware, ddp: Any, scaler: torch.amp.GradScaler | None
+) -> float:
+    """‖g‖² of pass 1 (unscaled), the mean over data-parallel workers."""
+    grads = optimizer.trainable_grads()
+    if not grads:
+        return 0.0
+    norms = torch._foreach_norm(grads) if optimizer.foreach else [g.norm() for g in grads]
+    device = grads[0].device
+    sq = torch.stack([n.float().to(device) for n in norms]).square().sum()
+    if scaler is not None and scaler.is_enabled():
+        sq = sq / float(scaler.get_scale()) ** 2
+    if ddp is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(sq)
+        sq = sq / dist.get_world_size()
+    return float(sq)
+
+
+def _scheduled_plain_step(
+    optimizer: SharpnessAware,
+    scaler: torch.amp.GradScaler | None,
+    clip_grad_norm: float | None,
+) -> bool:
+    """A plain step of a sharpness-aware optimizer (its schedule said so, or a single-pass
+    method): pass 1's gradient, unscaled and clipped, goes to the base optimizer."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    optimizer.first_step()  # False: records the plain step (MSAM: restores θ)
+    if clip_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(optimizer._params(), clip_grad_norm)
+    ok = optimizer.second_step()
+    if scaler is not None:
+        scaler.update()
+    return ok
 
 
 def _mean(losses: Tensor) -> Tensor:
@@ -339,4 +429,4 @@ def _plain_step(
             torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
         optimizer.step()
         skipped = False
-    return StepResult(total, b, b, None, skipped, False, aux)
+    return StepResult(total, b, b, None, skipped, False, aux, False)

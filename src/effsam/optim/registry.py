@@ -16,6 +16,10 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from .ksam import KSAM
+from .looksam import LookSAM
+from .msam import MSAM
+from .schedule import SCHEDULES, EveryStep
 from .ssam import SSAM
 from .variants import ASAM, ESAM, SAM
 
@@ -36,6 +40,9 @@ class OptimizerSpec:
     fixed: dict[str, Any] = field(default_factory=dict)
     #: keyword defaults shown in help and used by the toolkit (paper settings)
     defaults: dict[str, Any] = field(default_factory=dict)
+    #: the schedule policy built from the schedule's own keyword arguments (None: every
+    #: step is sharpness-aware, unless a ``schedule="name"`` argument asks otherwise)
+    schedule: type[EveryStep] | None = None
 
 
 REGISTRY: dict[str, OptimizerSpec] = {}
@@ -60,16 +67,7 @@ def get_spec(name: str) -> OptimizerSpec:
     return REGISTRY[key]
 
 
-def accepted_kwargs(name: str) -> set[str]:
-    """The wrapper keyword arguments optimizer ``name`` takes (empty for the plain base).
-
-    Collected from the ``__init__`` signatures along the factory's class hierarchy, minus
-    the ones the registry entry fixes (e.g. ``gamma`` of ``esam-swp``).
-    """
-    spec = get_spec(name)
-    if spec.factory is None:
-        return set()
-    factory = spec.factory
+def _init_kwargs(factory: Any) -> set[str]:
     names: set[str] = set()
     for cls in inspect.getmro(factory) if inspect.isclass(factory) else [factory]:
         init = getattr(cls, "__init__", None) if cls is not object else None
@@ -81,7 +79,35 @@ def accepted_kwargs(name: str) -> set[str]:
             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
         }
     # the instance, the wrapped optimizer and torch.optim.Optimizer's own arguments
-    names -= {"self", "base", "params", "defaults"}
+    return names - {"self", "base", "params", "defaults"}
+
+
+def schedule_class(name: str, kwargs: dict[str, Any] | None = None) -> type[EveryStep] | None:
+    """The schedule optimizer ``name`` builds: its registry entry's, or the one a
+    ``schedule="late"`` (etc.) argument names."""
+    spec = get_spec(name)
+    chosen = (kwargs or {}).get("schedule", spec.fixed.get("schedule"))
+    if isinstance(chosen, str):
+        if chosen not in SCHEDULES:
+            raise ValueError(f"Unknown schedule {chosen!r}; choose from {', '.join(SCHEDULES)}")
+        return SCHEDULES[chosen]
+    return spec.schedule
+
+
+def accepted_kwargs(name: str, kwargs: dict[str, Any] | None = None) -> set[str]:
+    """The wrapper keyword arguments optimizer ``name`` takes (empty for the plain base).
+
+    Collected from the ``__init__`` signatures along the factory's class hierarchy and its
+    schedule's (the registry entry's, or the one ``kwargs["schedule"]`` names), minus the
+    ones the registry entry fixes (e.g. ``gamma`` of ``esam-swp``).
+    """
+    spec = get_spec(name)
+    if spec.factory is None:
+        return set()
+    names = _init_kwargs(spec.factory)
+    sched = schedule_class(name, kwargs)
+    if sched is not None:
+        names |= _init_kwargs(sched)
     return (names | set(spec.defaults)) - set(spec.fixed)
 
 
@@ -134,13 +160,22 @@ def create_optimizer(
                 f"{spec.name!r} takes no sharpness-aware arguments, got {sorted(kwargs)}"
             )
         return base_cls(params, **bkw)
-    allowed = accepted_kwargs(spec.name)
+    allowed = accepted_kwargs(spec.name, kwargs)
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
         raise TypeError(
             f"{spec.name!r} got unknown arguments {unknown}; it takes {sorted(allowed)}"
         )
     merged = {**spec.defaults, **kwargs, **spec.fixed}
+    sched = schedule_class(spec.name, merged)
+    if sched is not None:
+        # the schedule's own arguments go to it; shared ones (total_steps, seed) to both
+        takes, factory_takes = _init_kwargs(sched), _init_kwargs(spec.factory)
+        sched_args = {k: v for k, v in merged.items() if k in takes and k != "schedule"}
+        for k in sched_args:
+            if k not in factory_takes:
+                del merged[k]
+        merged["schedule"] = sched(**sched_args)
     return spec.factory(base_cls(params, **bkw), **merged)
 
 
@@ -212,5 +247,101 @@ register(
         SSAM,
         fixed={"mask": "fisher", "granularity": "tensor"},
         defaults={**_SSAM_DEFAULTS, "num_samples": 16},
+    )
+)
+
+register(
+    OptimizerSpec(
+        "sam-interval",
+        "SAM every k-th step, plain steps between (composer's SAM interval)",
+        SAM,
+        defaults={"rho": 0.05, "every": 10},
+        schedule=SCHEDULES["interval"],
+    )
+)
+register(
+    OptimizerSpec(
+        "sam-late",
+        "SGD, then SAM for the last part of training (Zhou et al., 2025); needs total_steps",
+        SAM,
+        defaults={"rho": 0.05, "start": 0.875},
+        schedule=SCHEDULES["late"],
+    )
+)
+register(
+    OptimizerSpec(
+        "esam-late",
+        "SGD, then ESAM for the last part of training; needs total_steps",
+        ESAM,
+        defaults={"rho": 0.05, "beta": 0.6, "gamma": 0.5, "start": 0.875},
+        schedule=SCHEDULES["late"],
+    )
+)
+register(
+    OptimizerSpec(
+        "rst",
+        "Randomized SAM: a Bernoulli trial per step, p rising linearly 0 -> 1 (Zhao et al., "
+        "2022); needs total_steps",
+        SAM,
+        defaults={
+            "rho": 0.05,
+            "probability": 1.0,
+            "min_probability": 0.0,
+            "probability_schedule": "linear",
+        },
+        schedule=SCHEDULES["random"],
+    )
+)
+register(
+    OptimizerSpec(
+        "ae-sam",
+        "AE-SAM: SAM when the squared gradient norm is high (Jiang et al., 2023); needs "
+        "total_steps",
+        SAM,
+        defaults={"rho": 0.05, "delta": 0.9, "lambda1": -1.0, "lambda2": 1.0},
+        schedule=SCHEDULES["adaptive"],
+    )
+)
+register(
+    OptimizerSpec(
+        "looksam",
+        "LookSAM: SAM every k steps, its orthogonal direction reused between (Liu et al., 2022)",
+        LookSAM,
+        defaults={"rho": 0.05, "k": 5, "alpha": 0.7},
+    )
+)
+register(
+    OptimizerSpec(
+        "msam",
+        "MSAM: one pass at the point moved against the momentum (Becker et al., 2024)",
+        MSAM,
+        defaults={"rho": 3.0},
+    )
+)
+register(
+    OptimizerSpec(
+        "ksam",
+        "K-SAM: both passes on the top-k samples by loss (Ni et al., 2022)",
+        KSAM,
+        defaults={"rho": 0.05, "gamma": 0.5},
+    )
+)
+register(
+    OptimizerSpec(
+        "esam-mix",
+        "ESAM whose update blends the selected samples' perturbed gradient with pass 1's "
+        "clean gradient of the whole batch (every sample stays in the update)",
+        ESAM,
+        fixed={"sds_update": "mix"},
+        defaults={"rho": 0.05, "beta": 0.6, "gamma": 0.5},
+    )
+)
+register(
+    OptimizerSpec(
+        "esam-random",
+        "ESAM control: SDS's subset drawn uniformly at random (same size, no extra forward)",
+        ESAM,
+        fixed={"selection": "random"},
+        defaults={"rho": 0.05, "beta": 0.6, "gamma": 0.5},
     )
 )

@@ -34,6 +34,10 @@ class AllSamples(Policy):
     gamma = 1.0
     needs_perturbed_loss = False
     needs_per_sample = False
+    #: True: the samples are chosen before pass 1 and both passes use them (K-SAM).
+    before_pass1 = False
+    #: k / b of the last ``select`` call (None before the first)
+    last_fraction: float | None = None
 
     def num_selected(self, batch_size: int) -> int:
         return batch_size
@@ -69,6 +73,7 @@ class TopSharpness(AllSamples):
         if self.gamma >= 1.0 or loss_before is None:
             return None
         k = self.num_selected(loss_before.numel())
+        self.last_fraction = k / loss_before.numel()
         if k >= loss_before.numel():
             return None
         scores = self.scores(loss_before.detach(), loss_after)

@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 
 from .ascent import AdaptiveAscent, L2Ascent, global_norm
 from .masks import PerturbationMask, kept_fraction
+from .schedule import EveryStep
 from .selection import AllSamples
 
 _WRAPPER_KEY = "effsam"
@@ -62,6 +63,12 @@ class SharpnessAware(Optimizer):
     * :func:`effsam.sharpness_aware_step` — also protects BatchNorm statistics, selects
       samples (ESAM's SDS), handles AMP, accumulation and DDP.
 
+    A schedule policy may make a step a plain base step (``interval``, ``late``, RST,
+    AE-SAM): :meth:`first_step` then returns False, leaves pass 1's gradient in place and
+    :meth:`second_step` steps the base optimizer with it — one forward and one backward.
+    Pass 2 must not run after a False (it would be wasted work; running it anyway is
+    detected and raises, never silently applied).
+
     Non-finite gradients in either pass: the step changes nothing (weights restored, base
     optimizer not stepped), ``skipped_steps`` counts it, ``last_step_skipped`` is set and a
     warning is issued.
@@ -72,6 +79,7 @@ class SharpnessAware(Optimizer):
         ascent: ascent policy (:class:`L2Ascent` default, :class:`AdaptiveAscent` for ASAM).
         mask: mask policy (default: perturb everything).
         selection: sample-selection policy (default: all samples).
+        schedule: which steps are sharpness-aware (default: every step).
         foreach: use ``torch._foreach_*`` kernels (default: True on every device).
         check_finite: check both passes' gradients for inf/NaN (one device sync per pass).
         eps_denominator: δ in the normalisation.
@@ -85,6 +93,7 @@ class SharpnessAware(Optimizer):
         ascent: L2Ascent | AdaptiveAscent | None = None,
         mask: PerturbationMask | None = None,
         selection: AllSamples | None = None,
+        schedule: EveryStep | None = None,
         foreach: bool | None = None,
         check_finite: bool = True,
         eps_denominator: float = 1e-12,
@@ -103,6 +112,9 @@ class SharpnessAware(Optimizer):
         self.ascent = ascent if ascent is not None else L2Ascent()
         self.mask = mask if mask is not None else PerturbationMask()
         self.selection = selection if selection is not None else AllSamples()
+        self.schedule = schedule if schedule is not None else EveryStep()
+        if not isinstance(self.schedule, EveryStep):
+            raise TypeError(f"schedule must be a schedule policy, got {schedule!r:.80}")
         self.foreach = True if foreach is None else bool(foreach)
         self.check_finite = bool(check_finite)
         self.eps_denominator = float(eps_denominator)
@@ -118,6 +130,15 @@ class SharpnessAware(Optimizer):
         self._drawn = False
         self._perturbed: list[tuple[Tensor, Tensor]] = []
         self._pass1_skipped = False
+        #: steps that were sharpness-aware (the rest were plain base steps)
+        self.sharpness_aware_steps = 0
+        self.last_step_sharpness_aware: bool | None = None
+        # per-step state: begun, decision (None: after pass 1), plain step pending
+        self._begun = False
+        self._decision: bool | None = None
+        self._schedule_before: dict[str, Any] | None = None
+        self._plain: list[Any] | None = None  # hook handles while a plain step is pending
+        self._plain_backward = False
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -132,8 +153,42 @@ class SharpnessAware(Optimizer):
     def _params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
+    def trainable_grads(self) -> list[Tensor]:
+        """The current gradients of the wrapped parameters, in the optimizer's order
+        (parameters without a gradient left out)."""
+        return [p.grad for p in self._params() if p.grad is not None]
+
     def _rho(self, group: dict[str, Any]) -> float:
         return group.get("rho", self.defaults["rho"])
+
+    # ------------------------------------------------------------------ the decision
+    #: True for methods whose only pass runs at a point moved before pass 1 (MSAM).
+    single_pass = False
+
+    def begin_step(self) -> bool | None:
+        """Start a step (idempotent until it ends): ask the schedule whether it is
+        sharpness-aware. Returns True (sharpness-aware), False (a plain base step: one
+        forward and backward, then :meth:`second_step`) or None (the schedule decides from
+        pass 1's gradient, in :meth:`first_step` or :meth:`decide_after_pass1`)."""
+        if not self._begun:
+            self._schedule_before = _copy_state(self.schedule.state_dict())
+            self._decision = None if self.schedule.needs_grad_norm else self.schedule.decide()
+            self._begun = True
+        return self._decision
+
+    @torch.no_grad()
+    def decide_after_pass1(self, grad_sq_norm: Tensor | float | None = None) -> bool:
+        """For a schedule that needs pass 1's gradient (AE-SAM): decide from ‖g‖² (the
+        squared global norm of the current gradients unless given — under data parallel
+        the caller passes the workers' mean, so that all decide alike)."""
+        decision = self.begin_step()
+        if decision is not None:
+            return decision
+        if grad_sq_norm is None:
+            gs = [p.grad for p in self._params() if p.grad is not None]
+            grad_sq_norm = float(global_norm(gs, self.foreach)) ** 2 if gs else 0.0
+        self._decision = bool(self.schedule.decide_after(float(grad_sq_norm)))
+        return self._decision
 
     # ------------------------------------------------------------------ pass 1
     def _draw(self) -> list[bool] | None:
@@ -155,8 +210,19 @@ class SharpnessAware(Optimizer):
     def first_pass(self) -> Iterator[None]:
         """Wrap pass 1's forward AND backward: tensors the mask does not keep get no
         weight gradients (``requires_grad`` off for this pass only; each tensor's own flag
-        is restored, so frozen parameters stay frozen)."""
-        keep = self._draw()
+        is restored, so frozen parameters stay frozen). On a plain scheduled step, or one
+        decided after pass 1, pass 1 is dense. Single-pass methods (MSAM) move θ here."""
+        decision = self.begin_step()
+        if self.single_pass:
+            if decision:
+                self._pre_pass1_perturb()
+            try:
+                yield
+            except BaseException:
+                self.restore()
+                raise
+            return
+        keep = self._draw() if decision else None
         switched: list[Tensor] = []
         if keep is not None:
             for p, k in zip(self._params(), keep):
@@ -169,18 +235,38 @@ class SharpnessAware(Optimizer):
             for p in switched:
                 p.requires_grad_(True)
 
+    def _pre_pass1_perturb(self) -> None:
+        """Single-pass methods: move θ before pass 1 (see :class:`effsam.MSAM`)."""
+        raise NotImplementedError
+
     @property
     def perturbed(self) -> bool:
         """True between :meth:`first_step` and :meth:`second_step` (θ + ε is loaded)."""
         return bool(self._perturbed) or self._pass1_skipped
+
+    @property
+    def plain_step_pending(self) -> bool:
+        """True after a :meth:`first_step` that decided on a plain base step."""
+        return self._plain is not None
 
     # ------------------------------------------------------------------ the steps
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> bool:
         """Ascend: θ ← θ + ε from the current gradients. Returns False if the gradients were
         not finite (then nothing is perturbed and :meth:`second_step` will not step)."""
-        if self._perturbed or self._pass1_skipped:
+        if (self._perturbed and not self.single_pass) or self._pass1_skipped or self._plain:
             raise RuntimeError("first_step called twice without second_step in between")
+        decision = self.begin_step()
+        if self.single_pass:
+            return self._single_pass_done() if decision else self._start_plain()
+        if decision is None:
+            gs = [p.grad for p in self._params() if p.grad is not None]
+            norm = global_norm(gs, self.foreach) if gs else torch.zeros(())
+            if self.check_finite and not bool(torch.isfinite(norm)):
+                return self._skip_pass1(norm, zero_grad)
+            decision = self.decide_after_pass1(float(norm) ** 2)
+        if not decision:
+            return self._start_plain()
         keep = self._draw()
         groups: list[tuple[float, list[Tensor], list[Tensor]]] = []
         masks_wanted = False
@@ -204,6 +290,7 @@ class SharpnessAware(Optimizer):
             self._pass1_skipped = False
             self._perturbed = []
             return True  # nothing to perturb: pass 2 is a plain step
+        self._on_ascent(all_ps, all_gs)
         masks = self.mask.element_masks(all_ps)
         if masks is not None:
             masks_wanted = any(m is not None for m in masks)
@@ -212,11 +299,7 @@ class SharpnessAware(Optimizer):
             terms = [t if m is None else t * m for t, m in zip(terms, masks)]
         norm = global_norm(terms, self.foreach)
         if self.check_finite and not bool(torch.isfinite(norm)):
-            self._skip("pass 1", norm)
-            self._pass1_skipped = True
-            if zero_grad:
-                self.zero_grad(set_to_none=True)
-            return False
+            return self._skip_pass1(norm, zero_grad)
         if masks_wanted:
             numer = [a if m is None else a * m for a, m in zip(numer, masks)]
         denom = norm + self.eps_denominator
@@ -230,6 +313,54 @@ class SharpnessAware(Optimizer):
         if zero_grad:
             self.zero_grad(set_to_none=True)
         return True
+
+    def _skip_pass1(self, norm: Tensor, zero_grad: bool) -> bool:
+        self._skip("pass 1", norm)
+        self._pass1_skipped = True
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+        return False
+
+    def _start_plain(self) -> bool:
+        """A plain step: pass 1's gradient (after the method's own transform) is the
+        update. Until :meth:`second_step`, a backward into the parameters (a pass 2 that
+        should not have run) is detected by a post-accumulate-grad hook; edits such as
+        clipping are allowed."""
+        self._plain_update()
+        self._plain_backward = False
+
+        def hook(_: Tensor) -> None:
+            self._plain_backward = True
+
+        self._plain = [
+            p.register_post_accumulate_grad_hook(hook) for p in self._params() if p.requires_grad
+        ]
+        return False
+
+    def _single_pass_done(self) -> bool:
+        if not self._pre_pass1_done:
+            raise RuntimeError(
+                f"{type(self).__name__} moves the weights before pass 1: run pass 1 inside "
+                "`with opt.first_pass():` (or use opt.step(closure) or "
+                "effsam.sharpness_aware_step)"
+            )
+        self._single_pass_moved = bool(self._perturbed)
+        self.restore()
+        self._pre_pass1_done = False
+        return self._start_plain()
+
+    _pre_pass1_done = False
+    _single_pass_moved = False
+
+    # Hooks for methods that reuse gradients across steps (LookSAM).
+    def _on_ascent(self, params: list[Tensor], grads: list[Tensor]) -> None:
+        """A sharpness-aware step, before the ascent: the pass-1 gradients."""
+
+    def _before_descent(self) -> None:
+        """A sharpness-aware step, before the base step: p.grad holds the final gradient."""
+
+    def _plain_update(self) -> None:
+        """A plain step, before the base step: p.grad holds pass 1's gradient."""
 
     def _perturb(self, ps: list[Tensor], numer: list[Tensor], coef: Tensor) -> None:
         backups = []
@@ -264,8 +395,17 @@ class SharpnessAware(Optimizer):
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> bool:
-        """Restore θ and step the base optimizer with the current (pass-2) gradients.
-        Returns False if the step was skipped (non-finite gradients in either pass)."""
+        """Restore θ and step the base optimizer with the current (pass-2) gradients — or,
+        after a plain scheduled step, with pass 1's. Returns False if the step was skipped
+        (non-finite gradients in either pass)."""
+        if not self._begun:
+            raise RuntimeError(
+                "second_step called without first_step: run pass 1, then "
+                "opt.first_step(), then pass 2, then opt.second_step()"
+            )
+        plain = self._plain is not None
+        if plain:
+            self._check_plain_untouched()
         self.restore()
         skipped = self._pass1_skipped
         if not skipped and self.check_finite:
@@ -276,25 +416,53 @@ class SharpnessAware(Optimizer):
                     self._skip("pass 2", norm)
                     skipped = True
         if not skipped:
+            if not plain:
+                self._before_descent()
             self.base.step()
             self.steps += 1
         self.last_step_skipped = skipped
-        self._pass1_skipped = False
-        self._drawn = False
+        aware = not plain or self._single_pass_moved
+        self.last_step_sharpness_aware = aware
+        self.sharpness_aware_steps += int(aware)
+        self.schedule.commit()
+        self._end_step()
         # LR schedulers attached to the wrapper check that its step() was called.
         self._opt_called = True
         if zero_grad:
             self.zero_grad(set_to_none=True)
         return not skipped
 
+    def _check_plain_untouched(self) -> None:
+        if self._plain_backward:
+            self.abort_step()
+            raise RuntimeError(
+                "a backward ran after a plain scheduled step: first_step() returned False, "
+                "so this step is one forward/backward and pass 2 must not run (check the "
+                "return value: `if opt.first_step(): <pass 2>`); nothing was stepped"
+            )
+
+    def _end_step(self) -> None:
+        for handle in self._plain or []:
+            handle.remove()
+        self._plain_backward = False
+        self._pass1_skipped = False
+        self._drawn = False
+        self._keep = None
+        self._begun = False
+        self._decision = None
+        self._plain = None
+        self._pre_pass1_done = False
+        self._single_pass_moved = False
+
     def abort_step(self) -> None:
-        """Undo a step that failed part-way: weights restored, mask draw rolled back,
-        gradients cleared. The base optimizer has not been stepped."""
+        """Undo a step that failed part-way: weights restored, mask draw and schedule
+        rolled back, gradients cleared. The base optimizer has not been stepped."""
         self.restore()
         if self._drawn:
             self.mask.rollback_draw()
-        self._drawn = False
-        self._pass1_skipped = False
+        if self._begun and self._schedule_before is not None:
+            self.schedule.load_state_dict(self._schedule_before)
+        self._end_step()
         self.zero_grad(set_to_none=True)
 
     def _skip(self, where: str, norm: Tensor) -> None:
@@ -350,10 +518,20 @@ class SharpnessAware(Optimizer):
         state[_WRAPPER_KEY] = {
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
+            "sharpness_aware_steps": self.sharpness_aware_steps,
             "mask": self.mask.state_dict(),
             "selection": self.selection.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            **self._extra_state(),
         }
         return state
+
+    def _extra_state(self) -> dict[str, Any]:
+        """Method-specific state saved beside the policies' (LookSAM's g_v)."""
+        return {}
+
+    def _load_extra_state(self, ours: dict[str, Any]) -> None:
+        pass
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         state_dict = dict(state_dict)
@@ -367,16 +545,25 @@ class SharpnessAware(Optimizer):
         self.param_groups = self.base.param_groups
         self.steps = int(ours["steps"])
         self.skipped_steps = int(ours["skipped_steps"])
+        self.sharpness_aware_steps = int(ours.get("sharpness_aware_steps", self.steps))
         self.mask.load_state_dict(ours["mask"])
         self.selection.load_state_dict(ours["selection"])
+        if "schedule" in ours:
+            self.schedule.load_state_dict(ours["schedule"])
+        self._load_extra_state(ours)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
 
     def __repr__(self) -> str:
         parts = [f"rho={self.defaults['rho']}", f"ascent={self.ascent.name}"]
-        for policy in (self.ascent, self.mask, self.selection):
+        for policy in (self.ascent, self.mask, self.selection, self.schedule):
             extra = policy.extra_repr()
             if extra:
                 parts.append(f"{policy.name}({extra})")
         return f"{type(self).__name__}({', '.join(parts)}, base={type(self.base).__name__})"
+
+
+def _copy_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot of a policy's state dict (tensors cloned)."""
+    return {k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()}

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from torch import Tensor
 from torch.optim import Optimizer
 
 from .ascent import AdaptiveAscent, L2Ascent
 from .masks import RandomTensorSubset
+from .sds_variants import RandomSubset, mix_gradients
 from .selection import SELECTIONS, AllSamples
 from .sharpness_aware import SharpnessAware
+
+#: ESAM's selection modes: the paper's, the cheap one, and the random control
+ESAM_SELECTIONS = {**SELECTIONS, "random": RandomSubset}
+SDS_UPDATES = ("paper", "mix")
 
 
 class SAM(SharpnessAware):
@@ -57,7 +63,11 @@ class ESAM(SharpnessAware):
         beta: SWP keep probability in (0, 1].
         gamma: SDS selection ratio in (0, 1].
         seed: seed of the SWP mask generator (equal on every data-parallel worker).
-        selection: ``"sharpness"`` (paper) or ``"loss"`` (cheap mode).
+        selection: ``"sharpness"`` (paper), ``"loss"`` (cheap mode) or ``"random"`` (the
+            control: a uniformly random subset of the same size).
+        sds_update: ``"paper"`` (the update is the selected samples' perturbed gradient) or
+            ``"mix"`` (blended with pass 1's clean gradient of the whole batch, so every
+            sample stays in the update; see :mod:`effsam.optim.sds_variants`).
         swp_scaling: ``"authors"`` (‖ε‖ = ρ/β) or ``"unit"`` (‖ε‖ = ρ).
         adaptive: use ASAM's adaptive ascent.
     """
@@ -72,18 +82,42 @@ class ESAM(SharpnessAware):
         seed: int = 0,
         selection: str = "sharpness",
         swp_scaling: str = "authors",
+        sds_update: str = "paper",
         adaptive: bool = False,
         eta: float = 0.0,
         **kwargs,
     ) -> None:
-        if selection not in SELECTIONS:
+        if selection not in ESAM_SELECTIONS:
             raise ValueError(
-                f"Invalid ESAM selection: {selection!r} (choose from {sorted(SELECTIONS)})"
+                f"Invalid ESAM selection: {selection!r} (choose from {sorted(ESAM_SELECTIONS)})"
+            )
+        if sds_update not in SDS_UPDATES:
+            raise ValueError(
+                f"Invalid ESAM sds_update: {sds_update!r} (choose from {', '.join(SDS_UPDATES)})"
             )
         mask = RandomTensorSubset(beta, seed=seed, scaling=swp_scaling)
-        policy = SELECTIONS[selection](gamma)
+        cls = ESAM_SELECTIONS[selection]
+        policy = cls(gamma, seed=seed) if cls is RandomSubset else cls(gamma)
         sel = policy if policy.gamma < 1.0 else AllSamples()
         ascent = AdaptiveAscent(eta) if adaptive else L2Ascent()
         super().__init__(base, rho, ascent=ascent, mask=mask, selection=sel, **kwargs)
         self.beta = mask.beta
         self.gamma = policy.gamma
+        self.sds_update = sds_update
+        self._clean: list[Tensor | None] | None = None
+
+    def _on_ascent(self, params: list[Tensor], grads: list[Tensor]) -> None:
+        if self.sds_update == "mix" and self.selection.needs_per_sample:
+            kept = {id(p): g.detach().clone() for p, g in zip(params, grads)}
+            self._clean = [kept.get(id(p)) for p in self._params()]
+
+    def _before_descent(self) -> None:
+        if self._clean is not None:
+            fraction = self.selection.last_fraction
+            if fraction is not None:
+                mix_gradients(self._params(), self._clean, fraction)
+            self._clean = None
+
+    def _end_step(self) -> None:
+        super()._end_step()
+        self._clean = None

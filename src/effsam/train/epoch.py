@@ -53,7 +53,7 @@ def train_epoch(
     device = ctx.device
     # loss and correct stay on the device (no sync per step); the rest are Python numbers
     on_device = torch.zeros(2, dtype=torch.float64, device=device)
-    seen = timed_images = selected = skipped = refreshes = 0
+    seen = timed_images = selected = skipped = refreshes = sa_steps = 0
     kept_sum = 0.0
     train_time = 0.0
     rates: list[float] = []  # per timed step, for a median robust to busy machines
@@ -87,6 +87,7 @@ def train_epoch(
         selected += res.selected
         skipped += int(res.skipped)
         refreshes += int(res.mask_refreshed)
+        sa_steps += int(res.sharpness_aware)
         if res.kept_fraction is not None:
             kept_sum += res.kept_fraction.elements
         bar.update(1)
@@ -104,7 +105,7 @@ def train_epoch(
         [
             on_device,
             torch.tensor(
-                [seen, timed_images, selected, skipped, kept_sum, refreshes],
+                [seen, timed_images, selected, skipped, kept_sum, refreshes, sa_steps],
                 dtype=torch.float64,
                 device=device,
             ),
@@ -114,7 +115,9 @@ def train_epoch(
     slowest = ddp.all_reduce(
         torch.tensor([train_time], dtype=torch.float64, device=device), ctx, op="max"
     )
-    loss_sum, correct, seen, timed_images, selected, skipped, kept_sum, refreshes = sums.tolist()
+    (loss_sum, correct, seen, timed_images, selected, skipped, kept_sum, refreshes, sa_steps) = (
+        sums.tolist()
+    )
     train_time = float(slowest[0])
     record = {
         "epoch": epoch + 1,
@@ -126,6 +129,7 @@ def train_epoch(
         "selected_fraction": selected / seen,
         "kept_fraction": kept_sum / (steps * ctx.world_size) if tracks_kept else None,
         "mask_refreshes": int(round(refreshes / ctx.world_size)),
+        "sharpness_aware_steps": int(round(sa_steps / ctx.world_size)),
         "timed_images": int(timed_images),
         "train_time_s": train_time,
         "images_per_s": timed_images / train_time if train_time > 0 else None,

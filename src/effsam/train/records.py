@@ -43,6 +43,7 @@ METRIC_FIELDS = (
     "selected_fraction",
     "kept_fraction",
     "mask_refreshes",
+    "sharpness_aware_steps",
     *TIMING_FIELDS,
 )
 
@@ -117,4 +118,13 @@ def summarize(metrics: list[dict[str, Any]], info: dict[str, Any], epochs: int) 
         "wall_time_s": sum(m.get("epoch_time_s") or 0.0 for m in metrics),
         "steps": sum(m.get("steps") or 0 for m in metrics),
         "skipped_steps": sum(m.get("skipped_steps") or 0 for m in metrics),
+        "sharpness_aware_fraction": _share(metrics, "sharpness_aware_steps"),
     }
+
+
+def _share(metrics: list[dict[str, Any]], key: str) -> float | None:
+    """``key`` summed over epochs, as a share of all steps (None if never recorded)."""
+    steps = sum(m.get("steps") or 0 for m in metrics)
+    if not steps or any(m.get(key) is None for m in metrics):
+        return None
+    return sum(m[key] for m in metrics) / steps

@@ -1,0 +1,77 @@
+"""K-SAM (Ni et al., 2022): both SAM passes on the k samples of highest loss.
+
+A no-grad forward of the whole batch at θ gives the per-sample losses ℓ_i(θ); the
+k = max(1, round(γ b)) samples with the largest ℓ_i form B_k, and pass 1 (the ascent
+gradient) and pass 2 (the update gradient) both run on B_k only::
+
+    g   = ∇ L_{B_k}(θ)
+    ε   = ρ g / (‖g‖₂ + δ)
+    θ  ← θ − η · ∇ L_{B_k}(θ + ε)         (through the base optimizer)
+
+Cost: one no-grad forward of b samples plus two forward/backward passes of k samples.
+The ranking forward leaves BatchNorm statistics as they were; pass 1 on B_k sets them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .ascent import AdaptiveAscent, L2Ascent
+from .selection import TopSharpness
+from .sharpness_aware import SharpnessAware
+
+
+class TopLossBeforePass1(TopSharpness):
+    """Selection for K-SAM: the top-k samples by ℓ_i(θ), chosen before pass 1."""
+
+    name = "ksam"
+    before_pass1 = True
+
+    @property
+    def needs_perturbed_loss(self) -> bool:  # type: ignore[override]
+        return False
+
+    def scores(self, loss_before: Tensor, loss_after: Tensor | None) -> Tensor:
+        return loss_before
+
+    def select(self, loss_before: Tensor | None, loss_after: Tensor | None) -> Tensor | None:
+        if self.gamma >= 1.0 or loss_before is None:
+            return None
+        k = self.num_selected(loss_before.numel())
+        if k >= loss_before.numel():
+            return None
+        # float64 ranking; equal losses go to the lower index (a stable descending sort)
+        order = torch.sort(loss_before.detach().double(), descending=True, stable=True).indices
+        return order[:k].sort().values
+
+
+class KSAM(SharpnessAware):
+    """K-SAM: SAM with both passes on the k = round(γ b) samples of highest loss.
+
+    Needs :func:`effsam.sharpness_aware_step` with a per-sample ``loss_fn`` (the ranking
+    forward needs the model); with the two-phase API, select the samples yourself with
+    ``opt.selection.select(losses)`` and run an ordinary SAM step on them.
+
+    Args:
+        base: the optimizer instance to wrap.
+        rho: ρ, as SAM's.
+        gamma: the share of the batch kept, in (0, 1]; γ = 1 is SAM.
+        adaptive: ASAM's ascent.
+    """
+
+    def __init__(
+        self,
+        base: Optimizer,
+        rho: float = 0.05,
+        *,
+        gamma: float = 0.5,
+        adaptive: bool = False,
+        eta: float = 0.0,
+        **kwargs,
+    ) -> None:
+        ascent = AdaptiveAscent(eta) if adaptive else L2Ascent()
+        selection = TopLossBeforePass1(gamma)
+        super().__init__(base, rho, ascent=ascent, selection=selection, **kwargs)
+        self.gamma = selection.gamma

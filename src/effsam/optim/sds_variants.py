@@ -1,0 +1,74 @@
+"""Variants of ESAM's data selection, for diagnosing and repairing its accuracy loss.
+
+* :class:`RandomSubset` — the control: k = round(γ b) samples drawn uniformly at random
+  (the same data reduction as SDS without its choice of samples; no extra forward).
+* ``ESAM(..., sds_update="mix")`` (registered as ``esam-mix``, see
+  :func:`mix_gradients`) — every sample stays in the update at no extra forward or
+  backward: with w = k / b,
+
+      g_update = w · ∇L_{B+}(θ + ε) + (1 − w) · ∇L_B(θ)
+
+  i.e. the selected samples' perturbed gradient (ESAM's) blended with pass 1's clean
+  gradient of the whole batch, which is otherwise thrown away. It rests on ESAM's own
+  argument — the samples left out are those whose loss barely moves under ε, so their
+  gradient at θ + ε is close to the one at θ. Costs one copy of the gradients in memory.
+  Tensors that SWP left out of pass 1 have no clean gradient: they take the perturbed
+  gradient alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .selection import TopSharpness
+
+
+class RandomSubset(TopSharpness):
+    """The SDS control: k = max(1, round(γ b)) samples uniformly at random per batch."""
+
+    name = "random"
+
+    def __init__(self, gamma: float, seed: int = 0) -> None:
+        super().__init__(gamma)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"Invalid random-selection seed: {seed!r} (must be an int)")
+        self.seed = seed
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(seed)
+
+    @property
+    def needs_perturbed_loss(self) -> bool:  # type: ignore[override]
+        return False
+
+    def select(self, loss_before: Tensor | None, loss_after: Tensor | None) -> Tensor | None:
+        if self.gamma >= 1.0 or loss_before is None:
+            return None
+        n = loss_before.numel()
+        k = self.num_selected(n)
+        self.last_fraction = k / n
+        if k >= n:
+            return None
+        idx = torch.randperm(n, generator=self.generator)[:k].sort().values
+        return idx.to(loss_before.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "generator" in state:
+            self.generator.set_state(state["generator"].to("cpu"))
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma}, seed={self.seed}"
+
+
+@torch.no_grad()
+def mix_gradients(params: list[Tensor], clean: list[Tensor | None], weight: float) -> None:
+    """p.grad ← w · p.grad + (1 − w) · clean, where a clean gradient exists."""
+    for p, c in zip(params, clean):
+        if p.grad is None or c is None:
+            continue
+        p.grad.mul_(weight).add_(c.to(p.grad.dtype), alpha=1.0 - weight)
