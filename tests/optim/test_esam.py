@@ -227,7 +227,7 @@ def test_esam_keeps_bn_buffers_of_pass_one_and_frozen_parameters_frozen():
         ({"gamma": 0}, "gamma: 0"),
         ({"gamma": 2}, "gamma: 2"),
         ({"gamma": float("nan")}, "nan"),
-        ({"selection": "random"}, "'random'"),
+        ({"selection": "bogus"}, "'bogus'"),
         ({"swp_scaling": "paper"}, "'paper'"),
     ],
 )
