@@ -1,7 +1,10 @@
 """The library core: sharpness-aware optimizer wrappers. Depends on torch only."""
 
 from .ascent import AdaptiveAscent, L2Ascent
+from .ksam import KSAM
+from .looksam import LookSAM
 from .masks import PerturbationMask, RandomTensorSubset
+from .msam import MSAM
 from .registry import (
     REGISTRY,
     OptimizerSpec,
@@ -10,6 +13,7 @@ from .registry import (
     get_spec,
     register,
 )
+from .schedule import SCHEDULES, AdaptiveSchedule, EveryStep, Interval, Late, Randomized
 from .selection import AllSamples, TopLoss, TopSharpness
 from .sharpness_aware import KeptFraction, SharpnessAware
 from .sparse import DynamicMask, FisherMask
@@ -19,18 +23,27 @@ from .variants import ASAM, ESAM, SAM
 __all__ = [
     "ASAM",
     "ESAM",
+    "KSAM",
+    "MSAM",
+    "SCHEDULES",
     "REGISTRY",
     "SAM",
     "SSAM",
     "AdaptiveAscent",
+    "AdaptiveSchedule",
     "AllSamples",
     "DynamicMask",
+    "EveryStep",
     "FisherMask",
+    "Interval",
     "KeptFraction",
     "L2Ascent",
+    "Late",
+    "LookSAM",
     "OptimizerSpec",
     "PerturbationMask",
     "RandomTensorSubset",
+    "Randomized",
     "SharpnessAware",
     "TopLoss",
     "TopSharpness",

@@ -1,0 +1,560 @@
+"""The frontier: which method keeps SAM's accuracy at near-SGD cost, side by side.
+
+    python benchmarks/frontier.py --data-dir DIR             # 13 methods x 3 seeds (hours on 2 cores)
+    python benchmarks/frontier.py --data-dir DIR --jobs 3    # the seeds in parallel processes
+    python benchmarks/frontier.py --data-dir DIR --equal-time  # + SGD and the cheap methods
+                                                             #   given SAM's training time
+    python benchmarks/frontier.py --report-only              # tables from the finished runs
+    python benchmarks/frontier.py --smoke                    # synthetic data, tiny model (tests)
+
+The protocol is configs/compare/cifar10_cpu_frontier.yaml: the accuracy benchmark's CPU
+protocol (cifar10_cpu_accuracy.yaml: the CIFAR CNN, a fixed 5,000-image subset without
+augmentation, the full test set, 30 epochs, rho 0.1, seeds 0, 1, 2) with SGD, SAM, ESAM,
+SSAM-F, the schedules (interval, late, RST, AE-SAM), LookSAM, MSAM, K-SAM and ESAM's
+selection variants (the random-subset control and the clean-gradient mix). Every run is an
+ordinary `effsam compare` run directory, written when it finishes; `--resume` (implied
+here) reuses finished runs and continues partial ones, so an interrupted benchmark
+continues where it stopped.
+
+Reported per method: test accuracy mean ± std, deltas against SAM paired by seed, training
+accuracy, images/s and training wall-clock, the share of sharpness-aware steps; the
+comparison at equal wall-clock (`--equal-time`); a plot of accuracy against training time
+with the Pareto front; the verdicts and the issue's targets as PASS/FAIL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from effsam.environment import environment, environment_tag
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+CONFIG = ROOT / "configs" / "compare" / "cifar10_cpu_frontier.yaml"
+NAME = "cifar10_cpu_frontier"
+SMOKE = (
+    "--dataset synthetic --model cifar_cnn --width 0.25 --epochs 2 --batch-size 32 "
+    "--set data.synthetic_train=64 --set data.synthetic_test=32 "
+    "--set train.timing_warmup_steps=1 --set train.eval_every=1"
+).split()
+SMOKE_METHODS = ["sgd", "sam", "sam-late", "looksam", "esam", "esam-random"]
+
+#: Methods the equal-time stage gives SAM's training time (SGD, and every method cheaper
+#: than SAM by at least a quarter); the others cost about as much as SAM already.
+CHEAP = 0.75  # training time at most this share of SAM's
+
+#: ESAM's diagnosis: the paper's selection, its random control and the clean-gradient mix.
+DIAGNOSIS = ("esam", "esam-random", "esam-mix")
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def compare_command(args: argparse.Namespace, seed: int | None, work: Path, extra: list[str]):
+    cmd = [sys.executable, "-m", "effsam", "compare"]
+    if args.smoke:
+        cmd += [*SMOKE, "--optimizers", ",".join(SMOKE_METHODS)]
+    else:
+        cmd += ["--config", str(CONFIG)]
+        if args.data_dir:
+            cmd += ["--data-dir", args.data_dir]
+    if seed is not None:
+        cmd += ["--seeds", str(seed)]
+    cmd += ["--threads", str(args.threads), "--out", str(work), "--name", NAME, "--resume"]
+    cmd += ["--quiet"] if args.smoke or args.quiet else []
+    return cmd + extra
+
+
+def run_jobs(commands: list[list[str]], jobs: int, logs: list[Path]) -> int:
+    """Run the commands, ``jobs`` at a time, each logging to its own file."""
+    pending = list(zip(commands, logs))
+    running: list[subprocess.Popen] = []
+    code = 0
+    while pending or running:
+        while pending and len(running) < jobs:
+            cmd, log = pending.pop(0)
+            log.parent.mkdir(parents=True, exist_ok=True)
+            running.append(
+                subprocess.Popen(cmd, stdout=log.open("a"), stderr=subprocess.STDOUT, cwd=ROOT)
+            )
+        proc = running.pop(0)
+        code = proc.wait() or code
+    return code
+
+
+def seeds_of(args: argparse.Namespace) -> list[int]:
+    return [0, 1] if args.smoke else [0, 1, 2]
+
+
+# ----------------------------------------------------------------------------- collecting
+
+
+def collect(work: Path) -> list[dict[str, Any]]:
+    """Every finished run summary under ``work`` (any stage)."""
+    runs = []
+    for path in sorted(work.glob("**/runs/*/summary.json")):
+        s = json.loads(path.read_text())
+        if s.get("finished"):
+            s["stage"] = "equal-time" if "equal-time" in path.parts else "protocol"
+            runs.append(s)
+    return runs
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def method_order(smoke: bool) -> list[str]:
+    """The protocol's optimizer names in table order."""
+    if smoke:
+        return SMOKE_METHODS
+    import yaml
+
+    entries = yaml.safe_load(CONFIG.read_text())["compare"]["optimizers"]
+    return [e["name"] if isinstance(e, dict) else e for e in entries]
+
+
+def rows_of(runs: list[dict[str, Any]], order: list[str] | None = None) -> list[dict[str, Any]]:
+    """One row per method (label), in ``order`` of optimizer names, then as they appear."""
+    rank = {n: i for i, n in enumerate(order or [])}
+    runs = sorted(runs, key=lambda r: (rank.get(r["optimizer"], len(rank)), r["epochs"]))
+    labels: list[str] = []
+    for r in runs:
+        if r["label"] not in labels:
+            labels.append(r["label"])
+    rows = []
+    for label in labels:
+        mine = [r for r in runs if r["label"] == label]
+        acc, acc_std = _mean_std([r["final_test_acc"] for r in mine])
+        train_acc, _ = _mean_std([r.get("final_train_acc") for r in mine])
+        time_s, time_std = _mean_std([r["train_time_s"] for r in mine])
+        rates = [r["images_per_s"] for r in mine if r.get("images_per_s")]
+        share, _ = _mean_std([r.get("sharpness_aware_fraction") for r in mine])
+        rows.append(
+            {
+                "label": label,
+                "optimizer": mine[0]["optimizer"],
+                "epochs": mine[0]["epochs"],
+                "seeds": sorted(r["seed"] for r in mine),
+                "acc": acc,
+                "acc_std": acc_std,
+                "train_acc": train_acc,
+                "time_s": time_s,
+                "time_std": time_std,
+                "images_per_s": statistics.median(rates) if rates else None,
+                "sa_share": share,
+                "by_seed": {r["seed"]: r["final_test_acc"] for r in mine},
+            }
+        )
+    sam = next((r for r in rows if r["optimizer"] == "sam"), None)
+    for r in rows:
+        r["speed_vs_sam"] = (
+            r["images_per_s"] / sam["images_per_s"]
+            if sam and sam["images_per_s"] and r["images_per_s"]
+            else None
+        )
+        r["paired"] = paired(r, sam) if sam is not None and r is not sam else None
+    return rows
+
+
+def paired(row: dict[str, Any], ref: dict[str, Any]) -> list[float] | None:
+    """Per-seed accuracy differences (points) against ``ref`` on the seeds both ran."""
+    seeds = sorted(set(row["by_seed"]) & set(ref["by_seed"]))
+    if not seeds:
+        return None
+    return [100 * (row["by_seed"][s] - ref["by_seed"][s]) for s in seeds]
+
+
+def keeps_sam_accuracy(row: dict[str, Any], sam: dict[str, Any]) -> bool:
+    """The issue's rule: the mean within SAM's seed std, and paired deltas not all negative."""
+    if row["acc"] is None or sam["acc"] is None or not row["paired"]:
+        return False
+    within = row["acc"] >= sam["acc"] - (sam["acc_std"] or 0.0)
+    return within and not all(d < 0 for d in row["paired"])
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _pct(x: float | None, digits: int = 2) -> str:
+    return "–" if x is None else f"{100 * x:.{digits}f}"
+
+
+def table(rows: list[dict[str, Any]]) -> list[str]:
+    out = [
+        "| method | epochs | seeds | test acc. (%) | Δ vs SAM, paired by seed | train acc. (%) "
+        "| train time (s) | images/s | vs SAM | sharpness-aware steps |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        acc = "–" if r["acc"] is None else f"{100 * r['acc']:.2f} ± {100 * (r['acc_std'] or 0):.2f}"
+        pairs = "–" if not r["paired"] else ", ".join(f"{d:+.2f}" for d in r["paired"])
+        time_s = "–" if r["time_s"] is None else f"{r['time_s']:.0f} ± {r['time_std'] or 0:.0f}"
+        ips = "–" if r["images_per_s"] is None else f"{r['images_per_s']:,.0f}"
+        speed = "–" if r["speed_vs_sam"] is None else f"{r['speed_vs_sam']:.2f}"
+        share = "–" if r["sa_share"] is None else f"{100 * r['sa_share']:.0f}%"
+        out.append(
+            f"| {r['label']} | {r['epochs']} | {len(r['seeds'])} | {acc} | {pairs} | "
+            f"{_pct(r['train_acc'], 1)} | {time_s} | {ips} | {speed} | {share} |"
+        )
+    return out
+
+
+def verdicts(rows: list[dict[str, Any]], equal: list[dict[str, Any]]) -> list[str]:
+    by = {r["optimizer"]: r for r in rows}
+    sam = by.get("sam")
+    if sam is None or sam["acc"] is None:
+        return ["SAM has not finished: no verdicts yet."]
+    out = []
+    sgd = by.get("sgd")
+    if sgd and sgd["acc"] is not None:
+        d = paired(sgd, sam) or []
+        out.append(
+            f"SAM over SGD: {100 * (sam['acc'] - sgd['acc']):+.2f} points "
+            f"(SGD − SAM by seed: {', '.join(f'{x:+.2f}' for x in d)})."
+        )
+    keepers = []
+    for r in rows:
+        if r is sam or r["optimizer"] == "sgd" or r["acc"] is None:
+            continue
+        delta = 100 * (r["acc"] - sam["acc"])
+        speed = r["speed_vs_sam"]
+        keeps = keeps_sam_accuracy(r, sam)
+        if keeps:
+            keepers.append(r)
+        out.append(
+            f"{r['label']}: {delta:+.2f} points vs SAM (SAM's seed std "
+            f"{100 * (sam['acc_std'] or 0):.2f}; paired {', '.join(f'{x:+.2f}' for x in r['paired'] or [])})"
+            f" -> {'keeps SAM accuracy' if keeps else 'does NOT keep SAM accuracy'}"
+            + (f", at {speed:.2f}x SAM's images/s" if speed else "")
+            + (
+                f"; {100 * r['sa_share']:.0f}% of steps sharpness-aware"
+                if r["sa_share"] is not None
+                else ""
+            )
+            + "."
+        )
+    return out + targets(rows, keepers, equal, sam)
+
+
+def targets(rows, keepers, equal, sam) -> list[str]:
+    out = []
+    fast = [r for r in keepers if (r["speed_vs_sam"] or 0) >= 1.5]
+    if fast:
+        best = max(fast, key=lambda r: r["speed_vs_sam"])
+        out.append(
+            f"PASS target 1: {', '.join(r['label'] for r in fast)} keep SAM's accuracy at >= 1.5x "
+            f"SAM's images/s (fastest: {best['label']}, {best['speed_vs_sam']:.2f}x)."
+        )
+    else:
+        out.append("FAIL target 1: no method keeps SAM's accuracy at >= 1.5x SAM's images/s.")
+    late = next((r for r in rows if r["optimizer"] == "sam-late"), None)
+    if late is None:
+        out.append("FAIL target 2: the late-SAM schedule has not finished.")
+    else:
+        # at equal wall-clock where measured, else at the protocol's epochs
+        # at SAM's training time: the equal-time runs and the methods that cost about as
+        # much as SAM at the protocol's epochs (SAM itself included)
+        slow = [r for r in rows if r["time_s"] and r["time_s"] > CHEAP * (sam["time_s"] or 0)]
+        pool = equal + slow if equal else rows
+        late_eq = next((r for r in equal if r["optimizer"] == "sam-late"), late)
+        cands = [r for r in pool if r["optimizer"] not in ("sgd", "sam-late") and r["acc"]]
+        best = max(cands, key=lambda r: r["acc"], default=None)
+        where = "at equal wall-clock" if equal else "at equal epochs (equal-time runs not done)"
+        if best is None:
+            out.append("target 2: no other method to compare with late SAM.")
+        elif best["acc"] >= late_eq["acc"]:
+            out.append(
+                f"PASS target 2 ({where}): the most accurate method, {best['label']} "
+                f"({_pct(best['acc'])}%), is at least as accurate as SAM-late ({_pct(late_eq['acc'])}%)."
+            )
+        else:
+            out.append(
+                f"FAIL target 2 ({where}): no method is as accurate as SAM-late "
+                f"({_pct(late_eq['acc'])}%); the best other is {best['label']} ({_pct(best['acc'])}%)."
+            )
+    out.append(diagnosis({r["optimizer"]: r for r in rows}, sam))
+    return out
+
+
+def diagnosis(by: dict[str, dict[str, Any]], sam: dict[str, Any]) -> str:
+    """Selection or data reduction: ESAM against its random control and the mix."""
+    esam, rand, mix = (by.get(n) for n in DIAGNOSIS)
+    if not (esam and rand and esam["acc"] is not None and rand["acc"] is not None):
+        return "Target 3 (diagnosis): ESAM and its random-subset control have not both finished."
+    spread = max(esam["acc_std"] or 0, rand["acc_std"] or 0, sam["acc_std"] or 0)
+    gap_sel = 100 * (rand["acc"] - esam["acc"])
+    gap_red = 100 * (sam["acc"] - rand["acc"])
+    if gap_red > 100 * spread and gap_red >= gap_sel:
+        cause = "the DATA REDUCTION (a random half loses as much or more)"
+    elif gap_sel > 100 * spread:
+        cause = "the SELECTION (a random half of the same size does better than SDS's half)"
+    else:
+        cause = "neither alone beyond the seed spread"
+    text = (
+        f"Target 3 (diagnosis): SAM {_pct(sam['acc'])}%, ESAM-random {_pct(rand['acc'])}% "
+        f"(same data reduction, no selection), ESAM {_pct(esam['acc'])}%: the loss against SAM "
+        f"is {gap_red:+.2f} points from halving the data and {gap_sel:+.2f} from choosing the "
+        f"half by sharpness -> ESAM's loss comes from {cause} (largest seed std {100 * spread:.2f})."
+    )
+    if mix and mix["acc"] is not None:
+        text += (
+            f" ESAM-mix, which keeps every sample in the update at no extra pass: {_pct(mix['acc'])}%"
+            f" ({100 * (mix['acc'] - sam['acc']):+.2f} vs SAM)."
+        )
+    return text
+
+
+def plot(rows: list[dict[str, Any]], equal: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Test accuracy against training wall-clock, error bars over seeds, labels that do not
+    overlap, the Pareto front (no other point both faster and more accurate)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(r, "protocol") for r in rows if r["acc"] is not None and r["time_s"]]
+    pts += [(r, "equal") for r in equal if r["acc"] is not None and r["time_s"]]
+    if not pts:
+        return
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
+    for r, stage in pts:
+        ax.errorbar(
+            r["time_s"],
+            100 * r["acc"],
+            xerr=r["time_std"] or 0,
+            yerr=100 * (r["acc_std"] or 0),
+            fmt="o" if stage == "protocol" else "s",
+            color="tab:blue" if stage == "protocol" else "tab:orange",
+            ecolor="0.6",
+            capsize=3,
+            ms=6,
+        )
+    front = pareto([r for r, _ in pts])
+    ax.plot(
+        [r["time_s"] for r in front],
+        [100 * r["acc"] for r in front],
+        "--",
+        color="tab:green",
+        lw=1.2,
+        drawstyle="steps-post",
+        label="Pareto front",
+    )
+    ax.plot([], [], "o", color="tab:blue", label=f"{rows[0]['epochs'] if rows else ''} epochs")
+    if equal:
+        ax.plot([], [], "s", color="tab:orange", label="given SAM's training time")
+    ax.set_xlabel("training wall-clock per run (s; evaluation excluded)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    labels = [(r["label"], r["time_s"], 100 * r["acc"]) for r, _ in pts]
+    place_labels(ax, fig, labels)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def pareto(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    front, best = [], -math.inf
+    for r in sorted(rows, key=lambda r: (r["time_s"], -r["acc"])):
+        if r["acc"] > best:
+            front.append(r)
+            best = r["acc"]
+    return front
+
+
+def place_labels(ax, fig, labels: list[tuple[str, float, float]]) -> None:
+    """Each label at the first of 16 offsets around its point whose box overlaps no other
+    label and no point (display coordinates): deterministic, no extra dependency."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    taken = []
+    points = [ax.transData.transform((x, y)) for _, x, y in labels]
+    for px, py in points:
+        taken.append((px - 4, py - 4, px + 4, py + 4))
+    offsets = [(8, 6), (8, -14), (-8, 6), (-8, -14), (0, 12), (0, -20), (16, -4), (-16, -4)]
+    offsets += [(dx * 2, dy * 2) for dx, dy in offsets]
+    for text, x, y in labels:
+        placed = None
+        for dx, dy in offsets:
+            ann = ax.annotate(
+                text,
+                (x, y),
+                xytext=(dx, dy),
+                textcoords="offset points",
+                fontsize=8,
+                ha="left" if dx >= 0 else "right",
+                arrowprops={"arrowstyle": "-", "color": "0.7", "lw": 0.6} if abs(dx) > 10 else None,
+            )
+            bb = ann.get_window_extent(renderer)
+            box = (bb.x0, bb.y0, bb.x1, bb.y1)
+            if not any(_overlap(box, t) for t in taken):
+                placed = box
+                break
+            ann.remove()
+        if placed is None:  # every slot taken: the last candidate, still readable
+            ann = ax.annotate(text, (x, y), xytext=(24, 24), textcoords="offset points", fontsize=8)
+            bb = ann.get_window_extent(renderer)
+            placed = (bb.x0, bb.y0, bb.x1, bb.y1)
+        taken.append(placed)
+
+
+def _overlap(a, b) -> bool:
+    return not (a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1])
+
+
+# ----------------------------------------------------------------------------- equal time
+
+
+def equal_time_plan(rows: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
+    """(optimizer, label, epochs): SGD and the cheap methods given SAM's training time."""
+    by = {r["optimizer"]: r for r in rows}
+    sam = by.get("sam")
+    if sam is None or not sam["time_s"]:
+        return []
+    plan = []
+    for r in rows:
+        if r["optimizer"] == "sam" or not r["time_s"]:
+            continue
+        share = r["time_s"] / sam["time_s"]
+        if share <= CHEAP:
+            plan.append(
+                (r["optimizer"], r["label"], max(r["epochs"] + 1, round(r["epochs"] / share)))
+            )
+    return plan
+
+
+def entry_of(name: str) -> Any:
+    """The protocol's compare entry for ``name`` (with its own args), or the bare name."""
+    import yaml
+
+    for entry in yaml.safe_load(CONFIG.read_text())["compare"]["optimizers"]:
+        if isinstance(entry, dict) and entry.get("name") == name:
+            return entry
+    return name
+
+
+def run_equal_time(args: argparse.Namespace, work: Path, rows: list[dict[str, Any]]) -> int:
+    """One compare per cheap method at its equal-time epochs: a small config that extends
+    the protocol with only that entry (so its own args, e.g. MSAM's rho, stay)."""
+    import yaml
+
+    cmds, logs = [], []
+    for name, label, epochs in equal_time_plan(rows):
+        out = work / "equal-time" / f"{label}-{epochs}ep"
+        out.mkdir(parents=True, exist_ok=True)
+        extra = ["--epochs", str(epochs)]
+        if args.smoke:
+            extra += ["--optimizers", name]
+        else:
+            cfg = {"extends": str(CONFIG), "compare": {"optimizers": [entry_of(name)]}}
+            path = out / "config.yaml"
+            path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        for s in seeds_of(args):
+            cmd = compare_command(args, s, out / f"seed{s}", extra)
+            if not args.smoke:
+                cmd[cmd.index(str(CONFIG))] = str(out / "config.yaml")
+            cmds.append(cmd)
+            logs.append(out / f"seed{s}.log")
+    return run_jobs(cmds, args.jobs, logs)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data-dir", default=None, help="CIFAR-10 location (default $EFFSAM_DATA_DIR)")
+    p.add_argument("--work", type=Path, default=Path("runs") / "frontier", help="run directories")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--jobs", type=int, default=1, help="seeds run in this many processes at once")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--equal-time", action="store_true", help="+ the equal wall-clock runs")
+    p.add_argument("--report-only", action="store_true", help="no training: report what finished")
+    p.add_argument("--smoke", action="store_true", help="synthetic data, tiny model")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if args.jobs < 1 or args.threads < 1:
+        print("frontier: --jobs and --threads must be >= 1", file=sys.stderr)
+        return 2
+    work = args.work / ("smoke" if args.smoke else "cifar10")
+    if not args.report_only:
+        seeds = seeds_of(args)
+        cmds = [compare_command(args, s, work / f"seed{s}", []) for s in seeds]
+        logs = [work / f"seed{s}.log" for s in seeds]
+        code = run_jobs(cmds, args.jobs, logs)
+        if code:
+            print(f"frontier: a compare run failed (exit {code}); see {work}/seed*.log")
+            return code
+    order = method_order(args.smoke)
+    rows = rows_of([r for r in collect(work) if r["stage"] == "protocol"], order)
+    if args.equal_time and not args.report_only:
+        code = run_equal_time(args, work, rows)
+        if code:
+            return code
+    equal_runs = [r for r in collect(work) if r["stage"] == "equal-time"]
+    for r in equal_runs:
+        r["label"] = f"{r['label']} @{r['epochs']} ep"
+    equal = rows_of(equal_runs, order)
+    sam = next((r for r in rows if r["optimizer"] == "sam"), None)
+    if sam is not None:
+        for r in equal:  # equal-time rows compare with SAM at the protocol's epochs
+            r["paired"] = paired(r, sam)
+            ips = r["images_per_s"]
+            r["speed_vs_sam"] = ips / sam["images_per_s"] if ips and sam["images_per_s"] else None
+    env = environment("cpu")
+    command = "python benchmarks/frontier.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+    title = (
+        "CIFAR-10, 5-conv CNN, 5,000 images, 30 epochs, 3 seeds"
+        if not args.smoke
+        else "smoke: synthetic data, tiny CNN, 2 epochs"
+    )
+    lines = [
+        f"# The frontier: {title}",
+        "",
+        f"Command: `{command.strip()}`  ",
+        f"Protocol: {'smoke' if args.smoke else 'configs/compare/cifar10_cpu_frontier.yaml'}  ",
+        f"Date: {env['date']}  ",
+        f"Environment: torch {env['torch']}, {env['cpu']}, {args.threads} thread(s) per run, "
+        f"{args.jobs} run(s) at a time  ",
+        "",
+        "## At equal epochs",
+        "",
+        *table(rows),
+        "",
+    ]
+    if equal:
+        lines += ["## At equal wall-clock (SAM's training time)", "", *table(equal), ""]
+    lines += ["## Verdicts", "", *[f"- {v}" for v in verdicts(rows, equal)], ""]
+    text = "\n".join(lines)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"frontier-{'smoke' if args.smoke else 'cifar10'}-{environment_tag(env)}"
+    (args.out / f"{stem}.md").write_text(text)
+    (args.out / f"{stem}.json").write_text(
+        json.dumps(
+            {"command": command, "environment": env, "rows": rows, "equal_time": equal},
+            indent=2,
+            default=str,
+        )
+    )
+    plot(rows, equal, args.out / f"{stem}.png", title)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The frontier benchmark's smoke mode: compare runs, the table, verdicts and the plot."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("frontier", ROOT / "benchmarks" / "frontier.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_frontier_smoke_writes_table_verdicts_and_plot(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "frontier.py"),
+            "--smoke",
+            "--work",
+            str(tmp_path / "work"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    md = next((tmp_path / "out").glob("frontier-smoke-*.md")).read_text()
+    for label in ("SGD", "SAM", "SAM-LATE", "LOOKSAM", "ESAM", "ESAM-RANDOM"):
+        assert f"| {label} | 2 | 2 |" in md, label
+    assert "target 1" in md and "target 2" in md and "Target 3 (diagnosis)" in md
+    assert next((tmp_path / "out").glob("frontier-smoke-*.png")).stat().st_size > 10_000
+
+
+def _row(label, name, accs, time_s, ips, epochs=30):
+    return {
+        "label": label,
+        "optimizer": name,
+        "epochs": epochs,
+        "seed": None,
+        "accs": accs,
+        "time_s": time_s,
+        "ips": ips,
+    }
+
+
+def _runs(rows):
+    runs = []
+    for r in rows:
+        for seed, acc in enumerate(r["accs"]):
+            runs.append(
+                {
+                    "label": r["label"],
+                    "optimizer": r["optimizer"],
+                    "epochs": r["epochs"],
+                    "seed": seed,
+                    "final_test_acc": acc,
+                    "final_train_acc": 1.0,
+                    "train_time_s": r["time_s"],
+                    "images_per_s": r["ips"],
+                    "sharpness_aware_fraction": 1.0,
+                }
+            )
+    return runs
+
+
+def test_keeps_sam_accuracy_rule_pareto_front_and_equal_time_plan():
+    fr = _module()
+    rows = fr.rows_of(
+        _runs(
+            [
+                _row("SGD", "sgd", [0.60, 0.61, 0.62], 100, 2000),
+                _row("SAM", "sam", [0.65, 0.66, 0.67], 200, 1000),
+                # mean 0.655 is within SAM's std (0.01) and one paired delta is positive
+                _row("A", "looksam", [0.66, 0.65, 0.655], 120, 1700),
+                # within the std on the mean but below SAM on every seed
+                _row("B", "msam", [0.6495, 0.6595, 0.6695], 110, 1800),
+                _row("C", "esam", [0.60, 0.60, 0.60], 190, 1050),
+            ]
+        ),
+        ["sgd", "sam", "looksam", "msam", "esam"],
+    )
+    by = {r["label"]: r for r in rows}
+    sam = by["SAM"]
+    assert fr.keeps_sam_accuracy(by["A"], sam)
+    assert not fr.keeps_sam_accuracy(by["B"], sam)
+    assert not fr.keeps_sam_accuracy(by["C"], sam)
+    assert [round(d, 2) for d in by["A"]["paired"]] == [1.0, -1.0, -1.5]
+    front = fr.pareto(rows)
+    # A (0.655 at 120 s) is slower and less accurate than B (0.6595 at 110 s)
+    assert [r["label"] for r in front] == ["SGD", "B", "SAM"]
+    # SGD at half SAM's time gets 2x the epochs; A (0.6) and B (0.55) get 50 and 55
+    plan = {name: epochs for name, _, epochs in fr.equal_time_plan(rows)}
+    assert plan == {"sgd": 60, "looksam": 50, "msam": 55}
+    text = "\n".join(fr.verdicts(rows, []))
+    assert "PASS target 1: A keep" in text
