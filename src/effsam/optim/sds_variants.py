@@ -49,10 +49,12 @@ class RandomSubset(TopSharpness):
         n = loss_before.numel()
         k = self.num_selected(n)
         self.last_fraction = k / n
+        self.last_indices = None
         if k >= n:
             return None
         idx = torch.randperm(n, generator=self.generator)[:k].sort().values
-        return idx.to(loss_before.device)
+        self.last_indices = idx.to(loss_before.device)
+        return self.last_indices
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}

@@ -38,6 +38,8 @@ class AllSamples(Policy):
     before_pass1 = False
     #: k / b of the last ``select`` call (None before the first)
     last_fraction: float | None = None
+    #: the indices the last ``select`` call chose (None: the whole batch)
+    last_indices: Tensor | None = None
 
     def num_selected(self, batch_size: int) -> int:
         return batch_size
@@ -74,11 +76,13 @@ class TopSharpness(AllSamples):
             return None
         k = self.num_selected(loss_before.numel())
         self.last_fraction = k / loss_before.numel()
+        self.last_indices = None
         if k >= loss_before.numel():
             return None
         scores = self.scores(loss_before.detach(), loss_after)
         # sorted=True: a deterministic order; indices sorted so the subset keeps batch order.
-        return torch.topk(scores.float(), k, sorted=True).indices.sort().values
+        self.last_indices = torch.topk(scores.float(), k, sorted=True).indices.sort().values
+        return self.last_indices
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}"

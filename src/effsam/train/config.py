@@ -87,6 +87,7 @@ class TrainConfig:
     threads: int | None = None  # torch.set_num_threads; None leaves torch's default
     timing_warmup_steps: int = 2  # steps at the start of each process left out of images/s
     eval_every: int = 1  # evaluate every N epochs (and always after the last one)
+    sds_diagnostics: int = 0  # ESAM's selection diagnostics every N steps (0: off)
 
 
 @dataclass

@@ -28,6 +28,7 @@ def train_epoch(
     ctx: ddp.DistContext,
     quiet: bool,
     label: str,
+    diagnostics: Any = None,
 ) -> tuple[dict[str, Any], int]:
     """One pass over this worker's shard of the training set.
 
@@ -42,6 +43,8 @@ def train_epoch(
         ctx: the worker's place in the process group.
         quiet: no progress bar.
         label: shown in front of the progress bar.
+        diagnostics: an :class:`effsam.analysis.sds.SDSDiagnostics` (or None), probed and
+            fed outside the timed step.
 
     Returns:
         The epoch's record, summed over all workers, and the remaining ``untimed`` count.
@@ -67,7 +70,10 @@ def train_epoch(
         dynamic_ncols=True,
     )
     refresh = max(1, len(loader) // 20)
+    ids = loader.indices() if diagnostics is not None else None
     for i, (x, y) in enumerate(loader):
+        if diagnostics is not None and diagnostics.due(i):
+            diagnostics.probe(net, (x, y), loss_fn)
         _sync(device)  # time the step alone: the batch was built before this point
         start = time.perf_counter()
         res = sharpness_aware_step(net, optimizer, (x, y), loss_fn, **step_kwargs)
@@ -81,8 +87,12 @@ def train_epoch(
             rates.append(n / max(elapsed, 1e-9))
         else:
             untimed -= 1
+        correct = res.aux.argmax(dim=1) == y
         on_device[0] += res.loss.detach().double() * n
-        on_device[1] += (res.aux.argmax(dim=1) == y).sum()
+        on_device[1] += correct.sum()
+        if diagnostics is not None:
+            bs = loader.batch_size
+            diagnostics.record(ids[i * bs : i * bs + n], optimizer.selection.last_indices, correct)
         seen += n
         selected += res.selected
         skipped += int(res.skipped)

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from effsam.optim import SharpnessAware
+
 from . import distributed as ddp
 from .build import (
     build_model,
@@ -163,6 +165,25 @@ def _train(
         "clip_grad_norm": t.clip_grad_norm,
         "sync_ascent": t.sync_ascent,
     }
+    diagnostics = None
+    selects = isinstance(optimizer, SharpnessAware) and optimizer.selection.needs_per_sample
+    if t.sds_diagnostics and selects and ctx.world_size > 1:
+        raise ConfigError("train.sds_diagnostics works in a single process only")
+    if t.sds_diagnostics and not selects and ctx.is_main and not quiet:
+        print(
+            f"effsam: {cfg.optim.name} selects no samples: no SDS diagnostics for this run",
+            file=sys.stderr,
+        )
+    if t.sds_diagnostics and selects:
+        from effsam.analysis.sds import SDSDiagnostics
+
+        diagnostics = SDSDiagnostics(
+            data.train_x.shape[0],
+            optimizer.selection.gamma,
+            optimizer.defaults["rho"],
+            t.sds_diagnostics,
+            seed=cfg.seed,
+        )
     untimed = t.timing_warmup_steps  # the first steps of a process pay one-off costs
     last_epoch = t.epochs if stop_after is None else min(t.epochs, stop_after)
 
@@ -170,7 +191,7 @@ def _train(
         epoch_start = time.perf_counter()
         record, untimed = train_epoch(
             net, optimizer, scheduler, train_loader, loss_fn, step_kwargs,
-            epoch, t.epochs, untimed, ctx, quiet or not ctx.is_main, label,
+            epoch, t.epochs, untimed, ctx, quiet or not ctx.is_main, label, diagnostics,
         )  # fmt: skip
         eval_start = time.perf_counter()
         test_loss = test_acc = None
@@ -185,6 +206,11 @@ def _train(
             epoch_time_s=time.perf_counter() - epoch_start,
         )
         metrics.append(record)
+        if diagnostics is not None:
+            from effsam.analysis.sds import plot_records, write_record
+
+            write_record(run_dir, epoch + 1, diagnostics.end_epoch())
+            plot_records(run_dir, f"{label or cfg.optim.name}, seed {cfg.seed}: SDS diagnostics")
         rngs = gather_rng(ctx)  # collective: every worker's generators
         if ctx.is_main:
             if cfg.checkpoint:

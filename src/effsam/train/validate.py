@@ -152,6 +152,9 @@ def validate(cfg: Config, *, compare: bool = False) -> None:
         _integer("train.threads", t.threads, 1)
     _integer("train.timing_warmup_steps", t.timing_warmup_steps, 0)
     _integer("train.eval_every", t.eval_every, 1)
+    _integer("train.sds_diagnostics", t.sds_diagnostics, 0)
+    if t.sds_diagnostics and t.accumulation_steps > 1:
+        _fail("train.sds_diagnostics", t.sds_diagnostics, "needs train.accumulation_steps 1")
 
 
 def _validate_compare(cfg: Config) -> None:
