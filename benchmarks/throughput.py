@@ -20,6 +20,8 @@ import torch
 
 from effsam.bench.throughput import (
     PASSES,
+    PERIODS,
+    SHARES,
     VARIANTS,
     Workload,
     evaluate_targets,
@@ -129,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         f"Protocol: {args.warmup} warm-up steps, {args.rounds} interleaved rounds of "
         f"{args.steps} steps per variant; median per round, ratios within a round, median "
         "over rounds. SSAM times include the mask refresh amortised over its interval. "
+        f"{', '.join(f'{k} runs {v}' for k, v in PERIODS.items())} steps per round (whole "
+        "cycles; their mean). "
+        f"{', '.join(f'{k} at {v:.0%}' for k, v in SHARES.items())} sharpness-aware steps: "
+        "their own plain step and SAM's, mixed at that share. "
         "Step peak MB: the most memory one more step (profiled, untimed) holds at once beyond "
         "what was allocated before it.",
         "",

@@ -39,7 +39,27 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ssam-f": {"rho": 0.1, "sparsity": 0.5, "num_samples": 16, "update_interval": 390},
     "ssam-d": {"rho": 0.1, "sparsity": 0.5, "update_interval": 390, "total_steps": 78000},
     "ssam-f-tensor": {"rho": 0.1, "sparsity": 0.5, "num_samples": 16, "update_interval": 390},
+    "sam-interval": {"rho": 0.05, "every": 10},
+    "looksam": {"rho": 0.05, "k": 5, "alpha": 0.7},
+    # late, RST and AE-SAM as their own plain step (these settings never fire); their time
+    # is priced at the share of sharpness-aware steps in SHARES
+    "sam-late": {"rho": 0.05, "start": 1.0, "total_steps": 10**9},
+    "rst": {"rho": 0.05, "probability": 0.0, "probability_schedule": "constant"},
+    "ae-sam": {"rho": 0.05, "total_steps": 10**9, "lambda1": 1e9, "lambda2": 1e9},
+    "msam": {"rho": 3.0},
+    "ksam": {"rho": 0.05, "gamma": 0.5},
+    "esam-mix": {"rho": 0.05, "beta": 0.6, "gamma": 0.5},
+    "esam-random": {"rho": 0.05, "beta": 0.6, "gamma": 0.5},
 }
+
+#: Methods whose steps differ in a fixed cycle: each round runs whole cycles of this many
+#: steps and takes their mean (the median would be the plain step).
+PERIODS: dict[str, int] = {"sam-interval": 10, "looksam": 5}
+
+#: Methods whose share of sharpness-aware steps depends on the run (late: the last 1/8 of
+#: training by default; RST with p rising 0 -> 1: one half on average; AE-SAM: about one
+#: half in its paper): a round's time is share x SAM's + (1 - share) x their own plain step.
+SHARES: dict[str, float] = {"sam-late": 0.125, "rst": 0.5, "ae-sam": 0.5}
 
 #: (variant, reference, minimum speed ratio = reference time / variant time, paper figure)
 TARGETS: list[tuple[str, str, float, str]] = [
@@ -238,9 +258,10 @@ def run(
     for r in range(rounds):
         for b in benches:
             times = []
-            for _ in range(steps_per_round):
+            for _ in range(PERIODS.get(b.name, steps_per_round)):
                 times.append(b.step())
-            stats[b.name].step_times.append(statistics.median(times))
+            per_round = statistics.fmean if b.name in PERIODS else statistics.median
+            stats[b.name].step_times.append(per_round(times))
         if progress:
             progress(
                 f"round {r + 1}/{rounds}: "
@@ -248,9 +269,9 @@ def run(
                     f"{b.name} {stats[b.name].step_times[-1] * 1e3:.0f} ms" for b in benches
                 )
             )
-    n_steps = rounds * steps_per_round
     for b in benches:
         s = stats[b.name]
+        n_steps = rounds * PERIODS.get(b.name, steps_per_round)
         s.forward_samples = (b.counter.grad + b.counter.nograd) / n_steps / workload.batch_size
         s.backward_samples = b.counter.grad / n_steps / workload.batch_size
         if b.own:
@@ -259,7 +280,20 @@ def run(
         s.optimizer_mb = optimizer_megabytes(b.opt)
     for b in benches:  # last: the profiled step must not count in the times or passes
         stats[b.name].peak_mb = step_peak_megabytes(b)
+    _price_shares(stats)
     return stats
+
+
+def _price_shares(stats: dict[str, VariantStats]) -> None:
+    """SHARES variants: each round's time and the pass counts at their share of SAM steps."""
+    sam = stats.get("sam")
+    for name, share in SHARES.items():
+        s = stats.get(name)
+        if s is None or sam is None:
+            continue
+        s.step_times = [share * a + (1 - share) * p for a, p in zip(sam.step_times, s.step_times)]
+        s.forward_samples = share * sam.forward_samples + (1 - share) * s.forward_samples
+        s.backward_samples = share * sam.backward_samples + (1 - share) * s.backward_samples
 
 
 def step_peak_megabytes(bench: Bench) -> float | None:
@@ -406,6 +440,9 @@ def predicted_speeds(costs: dict[str, float]) -> dict[str, float]:
 
     SGD = F + B; SAM = 2 (F + B); SWP alone = F + B_swp + F + B; SDS alone = F + B + F_ng +
     F_k + B_k; ESAM = F + B_swp + F_ng + F_k + B_k; esam-loss = F + B_swp + F_k + B_k.
+    The step-skipping methods at share q of sharpness-aware steps: (1 + q)(F + B) — q = 1/k
+    for interval and LookSAM, SHARES for late, RST and AE-SAM; MSAM = F + B; K-SAM = F_ng +
+    2 (F_k + B_k); ESAM-mix = ESAM; the random-subset control = esam-loss.
     """
     f, b = costs["forward"], costs["backward"]
     sub = costs["forward_subset"] + costs["backward_subset"]
@@ -417,5 +454,13 @@ def predicted_speeds(costs: dict[str, float]) -> dict[str, float]:
         "esam-sds": f + b + costs["forward_no_grad"] + sub,
         "esam": f + costs["backward_swp"] + costs["forward_no_grad"] + sub,
         "esam-loss": f + costs["backward_swp"] + sub,
+        "msam": f + b,
+        "ksam": costs["forward_no_grad"] + 2 * sub,
     }
+    steps["esam-mix"] = steps["esam"]
+    steps["esam-random"] = steps["esam-loss"]
+    for name, period in PERIODS.items():
+        steps[name] = (1 + 1 / period) * (f + b)
+    for name, share in SHARES.items():
+        steps[name] = (1 + share) * (f + b)
     return {name: sam / t for name, t in steps.items()}
