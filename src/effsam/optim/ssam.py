@@ -60,6 +60,8 @@ class SSAM(SharpnessAware):
             masks and ``"masked"`` for tensor masks (the only one possible there).
         seed: SSAM-D's generator seed (initial mask and random regrowth).
         fisher_chunk_size: samples per vectorised per-sample-gradient chunk (SSAM-F).
+        fisher_mode: SSAM-F's ``"eval"`` (default) or ``"train"`` (the authors' procedure:
+            single samples in train mode; see :func:`effsam.optim.fisher.empirical_fisher`).
         **kwargs: passed to :class:`SharpnessAware` (``ascent``, ``selection``, ``foreach``,
             ``check_finite``, ``eps_denominator``).
     """
@@ -80,6 +82,7 @@ class SSAM(SharpnessAware):
         normalisation: str | None = None,
         seed: int = 0,
         fisher_chunk_size: int | None = 16,
+        fisher_mode: str = "eval",
         **kwargs: Any,
     ) -> None:
         if not isinstance(mask, str):
@@ -98,12 +101,18 @@ class SSAM(SharpnessAware):
                 granularity=granularity,
                 normalisation=normalisation,
                 chunk_size=fisher_chunk_size,
+                fisher_mode=fisher_mode,
             )
         else:
             if granularity != "element":
                 raise ValueError(
                     f"Invalid SSAM granularity: {granularity!r} with mask='dynamic' (tensor "
                     "masks are chosen by Fisher mass: use mask='fisher')"
+                )
+            if fisher_mode != "eval":
+                raise ValueError(
+                    f"Invalid SSAM fisher_mode: {fisher_mode!r} with mask='dynamic' (the "
+                    "dynamic mask computes no Fisher: use mask='fisher')"
                 )
             if total_steps is None:
                 raise ValueError(
