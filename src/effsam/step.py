@@ -269,7 +269,7 @@ def sharpness_aware_step(
                     if optimizer.selection.needs_perturbed_loss:
                         with torch.no_grad():
                             after, _ = forward(mb)
-                    idx = optimizer.selection.select(losses_1[i], after)
+                    idx = optimizer.select(losses_1[i], after)
                     if idx is not None:
                         sub = index_batch(mb, idx)
                 with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():

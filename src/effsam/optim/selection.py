@@ -14,10 +14,9 @@ falls with γ.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from .masks import round_half_up
+from ._ranking import largest_indices, ranking_dtype, round_half_up
 from .policy import Policy
 
 
@@ -71,9 +70,10 @@ class TopSharpness(AllSamples):
         k = self.num_selected(loss_before.numel())
         if k >= loss_before.numel():
             return None
-        scores = self.scores(loss_before.detach(), loss_after)
-        # sorted=True: a deterministic order; indices sorted so the subset keeps batch order.
-        return torch.topk(scores.float(), k, sorted=True).indices.sort().values
+        scores = self.scores(loss_before.detach(), loss_after).reshape(-1)
+        # Ranked in at least float32 (float64 scores stay float64), ties to the lower
+        # index as in the SSAM masks; sorted, so the subset keeps the batch order.
+        return largest_indices(scores.to(ranking_dtype(scores.dtype)), k)
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}"

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .ascent import AdaptiveAscent, L2Ascent, global_norm
+from .ascent import AdaptiveAscent, L2Ascent, ascend_, global_norm, group_by_device_and_dtype
 from .masks import PerturbationMask, kept_fraction
 from .selection import AllSamples
 
@@ -23,7 +23,12 @@ _WRAPPER_KEY = "effsam"
 
 @dataclass(frozen=True)
 class KeptFraction:
-    """Share of the trainable parameters perturbed this step: by tensors, by elements."""
+    """Share of the trainable parameters the perturbation covers this step.
+
+    ``tensors``: trainable tensors with at least one perturbed element, over all trainable
+    tensors; ``elements``: perturbed elements over all trainable elements. It counts both
+    SWP's tensor draw and SSAM's element mask (SSAM-F at s = 0.5: about 0.5 elements).
+    """
 
     tensors: float
     elements: float
@@ -114,10 +119,18 @@ class SharpnessAware(Optimizer):
         self.skipped_steps = 0
         self.last_step_skipped = False
         self.last_kept: KeptFraction | None = None
+        # The step's state machine:
+        #   _drawn          the mask policy has drawn this step's pass-1 flags (_keep)
+        #   _keep           those flags, one per parameter (None: every tensor)
+        #   _ascended       first_step ran (second_step requires it)
+        #   _perturbed      (parameter, θ backup) pairs while θ + ε is loaded
+        #   _pass1_skipped  first_step refused a non-finite pass 1 (second_step skips)
         self._keep: list[bool] | None = None
         self._drawn = False
+        self._ascended = False
         self._perturbed: list[tuple[Tensor, Tensor]] = []
         self._pass1_skipped = False
+        self._closure_refresh_checked = False
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -129,8 +142,20 @@ class SharpnessAware(Optimizer):
             return  # during __init__: the base already holds this group
         self.base.add_param_group(param_group)
 
-    def _params(self) -> list[Tensor]:
+    @property
+    def params(self) -> list[Tensor]:
+        """Every parameter of every group, in the optimizer's order."""
         return [p for group in self.param_groups for p in group["params"]]
+
+    def _params(self) -> list[Tensor]:  # the former private name
+        return self.params
+
+    @property
+    def pass1_keep(self) -> list[bool] | None:
+        """This step's pass-1 flags, one per parameter in :attr:`params` order: which
+        tensors get a weight gradient in pass 1 (``None``: all). Set by :meth:`first_pass`
+        (or :meth:`first_step`) and valid until :meth:`second_step`."""
+        return self._keep
 
     def _rho(self, group: dict[str, Any]) -> float:
         return group.get("rho", self.defaults["rho"])
@@ -138,16 +163,20 @@ class SharpnessAware(Optimizer):
     # ------------------------------------------------------------------ pass 1
     def _draw(self) -> list[bool] | None:
         if not self._drawn:
-            if self.mask.needs_data and not getattr(self.mask, "ready", True):
+            if self.mask.needs_data and not self.mask.ready:
                 raise RuntimeError(
                     f"the {self.mask.name!r} mask has not been computed yet: call "
                     "opt.refresh_mask(model, batch, loss_fn) before the first step "
                     "(effsam.sharpness_aware_step does this on schedule)"
                 )
-            params = self._params()
+            params = self.params
+            if not self.mask.needs_data and self.mask_refresh_due():
+                # A data-free refresh (SSAM-D) needs no model or batch: schedule it here,
+                # so the closure and two-phase APIs get it too.
+                self.mask.refresh(None, params, None, None, self.steps)  # type: ignore[arg-type]
             self._keep = self.mask.draw(params)
             self._drawn = True
-            tensors, elements = kept_fraction(params, self._keep)
+            tensors, elements = kept_fraction(params, self._keep, self.mask.element_counts())
             self.last_kept = KeptFraction(tensors, elements)
         return self._keep
 
@@ -178,15 +207,25 @@ class SharpnessAware(Optimizer):
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> bool:
         """Ascend: θ ← θ + ε from the current gradients. Returns False if the gradients were
-        not finite (then nothing is perturbed and :meth:`second_step` will not step)."""
-        if self._perturbed or self._pass1_skipped:
+        not finite (then nothing is perturbed and :meth:`second_step` will not step).
+
+        ε is formed in the pass-1 gradients themselves (no parameter-sized temporary):
+        with ``zero_grad=True`` (what every caller of the sharpness-aware step wants) they
+        are cleared afterwards; with ``zero_grad=False`` the ascent works on a copy and
+        the gradients are left as they were.
+        """
+        if self._perturbed or self._pass1_skipped or self._ascended:
             raise RuntimeError("first_step called twice without second_step in between")
         keep = self._draw()
-        groups: list[tuple[float, list[Tensor], list[Tensor]]] = []
-        masks_wanted = False
+        params = self.params
+        self.mask.prepare(params)
+        ps: list[Tensor] = []
+        gs: list[Tensor] = []
+        coefs: list[float] = []
+        scale = self.mask.scale
         index = 0
         for group in self.param_groups:
-            ps, gs = [], []
+            rho = self._rho(group)
             for p in group["params"]:
                 kept = keep is None or keep[index]
                 index += 1
@@ -196,58 +235,52 @@ class SharpnessAware(Optimizer):
                     raise RuntimeError("sharpness-aware optimizers do not support sparse gradients")
                 ps.append(p)
                 gs.append(p.grad)
-            if ps:
-                groups.append((self._rho(group), ps, gs))
-        all_ps = [p for _, ps, _ in groups for p in ps]
-        all_gs = [g for _, _, gs in groups for g in gs]
-        if not all_ps:
+                coefs.append(rho * scale)
+        self._ascended = True
+        if not ps:
             self._pass1_skipped = False
             self._perturbed = []
             return True  # nothing to perturb: pass 2 is a plain step
-        masks = self.mask.element_masks(all_ps)
-        if masks is not None:
-            masks_wanted = any(m is not None for m in masks)
-        terms, numer = self.ascent.terms(all_ps, all_gs, self.foreach)
-        if masks_wanted and self.mask.normalise_masked:
-            terms = [t if m is None else t * m for t, m in zip(terms, masks)]
-        norm = global_norm(terms, self.foreach)
-        if self.check_finite and not bool(torch.isfinite(norm)):
+        masks = self.mask.element_masks(ps)
+        if masks is not None and all(m is None for m in masks):
+            masks = None
+        if not zero_grad:
+            gs = [g.clone() for g in gs]
+        backups = [self._backup(p) for p in ps]
+        done, norm = ascend_(
+            ps,
+            gs,
+            backups,
+            coefs=coefs,
+            ascent=self.ascent,
+            masks=masks,
+            normalise_masked=self.mask.normalise_masked,
+            eps_denominator=self.eps_denominator,
+            foreach=self.foreach,
+            check_finite=self.check_finite,
+        )
+        if not done:
             self._skip("pass 1", norm)
             self._pass1_skipped = True
             if zero_grad:
                 self.zero_grad(set_to_none=True)
             return False
-        if masks_wanted:
-            numer = [a if m is None else a * m for a, m in zip(numer, masks)]
-        denom = norm + self.eps_denominator
-        start = 0
-        self._perturbed = []
-        for rho, ps, _ in groups:
-            n = len(ps)
-            coef = rho * self.mask.scale / denom
-            self._perturb(ps, numer[start : start + n], coef)
-            start += n
+        self._perturbed = list(zip(ps, backups))
         if zero_grad:
             self.zero_grad(set_to_none=True)
         return True
 
-    def _perturb(self, ps: list[Tensor], numer: list[Tensor], coef: Tensor) -> None:
-        backups = []
-        for p in ps:
-            state = self.state[p]
-            buf = state.get("theta")
-            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
-                buf = state["theta"] = torch.empty_like(p, memory_format=torch.preserve_format)
-            backups.append(buf)
-        if self.foreach:
-            torch._foreach_copy_(backups, ps)
-            eps = torch._foreach_mul(numer, coef)
-            torch._foreach_add_(ps, eps)
-        else:
-            for p, buf, a in zip(ps, backups, numer):
-                buf.copy_(p)
-                p.add_(a * coef)
-        self._perturbed.extend(zip(ps, backups))
+    def _backup(self, p: Tensor) -> Tensor:
+        state = self.state[p]
+        buf = state.get("theta")
+        if (
+            buf is None
+            or buf.shape != p.shape
+            or buf.dtype != p.dtype
+            or buf.device != p.device
+        ):
+            buf = state["theta"] = torch.empty_like(p, memory_format=torch.preserve_format)
+        return buf
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -255,21 +288,27 @@ class SharpnessAware(Optimizer):
         if self._perturbed:
             ps = [p for p, _ in self._perturbed]
             backups = [b for _, b in self._perturbed]
-            if self.foreach:
-                torch._foreach_copy_(ps, backups)
-            else:
-                for p, b in zip(ps, backups):
-                    p.copy_(b)
+            for idx in group_by_device_and_dtype(ps):
+                if self.foreach:
+                    torch._foreach_copy_([ps[i] for i in idx], [backups[i] for i in idx])
+                else:
+                    for i in idx:
+                        ps[i].copy_(backups[i])
         self._perturbed = []
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> bool:
         """Restore θ and step the base optimizer with the current (pass-2) gradients.
         Returns False if the step was skipped (non-finite gradients in either pass)."""
+        if not self._ascended:
+            raise RuntimeError(
+                "second_step called without first_step: call first_step() after pass 1's "
+                "backward (or use opt.step(closure) / effsam.sharpness_aware_step)"
+            )
         self.restore()
         skipped = self._pass1_skipped
         if not skipped and self.check_finite:
-            gs = [p.grad for p in self._params() if p.grad is not None]
+            gs = [p.grad for p in self.params if p.grad is not None]
             if gs:
                 norm = global_norm(gs, self.foreach)
                 if not bool(torch.isfinite(norm)):
@@ -281,6 +320,7 @@ class SharpnessAware(Optimizer):
         self.last_step_skipped = skipped
         self._pass1_skipped = False
         self._drawn = False
+        self._ascended = False
         # LR schedulers attached to the wrapper check that its step() was called.
         self._opt_called = True
         if zero_grad:
@@ -294,6 +334,7 @@ class SharpnessAware(Optimizer):
         if self._drawn:
             self.mask.rollback_draw()
         self._drawn = False
+        self._ascended = False
         self._pass1_skipped = False
         self.zero_grad(set_to_none=True)
 
@@ -321,6 +362,13 @@ class SharpnessAware(Optimizer):
                 "cannot work through a closure: use effsam.sharpness_aware_step(model, opt, "
                 "batch, loss_fn) with a per-sample loss_fn"
             )
+        if self.mask.needs_data and self.mask_refresh_due():
+            raise RuntimeError(
+                f"the {self.mask.name!r} mask is due for a refresh from data at step "
+                f"{self.steps}, which step(closure) cannot do: call opt.refresh_mask(model, "
+                "batch, loss_fn) when opt.mask_refresh_due() before opt.step(closure), or "
+                "use effsam.sharpness_aware_step"
+            )
         try:
             with torch.enable_grad(), self.first_pass():
                 loss = closure()
@@ -333,6 +381,17 @@ class SharpnessAware(Optimizer):
         self.second_step()
         return loss
 
+    # ------------------------------------------------------------------ sample selection
+    def select(self, loss_before: Tensor | None, loss_after: Tensor | None) -> Tensor | None:
+        """Indices of the samples pass 2 uses (``None``: all), by the selection policy.
+
+        At ρ = 0 in every param group there is no perturbation, so there is no sharpness
+        to select by (every ℓ_i(θ + ε) − ℓ_i(θ) is 0): the whole batch is used and the
+        step is exactly the base optimizer's, for every selection policy."""
+        if all(self._rho(g) == 0 for g in self.param_groups):
+            return None
+        return self.selection.select(loss_before, loss_after)
+
     # ------------------------------------------------------------------ masks needing data
     def mask_refresh_due(self) -> bool:
         """Whether the mask policy wants :meth:`refresh_mask` before the next step."""
@@ -340,22 +399,63 @@ class SharpnessAware(Optimizer):
 
     def refresh_mask(self, model: torch.nn.Module, batch: Any, loss_fn: Callable) -> bool:
         """Recompute a data-dependent mask (SSAM-F's Fisher, SSAM-D's drop/grow)."""
-        return self.mask.refresh(model, self._params(), batch, loss_fn, self.steps)
+        return self.mask.refresh(model, self.params, batch, loss_fn, self.steps)
 
     # ------------------------------------------------------------------ state
+    def _policy_names(self) -> dict[str, str]:
+        return {
+            "optimizer": type(self).__name__,
+            "ascent": f"{type(self.ascent).__name__}:{self.ascent.name}",
+            "mask": f"{type(self.mask).__name__}:{self.mask.name}"
+            + f":{getattr(self.mask, 'granularity', '')}",
+            "selection": f"{type(self.selection).__name__}:{self.selection.name}",
+        }
+
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The base optimizer's state dict plus an ``"effsam"`` entry with the wrapper's
-        counters and every policy's state."""
+        counters, the names of its policies and every policy's state."""
         state = self.base.state_dict()
         state[_WRAPPER_KEY] = {
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
+            "policies": self._policy_names(),
             "mask": self.mask.state_dict(),
             "selection": self.selection.state_dict(),
         }
         return state
 
+    def _check_compatible(self, ours: Any) -> None:
+        if not isinstance(ours, dict) or not {"steps", "skipped_steps", "mask"} <= set(ours):
+            raise ValueError("state_dict's 'effsam' entry is malformed (not saved by effsam?)")
+        saved = ours.get("policies")
+        mine = self._policy_names()
+        if saved is not None:
+            differ = [k for k in ("ascent", "mask", "selection") if saved.get(k) != mine[k]]
+            if differ:
+                detail = "; ".join(f"{k}: saved {saved.get(k)!r}, here {mine[k]!r}" for k in differ)
+                raise ValueError(
+                    f"cannot load the state of another optimizer ({saved.get('optimizer')}) "
+                    f"into this {mine['optimizer']}: {detail}. Nothing was loaded."
+                )
+            return
+        # States saved before the policy names were recorded: compare the mask's fields.
+        legacy = {"next_masks"}
+        have = set(self.mask.state_dict()) - legacy
+        got = set(ours["mask"]) - legacy
+        if have != got:
+            raise ValueError(
+                f"cannot load this state into {mine['optimizer']}: it holds a mask policy "
+                f"state with fields {sorted(got)}, this optimizer's {mine['mask']} has "
+                f"{sorted(have)}. Nothing was loaded."
+            )
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Load a state saved by :meth:`state_dict` of the same kind of optimizer.
+
+        Atomic: a state of another optimizer (other mask or selection policy, or a plain
+        optimizer's) raises a ValueError naming the difference, and a failure part-way
+        leaves this optimizer as it was.
+        """
         state_dict = dict(state_dict)
         ours = state_dict.pop(_WRAPPER_KEY, None)
         if ours is None:
@@ -363,12 +463,27 @@ class SharpnessAware(Optimizer):
                 "state_dict has no 'effsam' entry: it was not saved by a SharpnessAware "
                 "optimizer (load a plain optimizer's state into opt.base instead)"
             )
-        self.base.load_state_dict(state_dict)
-        self.param_groups = self.base.param_groups
-        self.steps = int(ours["steps"])
-        self.skipped_steps = int(ours["skipped_steps"])
-        self.mask.load_state_dict(ours["mask"])
-        self.selection.load_state_dict(ours["selection"])
+        self._check_compatible(ours)
+        old_state, old_groups = self.base.state, self.base.param_groups
+        old_counters = (self.steps, self.skipped_steps)
+        old_mask = self.mask.state_dict()
+        old_selection = self.selection.state_dict()
+        try:
+            self.base.load_state_dict(state_dict)
+            self.param_groups = self.base.param_groups
+            self.steps = int(ours["steps"])
+            self.skipped_steps = int(ours["skipped_steps"])
+            self.mask.load_state_dict(ours["mask"])
+            self.selection.load_state_dict(ours.get("selection", {}))
+        except Exception:
+            self.base.state, self.base.param_groups = old_state, old_groups
+            self.param_groups = old_groups
+            self.steps, self.skipped_steps = old_counters
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.mask.load_state_dict(old_mask)
+            self.selection.load_state_dict(old_selection)
+            raise
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
