@@ -15,7 +15,8 @@ and dtype, each group's per-tensor norms are taken in (at least) float32, the gl
 is formed once, and the coefficient is moved to each group's device. The pass-1 gradients
 are consumed: ε is formed IN them (the caller discards them right after), and T is formed
 in the θ-backup buffers before they receive θ. So a step allocates nothing of the size of
-the parameters beyond the backup; element masks are multiplied in as bool tensors.
+the parameters beyond the backup; element masks are applied as bool tensors (``where``,
+which makes no float copy of them).
 
 ``foreach=True`` runs the ``torch._foreach_*`` kernels; ``foreach=False`` runs the same
 operations tensor by tensor, kept as the readable reference (a test checks that the two
@@ -110,12 +111,29 @@ def _norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
     return torch.float32 if dtype in _LOW_PRECISION else None
 
 
+#: Half-precision tensors above this many elements get their float32 norm in chunks of
+#: it, so the upcast never holds more than one chunk (256 kB) at a time.
+NORM_CHUNK = 1 << 16
+
+
+def _chunked_norm(t: Tensor, dtype: torch.dtype) -> Tensor:
+    parts = [torch.linalg.vector_norm(c, dtype=dtype) for c in t.reshape(-1).split(NORM_CHUNK)]
+    return torch.linalg.vector_norm(torch.stack(parts))
+
+
 def _tensor_norms(tensors: Sequence[Tensor], foreach: bool) -> list[Tensor]:
     """Per-tensor L2 norms, in the input order, each in (at least) float32."""
     norms: list[Tensor | None] = [None] * len(tensors)
     for idx in group_by_device_and_dtype(tensors):
+        dtype = _norm_dtype(tensors[idx[0]].dtype)
+        if dtype is not None:  # half precision: large tensors in chunks
+            big = [i for i in idx if tensors[i].numel() > NORM_CHUNK]
+            for i in big:
+                norms[i] = _chunked_norm(tensors[i], dtype)
+            idx = [i for i in idx if tensors[i].numel() <= NORM_CHUNK]
+            if not idx:
+                continue
         group = [tensors[i] for i in idx]
-        dtype = _norm_dtype(group[0].dtype)
         if foreach:
             out = torch._foreach_norm(group, 2, dtype=dtype)
         else:
@@ -136,6 +154,14 @@ def global_norm(tensors: Sequence[Tensor], foreach: bool) -> Tensor:
     if not tensors:
         raise ValueError("global_norm of an empty list")
     return _stack_norm(_tensor_norms(tensors, foreach))
+
+
+def _mask_(tensors: Sequence[Tensor], masks: Sequence[Tensor | None]) -> None:
+    """t ← m ⊙ t for bool masks, in place (``where`` reads the bool mask as it is; a
+    multiply would first make a float copy of it)."""
+    for t, m in zip(tensors, masks):
+        if m is not None:
+            torch.where(m, t, t.new_zeros(()), out=t)
 
 
 def _mul_(tensors: list[Tensor], factors: list[Tensor], foreach: bool) -> None:
@@ -192,7 +218,6 @@ def ascend_(
     if not (len(params) == len(grads) == len(backups) == len(coefs)):
         raise ValueError("ascend_: params, grads, backups and coefs differ in length")
     groups = group_by_device_and_dtype(params)
-    masked = [] if masks is None else [i for i, m in enumerate(masks) if m is not None]
     scaled: list[bool] = []
     for idx in groups:
         ps = [params[i] for i in idx]
@@ -201,16 +226,16 @@ def ascend_(
         scaled.append(has_t)
         if has_t:
             _mul_([grads[i] for i in idx], bs, foreach)  # g ← T ⊙ g: the norm terms
-    if masked and normalise_masked:
-        _mul_([grads[i] for i in masked], [masks[i] for i in masked], foreach)  # type: ignore[index,misc]
+    if masks is not None and normalise_masked:
+        _mask_(grads, masks)
     norm = _stack_norm(_tensor_norms(grads, foreach))
     if check_finite and not bool(torch.isfinite(norm)):
         return False, norm
     for idx, has_t in zip(groups, scaled):
         if has_t:
             _mul_([grads[i] for i in idx], [backups[i] for i in idx], foreach)  # T² ⊙ g
-    if masked:
-        _mul_([grads[i] for i in masked], [masks[i] for i in masked], foreach)  # type: ignore[index,misc]
+    if masks is not None:
+        _mask_(grads, masks)
     denom = norm + eps_denominator
     for idx in groups:
         ps = [params[i] for i in idx]
