@@ -100,6 +100,12 @@ def test_pass_counts_reflect_the_algorithms():
     grads_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     for name in ("sgd", "sam", "esam"):
         assert stats[name].peak_mb is not None and stats[name].peak_mb >= grads_mb
+    # the ascent's extra memory: the θ backup (1x the parameters) and almost nothing else
+    assert stats["sgd"].ascent_ratio is None
+    for name in ("sam", "esam", "esam-loss"):
+        assert stats[name].ascent_persistent is not None
+        assert 0.0 <= stats[name].ascent_transient <= 0.1
+    assert stats["sam"].ascent_persistent == 1.0
     targets = {t["target"]: t for t in evaluate_targets(stats)}
     assert "esam speed vs sam >= 1.40x" in targets
 
