@@ -93,12 +93,13 @@ def _split_loss(out: Any, n: int, per_sample: bool) -> tuple[Tensor, Any]:
             f"loss_fn must return a tensor of per-sample losses, got {type(out).__name__}"
         )
     if out.dim() == 0:
-        if per_sample:
-            raise ValueError(
-                "loss_fn returned a scalar, but sample selection needs per-sample losses of "
-                f"shape [{n}] (use reduction='none')"
-            )
-        return out, aux
+        # Also without sample selection: the same loss_fn must keep working when the
+        # optimizer is switched to one that selects samples (ESAM).
+        need = "sample selection needs" if per_sample else "sharpness_aware_step takes"
+        raise ValueError(
+            f"loss_fn returned a scalar, but {need} per-sample losses of shape [{n}] "
+            "(use reduction='none')"
+        )
     if out.shape != (n,):
         raise ValueError(f"loss_fn returned losses of shape {list(out.shape)}, expected [{n}]")
     return out, aux
@@ -164,7 +165,7 @@ def sharpness_aware_step(
             (then: one forward/backward and a step).
         batch: a tensor, tuple/list or dict of tensors, all indexed on dim 0.
         loss_fn: ``loss_fn(model, batch)`` → per-sample losses of shape [b] (a scalar is
-            accepted when no sample selection is active), or ``(losses, aux)``.
+            an error, for every optimizer), or ``(losses, aux)``.
         scaler: a ``torch.amp.GradScaler`` for fp16.
         autocast: ``"bf16"``, ``"fp16"`` or ``None``.
         accumulation_steps: split the batch into this many micro-batches per pass.
@@ -187,6 +188,8 @@ def sharpness_aware_step(
     if use_scaler and sam and not optimizer.check_finite:
         raise ValueError("a GradScaler needs the optimizer's check_finite=True")
     b = batch_size(batch)
+    if b == 0:
+        raise ValueError("sharpness_aware_step got an empty batch (0 samples)")
     micro = split_batch(batch, accumulation_steps) if accumulation_steps > 1 else [batch]
     ddp = find_ddp(model)
     if ddp is not None:

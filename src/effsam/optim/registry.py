@@ -26,9 +26,19 @@ BASES: dict[str, type[Optimizer]] = {
 }
 
 
+#: Arguments of the :class:`SharpnessAware` skeleton every wrapper passes through.
+COMMON_ARGS = frozenset({"foreach", "check_finite", "eps_denominator"})
+
+
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """One registered optimizer: a wrapper factory and fixed keyword arguments."""
+    """One registered optimizer: a wrapper factory, the keyword arguments it takes, and
+    fixed keyword arguments.
+
+    ``args`` declares the wrapper arguments a user may pass (besides :data:`COMMON_ARGS`,
+    which every wrapper takes); anything else is rejected by :func:`create_optimizer`
+    before an optimizer is built, with an error naming it.
+    """
 
     name: str
     description: str
@@ -36,15 +46,45 @@ class OptimizerSpec:
     fixed: dict[str, Any] = field(default_factory=dict)
     #: keyword defaults shown in help and used by the toolkit (paper settings)
     defaults: dict[str, Any] = field(default_factory=dict)
+    #: the wrapper arguments this entry takes (plus COMMON_ARGS)
+    args: frozenset[str] = frozenset()
 
 
 REGISTRY: dict[str, OptimizerSpec] = {}
 
 
+def _signature_names(factory: Callable[..., Any]) -> set[str] | None:
+    """Keyword names ``factory`` takes; None when it has ``**kwargs`` (anything goes)."""
+    names: set[str] = set()
+    for p in inspect.signature(factory).parameters.values():
+        if p.kind is p.VAR_KEYWORD:
+            return None
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD):
+            names.add(p.name)
+    return names
+
+
 def register(spec: OptimizerSpec) -> OptimizerSpec:
-    """Add ``spec`` to the registry (names are lower-case, unique)."""
+    """Add ``spec`` to the registry (names are lower-case, unique).
+
+    Its declared ``args``, ``defaults`` and ``fixed`` must not overlap wrongly: a default
+    must be a declared argument, and a fixed one must not be."""
     if spec.name in REGISTRY:
         raise ValueError(f"optimizer {spec.name!r} is already registered")
+    if spec.factory is not None:
+        bad_defaults = sorted(set(spec.defaults) - set(spec.args))
+        if bad_defaults:
+            raise ValueError(f"{spec.name!r}: defaults {bad_defaults} are not declared in args")
+        clash = sorted(set(spec.fixed) & (set(spec.args) | COMMON_ARGS))
+        if clash:
+            raise ValueError(f"{spec.name!r}: {clash} are both fixed and declared in args")
+        takes = _signature_names(spec.factory)
+        if takes is not None:
+            missing = sorted((set(spec.args) | set(spec.fixed)) - takes)
+            if missing:
+                raise ValueError(f"{spec.name!r}: the factory does not take {missing}")
+    elif spec.args or spec.fixed or spec.defaults:
+        raise ValueError(f"{spec.name!r}: a plain base optimizer takes no wrapper arguments")
     REGISTRY[spec.name] = spec
     return spec
 
@@ -61,28 +101,12 @@ def get_spec(name: str) -> OptimizerSpec:
 
 
 def accepted_kwargs(name: str) -> set[str]:
-    """The wrapper keyword arguments optimizer ``name`` takes (empty for the plain base).
-
-    Collected from the ``__init__`` signatures along the factory's class hierarchy, minus
-    the ones the registry entry fixes (e.g. ``gamma`` of ``esam-swp``).
-    """
+    """The wrapper keyword arguments optimizer ``name`` takes (empty for the plain base):
+    its declared ``args`` and :data:`COMMON_ARGS`."""
     spec = get_spec(name)
     if spec.factory is None:
         return set()
-    factory = spec.factory
-    names: set[str] = set()
-    for cls in inspect.getmro(factory) if inspect.isclass(factory) else [factory]:
-        init = getattr(cls, "__init__", None) if cls is not object else None
-        if init is None:
-            continue
-        names |= {
-            p.name
-            for p in inspect.signature(init).parameters.values()
-            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-        }
-    # the instance, the wrapped optimizer and torch.optim.Optimizer's own arguments
-    names -= {"self", "base", "params", "defaults"}
-    return (names | set(spec.defaults)) - set(spec.fixed)
+    return set(spec.args) | set(COMMON_ARGS)
 
 
 def create_optimizer(
@@ -144,10 +168,26 @@ def create_optimizer(
     return spec.factory(base_cls(params, **bkw), **merged)
 
 
+_SAM_ARGS = frozenset({"rho", "adaptive", "eta"})
+_ESAM_ARGS = frozenset(
+    {"rho", "beta", "gamma", "seed", "selection", "swp_scaling", "adaptive", "eta"}
+)
+_SSAM_ARGS = frozenset({"rho", "sparsity", "update_interval", "normalisation"})
+_SSAM_F_ARGS = _SSAM_ARGS | {"num_samples", "fisher_chunk_size", "fisher_mode", "granularity"}
+_SSAM_D_ARGS = _SSAM_ARGS | {"total_steps", "drop_rate", "grow", "seed"}
+
 register(OptimizerSpec("sgd", "the base optimizer alone (no sharpness-aware step)", None))
-register(OptimizerSpec("sam", "SAM (Foret et al., 2021)", SAM, defaults={"rho": 0.05}))
 register(
-    OptimizerSpec("asam", "ASAM, adaptive SAM (Kwon et al., 2021)", ASAM, defaults={"rho": 0.5})
+    OptimizerSpec("sam", "SAM (Foret et al., 2021)", SAM, defaults={"rho": 0.05}, args=_SAM_ARGS)
+)
+register(
+    OptimizerSpec(
+        "asam",
+        "ASAM, adaptive SAM (Kwon et al., 2021)",
+        ASAM,
+        defaults={"rho": 0.5},
+        args=frozenset({"rho", "eta"}),
+    )
 )
 register(
     OptimizerSpec(
@@ -155,6 +195,7 @@ register(
         "ESAM: SWP + SDS (Du et al., 2022)",
         ESAM,
         defaults={"rho": 0.05, "beta": 0.6, "gamma": 0.5},
+        args=_ESAM_ARGS,
     )
 )
 register(
@@ -164,6 +205,7 @@ register(
         ESAM,
         fixed={"gamma": 1.0},
         defaults={"rho": 0.05, "beta": 0.6},
+        args=_ESAM_ARGS - {"gamma", "selection"},
     )
 )
 register(
@@ -173,6 +215,7 @@ register(
         ESAM,
         fixed={"beta": 1.0},
         defaults={"rho": 0.05, "gamma": 0.5},
+        args=_ESAM_ARGS - {"beta", "seed", "swp_scaling"},
     )
 )
 register(
@@ -182,6 +225,7 @@ register(
         ESAM,
         fixed={"selection": "loss"},
         defaults={"rho": 0.05, "beta": 0.6, "gamma": 0.5},
+        args=_ESAM_ARGS - {"selection"},
     )
 )
 
@@ -193,6 +237,7 @@ register(
         SSAM,
         fixed={"mask": "fisher"},
         defaults={**_SSAM_DEFAULTS, "num_samples": 16},
+        args=_SSAM_F_ARGS,
     )
 )
 register(
@@ -203,6 +248,7 @@ register(
         SSAM,
         fixed={"mask": "dynamic"},
         defaults={**_SSAM_DEFAULTS, "drop_rate": 0.5},
+        args=_SSAM_D_ARGS,
     )
 )
 register(
@@ -212,5 +258,6 @@ register(
         SSAM,
         fixed={"mask": "fisher", "granularity": "tensor"},
         defaults={**_SSAM_DEFAULTS, "num_samples": 16},
+        args=_SSAM_F_ARGS - {"granularity"},
     )
 )
