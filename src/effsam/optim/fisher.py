@@ -116,6 +116,8 @@ def empirical_fisher(
             try:
                 grads = per_sample_grads(primals, chunk)
             except (RuntimeError, ValueError) as err:
+                if type(err) not in (RuntimeError, ValueError):
+                    raise  # the loss_fn's own exception types pass through unchanged
                 raise RuntimeError(
                     "SSAM-F computes per-sample gradients with torch.func (vmap over grad): "
                     "the model and loss_fn must be vmap-compatible (no .item(), no in-place "

@@ -48,6 +48,9 @@ class OptimizerSpec:
     defaults: dict[str, Any] = field(default_factory=dict)
     #: the wrapper arguments this entry takes (plus COMMON_ARGS)
     args: frozenset[str] = frozenset()
+    #: arguments a minimal working instance needs beyond the defaults (e.g. SSAM-D's
+    #: total_steps): for documentation, and the contract test builds every entry with them
+    example: dict[str, Any] = field(default_factory=dict)
 
 
 REGISTRY: dict[str, OptimizerSpec] = {}
@@ -72,9 +75,11 @@ def register(spec: OptimizerSpec) -> OptimizerSpec:
     if spec.name in REGISTRY:
         raise ValueError(f"optimizer {spec.name!r} is already registered")
     if spec.factory is not None:
-        bad_defaults = sorted(set(spec.defaults) - set(spec.args))
+        bad_defaults = sorted((set(spec.defaults) | set(spec.example)) - set(spec.args))
         if bad_defaults:
-            raise ValueError(f"{spec.name!r}: defaults {bad_defaults} are not declared in args")
+            raise ValueError(
+                f"{spec.name!r}: defaults/example {bad_defaults} are not declared in args"
+            )
         clash = sorted(set(spec.fixed) & (set(spec.args) | COMMON_ARGS))
         if clash:
             raise ValueError(f"{spec.name!r}: {clash} are both fixed and declared in args")
@@ -249,6 +254,7 @@ register(
         fixed={"mask": "dynamic"},
         defaults={**_SSAM_DEFAULTS, "drop_rate": 0.5},
         args=_SSAM_D_ARGS,
+        example={"total_steps": 10},
     )
 )
 register(

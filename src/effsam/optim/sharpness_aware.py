@@ -130,7 +130,8 @@ class SharpnessAware(Optimizer):
         self._ascended = False
         self._perturbed: list[tuple[Tensor, Tensor]] = []
         self._pass1_skipped = False
-        self._closure_refresh_checked = False
+        # the mask policy's state before a refresh_mask of this step (abort_step undoes it)
+        self._refresh_undo: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -173,7 +174,7 @@ class SharpnessAware(Optimizer):
             if not self.mask.needs_data and self.mask_refresh_due():
                 # A data-free refresh (SSAM-D) needs no model or batch: schedule it here,
                 # so the closure and two-phase APIs get it too.
-                self.mask.refresh(None, params, None, None, self.steps)  # type: ignore[arg-type]
+                self.refresh_mask(None, None, None)  # type: ignore[arg-type]
             self._keep = self.mask.draw(params)
             self._drawn = True
             tensors, elements = kept_fraction(params, self._keep, self.mask.element_counts())
@@ -273,12 +274,7 @@ class SharpnessAware(Optimizer):
     def _backup(self, p: Tensor) -> Tensor:
         state = self.state[p]
         buf = state.get("theta")
-        if (
-            buf is None
-            or buf.shape != p.shape
-            or buf.dtype != p.dtype
-            or buf.device != p.device
-        ):
+        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
             buf = state["theta"] = torch.empty_like(p, memory_format=torch.preserve_format)
         return buf
 
@@ -321,6 +317,7 @@ class SharpnessAware(Optimizer):
         self._pass1_skipped = False
         self._drawn = False
         self._ascended = False
+        self._refresh_undo = None
         # LR schedulers attached to the wrapper check that its step() was called.
         self._opt_called = True
         if zero_grad:
@@ -333,6 +330,11 @@ class SharpnessAware(Optimizer):
         self.restore()
         if self._drawn:
             self.mask.rollback_draw()
+        if self._refresh_undo is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.mask.load_state_dict(self._refresh_undo)
+            self._refresh_undo = None
         self._drawn = False
         self._ascended = False
         self._pass1_skipped = False
@@ -397,9 +399,15 @@ class SharpnessAware(Optimizer):
         """Whether the mask policy wants :meth:`refresh_mask` before the next step."""
         return self.mask.refresh_due(self.steps)
 
-    def refresh_mask(self, model: torch.nn.Module, batch: Any, loss_fn: Callable) -> bool:
-        """Recompute a data-dependent mask (SSAM-F's Fisher, SSAM-D's drop/grow)."""
-        return self.mask.refresh(model, self.params, batch, loss_fn, self.steps)
+    def refresh_mask(
+        self, model: torch.nn.Module | None, batch: Any, loss_fn: Callable | None
+    ) -> bool:
+        """Recompute a data-dependent mask (SSAM-F's Fisher, SSAM-D's drop/grow). Part of
+        the step: :meth:`abort_step` undoes it too."""
+        undo = self.mask.state_dict() if self._refresh_undo is None else self._refresh_undo
+        changed = self.mask.refresh(model, self.params, batch, loss_fn, self.steps)
+        self._refresh_undo = undo
+        return changed
 
     # ------------------------------------------------------------------ state
     def _policy_names(self) -> dict[str, str]:
