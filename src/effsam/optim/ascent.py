@@ -96,6 +96,13 @@ class AdaptiveAscent(L2Ascent):
         return f"eta={self.eta}{only}"
 
 
+def asam_reference_params(model: torch.nn.Module) -> list[Tensor]:
+    """The parameters the ASAM authors' code makes adaptive: those whose name contains
+    ``"weight"`` (biases get T = 1). For ``AdaptiveAscent(only=...)`` /
+    ``ASAM(adaptive_only=...)``."""
+    return [p for name, p in model.named_parameters() if "weight" in name]
+
+
 def group_by_device_and_dtype(tensors: Sequence[Tensor]) -> list[list[int]]:
     """Indices of ``tensors`` grouped by (device, dtype), each group in the input order,
     the groups in order of first appearance."""

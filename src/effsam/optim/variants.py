@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+from torch import Tensor
 from torch.optim import Optimizer
 
 from .ascent import AdaptiveAscent, L2Ascent
@@ -15,6 +18,10 @@ class SAM(SharpnessAware):
 
     ε = ρ g / (‖g‖₂ + δ), or for ASAM ε = ρ T² g / (‖T g‖₂ + δ) with T = |θ| + η.
     ASAM wants a ρ about 10× SAM's (e.g. 0.5 instead of 0.05).
+
+    ``adaptive_only``: the tensors T applies to (the others get T = 1). The ASAM authors'
+    code makes only parameters named ``*weight*`` adaptive, with η = 0.01:
+    ``ASAM(base, eta=0.01, adaptive_only=effsam.asam_reference_params(model))``.
     """
 
     def __init__(
@@ -24,17 +31,29 @@ class SAM(SharpnessAware):
         *,
         adaptive: bool = False,
         eta: float = 0.0,
+        adaptive_only: Iterable[Tensor] | None = None,
         **kwargs,
     ) -> None:
-        ascent = AdaptiveAscent(eta) if adaptive else L2Ascent()
+        if adaptive_only is not None and not adaptive:
+            raise ValueError("adaptive_only needs adaptive=True (it selects ASAM's tensors)")
+        only = None if adaptive_only is None else list(adaptive_only)
+        ascent = AdaptiveAscent(eta, only=only) if adaptive else L2Ascent()
         super().__init__(base, rho, ascent=ascent, **kwargs)
 
 
 class ASAM(SAM):
     """ASAM: SAM with the adaptive ascent; default ρ = 0.5."""
 
-    def __init__(self, base: Optimizer, rho: float = 0.5, *, eta: float = 0.0, **kwargs) -> None:
-        super().__init__(base, rho, adaptive=True, eta=eta, **kwargs)
+    def __init__(
+        self,
+        base: Optimizer,
+        rho: float = 0.5,
+        *,
+        eta: float = 0.0,
+        adaptive_only: Iterable[Tensor] | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(base, rho, adaptive=True, eta=eta, adaptive_only=adaptive_only, **kwargs)
 
 
 class ESAM(SharpnessAware):
