@@ -281,3 +281,30 @@ def test_asam_reference_rule_weights_only_with_eta():
         torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-15)
     with pytest.raises(ValueError, match="adaptive_only"):
         effsam.SAM(torch.optim.SGD(model.parameters(), lr=0.1), adaptive_only=[])
+
+
+# ---------------------------------------------------------------------- policy interfaces
+def test_a_policy_missing_part_of_its_interface_is_refused():
+    class OldAscent:  # the former interface: terms() instead of scales_()
+        name = "old"
+
+        def terms(self, params, grads, foreach):
+            return list(grads), list(grads)
+
+    model = mlp()
+    with pytest.raises(TypeError, match="AscentPolicy"):
+        effsam.SharpnessAware(torch.optim.SGD(model.parameters(), lr=0.1), ascent=OldAscent())
+    with pytest.raises(TypeError, match="MaskPolicy"):
+        effsam.SharpnessAware(torch.optim.SGD(model.parameters(), lr=0.1), mask=object())
+
+
+def test_public_accessors():
+    model = mlp()
+    opt = effsam.ESAM(torch.optim.SGD(model.parameters(), lr=0.1), beta=0.5, gamma=1.0, seed=1)
+    assert [id(p) for p in opt.params] == [id(p) for p in model.parameters()]
+    assert opt.pass1_keep is None
+    with opt.first_pass():
+        ce(model, data()).mean().backward()
+    keep = opt.pass1_keep
+    assert keep is not None and len(keep) == len(opt.params)
+    assert [p.grad is not None for p in model.parameters()] == keep

@@ -62,7 +62,7 @@ def test_swp_dropped_tensors_get_no_pass_one_gradient():
             loss = per_sample_ce(model, tiny_data(seed=i)).mean()
             in_graph = _weight_nodes(loss)
             loss.backward()
-        keep = opt._keep
+        keep = opt.pass1_keep
         for p, k in zip(params, keep):
             assert (p.grad is not None) == k
             # not in the autograd graph at all: no weight-gradient kernel ran for it

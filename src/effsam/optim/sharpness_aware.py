@@ -14,8 +14,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .ascent import AdaptiveAscent, L2Ascent, ascend_, global_norm, group_by_device_and_dtype
+from .ascent import L2Ascent, ascend_, global_norm, group_by_device_and_dtype
 from .masks import PerturbationMask, kept_fraction
+from .policy import AscentPolicy, MaskPolicy, SelectionPolicy
 from .selection import AllSamples
 
 _WRAPPER_KEY = "effsam"
@@ -87,9 +88,9 @@ class SharpnessAware(Optimizer):
         base: Optimizer,
         rho: float = 0.05,
         *,
-        ascent: L2Ascent | AdaptiveAscent | None = None,
-        mask: PerturbationMask | None = None,
-        selection: AllSamples | None = None,
+        ascent: AscentPolicy | None = None,
+        mask: MaskPolicy | None = None,
+        selection: SelectionPolicy | None = None,
         foreach: bool | None = None,
         check_finite: bool = True,
         eps_denominator: float = 1e-12,
@@ -105,9 +106,19 @@ class SharpnessAware(Optimizer):
         if not (eps_denominator > 0 and math.isfinite(eps_denominator)):
             raise ValueError(f"Invalid eps_denominator: {eps_denominator!r} (must be > 0)")
         self.base = base
-        self.ascent = ascent if ascent is not None else L2Ascent()
-        self.mask = mask if mask is not None else PerturbationMask()
-        self.selection = selection if selection is not None else AllSamples()
+        self.ascent: AscentPolicy = ascent if ascent is not None else L2Ascent()
+        self.mask: MaskPolicy = mask if mask is not None else PerturbationMask()
+        self.selection: SelectionPolicy = selection if selection is not None else AllSamples()
+        for what, policy, protocol in (
+            ("ascent", self.ascent, AscentPolicy),
+            ("mask", self.mask, MaskPolicy),
+            ("selection", self.selection, SelectionPolicy),
+        ):
+            if not isinstance(policy, protocol):
+                raise TypeError(
+                    f"Invalid {what} policy: {policy!r} does not implement "
+                    f"effsam.optim.policy.{protocol.__name__}"
+                )
         self.foreach = True if foreach is None else bool(foreach)
         self.check_finite = bool(check_finite)
         self.eps_denominator = float(eps_denominator)
