@@ -173,5 +173,3 @@ def kept_fraction(
     total = sum(p.numel() for p, _ in rows)
     elems = sum(c for _, c in rows)
     return n_kept / len(rows), (elems / total if total else 1.0)
-
-
