@@ -102,6 +102,31 @@ def top_k_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
 # ---------------------------------------------------------------------- equivalences
 @pytest.mark.parametrize("normalisation", ["authors", "masked"])
 @pytest.mark.parametrize("mask", ["fisher", "dynamic"])
+def test_a_built_all_ones_mask_is_sam(mask, normalisation):
+    # s = 1e-9: k = round((1 − s) N) = N, so a real mask is built and refreshed (not the
+    # s = 0 short-circuit) and keeps every element: the weights must be SAM's bit for bit
+    sam_model, ssam_model = mlp(), mlp()
+    sam = effsam.SAM(sgd(sam_model), rho=RHO)
+    ssam = effsam.SSAM(
+        sgd(ssam_model),
+        rho=RHO,
+        sparsity=1e-9,
+        mask=mask,
+        update_interval=2,
+        total_steps=6,
+        normalisation=normalisation,
+    )
+    run(sam_model, sam, 6)
+    run(ssam_model, ssam, 6)
+    assert ssam.mask.masks is not None and ssam.mask.refreshes >= 3
+    assert all(bool(m.all()) for m in ssam.mask.masks)
+    a, b = sam_model.state_dict(), ssam_model.state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("normalisation", ["authors", "masked"])
+@pytest.mark.parametrize("mask", ["fisher", "dynamic"])
 def test_sparsity_zero_is_sam(mask, normalisation):
     sam_model, ssam_model = mlp(), mlp()
     sam = effsam.SAM(sgd(sam_model), rho=RHO)
