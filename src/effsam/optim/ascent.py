@@ -133,18 +133,22 @@ def _tensor_norms(tensors: Sequence[Tensor], foreach: bool) -> list[Tensor]:
     norms: list[Tensor | None] = [None] * len(tensors)
     for idx in group_by_device_and_dtype(tensors):
         dtype = _norm_dtype(tensors[idx[0]].dtype)
-        if dtype is not None:  # half precision: large tensors in chunks
-            big = [i for i in idx if tensors[i].numel() > NORM_CHUNK]
-            for i in big:
-                norms[i] = _chunked_norm(tensors[i], dtype)
-            idx = [i for i in idx if tensors[i].numel() <= NORM_CHUNK]
-            if not idx:
-                continue
+        if dtype is not None:
+            # Half precision: linalg.vector_norm with a float32 accumulation, large tensors
+            # in chunks (torch._foreach_norm takes a dtype only from torch 2.4 on).
+            for i in idx:
+                t = tensors[i]
+                if t.numel() > NORM_CHUNK:
+                    norms[i] = _chunked_norm(t, dtype)
+                else:
+                    norms[i] = torch.linalg.vector_norm(t, dtype=dtype)
+            continue
         group = [tensors[i] for i in idx]
-        if foreach:
-            out = torch._foreach_norm(group, 2, dtype=dtype)
-        else:
-            out = [torch.linalg.vector_norm(t, dtype=dtype) for t in group]
+        out = (
+            torch._foreach_norm(group, 2)
+            if foreach
+            else [torch.linalg.vector_norm(t) for t in group]
+        )
         for i, n in zip(idx, out):
             norms[i] = n
     return norms  # type: ignore[return-value]
