@@ -177,9 +177,10 @@ _SAM_ARGS = frozenset({"rho", "adaptive", "eta"})
 _ESAM_ARGS = frozenset(
     {"rho", "beta", "gamma", "seed", "selection", "swp_scaling", "adaptive", "eta"}
 )
-_SSAM_ARGS = frozenset({"rho", "sparsity", "update_interval", "normalisation"})
+# seed: SSAM-D's generator; SSAM-F takes it too (unused) so a run seed applies to every SSAM
+_SSAM_ARGS = frozenset({"rho", "sparsity", "update_interval", "normalisation", "seed"})
 _SSAM_F_ARGS = _SSAM_ARGS | {"num_samples", "fisher_chunk_size", "fisher_mode", "granularity"}
-_SSAM_D_ARGS = _SSAM_ARGS | {"total_steps", "drop_rate", "grow", "seed"}
+_SSAM_D_ARGS = _SSAM_ARGS | {"total_steps", "drop_rate", "grow"}
 
 register(OptimizerSpec("sgd", "the base optimizer alone (no sharpness-aware step)", None))
 register(

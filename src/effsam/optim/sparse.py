@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..batching import batch_size
-from ._ranking import common_dtype, largest_indices, round_half_up
+from ._ranking import common_dtype, largest_indices, round_half_up, smallest_indices
 from .fisher import FISHER_MODES, empirical_fisher
 from .masks import PerturbationMask
 
@@ -150,7 +150,8 @@ class SparseMask(PerturbationMask):
     def _install(self, masks: list[Tensor], pool: list[bool]) -> None:
         self._masks = masks
         self._pool = pool
-        self._counts = [int(m.sum()) for m in masks]
+        # count_nonzero: a bool tensor's sum() would first make an int64 copy (8× its size)
+        self._counts = [int(torch.count_nonzero(m)) for m in masks]
         self._has_any = [c > 0 for c in self._counts]
         self._all_true = [c == m.numel() for c, m in zip(self._counts, masks)]
         total = sum(m.numel() for m, p in zip(masks, pool) if p)
@@ -613,7 +614,8 @@ class DynamicMask(SparseMask):
             if pooled
         ]
         dtype = common_dtype(grads)
-        score = torch.cat([g.to(device=device, dtype=dtype).abs() for g in grads])
+        # one flat copy, made absolute in place (the refresh's memory is a few flat vectors)
+        score = torch.cat([g.to(device=device, dtype=dtype) for g in grads]).abs_()
         _all_reduce_sum(score)  # the same mask on every worker
         if not bool(torch.isfinite(score).all()):
             warnings.warn(
@@ -623,17 +625,19 @@ class DynamicMask(SparseMask):
                 stacklevel=3,
             )
             return
-        k = int(live.sum())
-        dead_idx = (~live).nonzero().flatten()  # dead before the drop: the growth pool
-        n_drop = min(round_half_up(self.drop_rate_at(step) * k), dead_idx.numel())
-        live_idx = live.nonzero().flatten()
+        k = int(torch.count_nonzero(live))
+        n_dead = live.numel() - k  # dead before the drop: the growth pool
+        n_drop = min(round_half_up(self.drop_rate_at(step) * k), n_dead)
         new = live.clone()
-        new[live_idx[largest_indices(-score[live_idx], n_drop)]] = False
+        # drop: the smallest |g| among the live (the dead ranked last, at +inf)
+        new[smallest_indices(torch.where(live, score, float("inf")), n_drop)] = False
         if self.grow == "random":
-            pick = torch.randperm(dead_idx.numel(), generator=self.generator)[:n_drop]
-            grown = dead_idx[pick.to(device)]
+            pick = torch.randperm(n_dead, generator=self.generator)[:n_drop]
+            del score
+            grown = (~live).nonzero().flatten()[pick.to(device)]
         else:
-            grown = dead_idx[largest_indices(score[dead_idx], n_drop)]
+            # grow: the largest |g| among the dead before the drop (the live at -inf)
+            grown = largest_indices(torch.where(live, float("-inf"), score), n_drop)
         new[grown] = True
         self._next = self._split(new, self._bound, self._pool)
         self.last_refresh_step = step
