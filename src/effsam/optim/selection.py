@@ -41,28 +41,27 @@ class AllSamples(Policy):
         return None
 
 
-class TopSharpness(AllSamples):
-    """ESAM's SDS: the k samples with the largest ℓ_i(θ + ε) − ℓ_i(θ)."""
+class _TopK(Policy):
+    """The k = max(1, round(γ b)) samples with the largest score; subclasses say which."""
 
-    name = "sharpness"
+    name = "top-k"
 
     def __init__(self, gamma: float) -> None:
         self.gamma = _check_gamma(gamma)
 
     @property
-    def needs_perturbed_loss(self) -> bool:  # type: ignore[override]
-        return self.gamma < 1.0
+    def needs_perturbed_loss(self) -> bool:
+        return False
 
     @property
-    def needs_per_sample(self) -> bool:  # type: ignore[override]
+    def needs_per_sample(self) -> bool:
         return self.gamma < 1.0
 
     def num_selected(self, batch_size: int) -> int:
         return max(1, min(batch_size, round_half_up(self.gamma * batch_size)))
 
     def scores(self, loss_before: Tensor, loss_after: Tensor | None) -> Tensor:
-        assert loss_after is not None
-        return loss_after - loss_before
+        raise NotImplementedError
 
     def select(self, loss_before: Tensor | None, loss_after: Tensor | None) -> Tensor | None:
         if self.gamma >= 1.0 or loss_before is None:
@@ -79,14 +78,25 @@ class TopSharpness(AllSamples):
         return f"gamma={self.gamma}"
 
 
-class TopLoss(TopSharpness):
+class TopSharpness(_TopK):
+    """ESAM's SDS: the k samples with the largest ℓ_i(θ + ε) − ℓ_i(θ)."""
+
+    name = "sharpness"
+
+    @property
+    def needs_perturbed_loss(self) -> bool:
+        return self.gamma < 1.0
+
+    def scores(self, loss_before: Tensor, loss_after: Tensor | None) -> Tensor:
+        if loss_after is None:
+            raise ValueError("SDS needs the per-sample losses at θ + ε (loss_after)")
+        return loss_after - loss_before
+
+
+class TopLoss(_TopK):
     """Cheap selection: the k samples with the largest pass-1 loss (no extra forward)."""
 
     name = "loss"
-
-    @property
-    def needs_perturbed_loss(self) -> bool:  # type: ignore[override]
-        return False
 
     def scores(self, loss_before: Tensor, loss_after: Tensor | None) -> Tensor:
         return loss_before
