@@ -308,3 +308,24 @@ def test_public_accessors():
     keep = opt.pass1_keep
     assert keep is not None and len(keep) == len(opt.params)
     assert [p.grad is not None for p in model.parameters()] == keep
+
+
+# ---------------------------------------------------------------------- low-memory top-k
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("largest", [True, False])
+def test_select_mask_is_the_stable_sorted_top_k(dtype, largest):
+    from effsam.optim._ranking import select_mask
+
+    g = torch.Generator().manual_seed(0)
+    # many ties (rounded values, zeros) so the lower-index rule is exercised
+    scores = (torch.rand(500, generator=g, dtype=torch.float64) * 8).floor().to(dtype)
+    where = torch.rand(500, generator=g) < 0.6
+    for k in (0, 1, 7, 100, int(where.sum())):
+        got = select_mask(scores, k, where, largest=largest)
+        idx = where.nonzero().flatten()
+        order = torch.sort(scores[idx], descending=largest, stable=True).indices[:k]
+        expected = torch.zeros(500, dtype=torch.bool)
+        expected[idx[order]] = True
+        assert torch.equal(got, expected), k
+    with pytest.raises(ValueError, match="exceeds"):
+        select_mask(scores, int(where.sum()) + 1, where, largest=largest)

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..batching import batch_size
-from ._ranking import common_dtype, largest_indices, round_half_up, smallest_indices
+from ._ranking import common_dtype, largest_indices, round_half_up, select_mask
 from .fisher import FISHER_MODES, empirical_fisher
 from .masks import PerturbationMask
 
@@ -408,7 +408,7 @@ class FisherMask(SparseMask):
         dtype = common_dtype(scored)
         flat = torch.cat([f.reshape(-1).to(device=device, dtype=dtype) for f in scored])
         _all_reduce_sum(flat)  # the same mask on every worker
-        if not bool(torch.isfinite(flat).all()):
+        if not bool(torch.isfinite(flat.max())):  # non-negative: max is NaN or inf iff one is
             kept = "the previous mask is kept" if self._masks is not None else "no mask yet"
             warnings.warn(
                 f"effsam: SSAM-F refresh at step {step} got a non-finite Fisher estimate; {kept}",
@@ -419,8 +419,7 @@ class FisherMask(SparseMask):
         self.last_num_samples = min(self.num_samples, batch_size(batch))
         k = self.num_kept(flat.numel())
         if self.granularity == "element":
-            chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=device)
-            chosen[largest_indices(flat, k)] = True
+            chosen = select_mask(flat, k, largest=True)
         else:
             chosen = self._choose_tensors(flat, [f.numel() for f in scored], k)
         self._install(self._split(chosen, params, pool), pool)
@@ -594,8 +593,9 @@ class DynamicMask(SparseMask):
     def _init_random(self, params: Sequence[Tensor]) -> None:
         pool = [p.requires_grad for p in params]
         total = sum(p.numel() for p, pooled in zip(params, pool) if pooled)
-        chosen = torch.zeros(total, dtype=torch.bool)
-        chosen[torch.randperm(total, generator=self.generator)[: self.num_kept(total)]] = True
+        # k uniformly at random: the largest of uniform draws (no int64 permutation)
+        u = torch.rand(total, generator=self.generator)
+        chosen = select_mask(u, self.num_kept(total), largest=True)
         self._install(self._split(chosen, params, pool), pool)
 
     def prepare(self, params: Sequence[Tensor]) -> None:
@@ -617,7 +617,7 @@ class DynamicMask(SparseMask):
         # one flat copy, made absolute in place (the refresh's memory is a few flat vectors)
         score = torch.cat([g.to(device=device, dtype=dtype) for g in grads]).abs_()
         _all_reduce_sum(score)  # the same mask on every worker
-        if not bool(torch.isfinite(score).all()):
+        if not bool(torch.isfinite(score.max())):  # non-negative: max is NaN or inf iff one is
             warnings.warn(
                 f"effsam: SSAM-D refresh at step {step} got a non-finite gradient; the "
                 "previous mask is kept",
@@ -626,19 +626,18 @@ class DynamicMask(SparseMask):
             )
             return
         k = int(torch.count_nonzero(live))
-        n_dead = live.numel() - k  # dead before the drop: the growth pool
+        n_dead = live.numel() - k
         n_drop = min(round_half_up(self.drop_rate_at(step) * k), n_dead)
-        new = live.clone()
-        # drop: the smallest |g| among the live (the dead ranked last, at +inf)
-        new[smallest_indices(torch.where(live, score, float("inf")), n_drop)] = False
+        # drop: the n_drop smallest |g| among the live
+        new = live & ~select_mask(score, n_drop, live, largest=False)
+        dead = ~live  # dead before the drop: the growth pool
         if self.grow == "random":
-            pick = torch.randperm(n_dead, generator=self.generator)[:n_drop]
             del score
-            grown = (~live).nonzero().flatten()[pick.to(device)]
+            # n_drop uniformly among the dead: the largest of uniform draws
+            u = torch.rand(live.numel(), generator=self.generator).to(device)
+            new |= select_mask(u, n_drop, dead, largest=True)
         else:
-            # grow: the largest |g| among the dead before the drop (the live at -inf)
-            grown = largest_indices(torch.where(live, float("-inf"), score), n_drop)
-        new[grown] = True
+            new |= select_mask(score, n_drop, dead, largest=True)
         self._next = self._split(new, self._bound, self._pool)
         self.last_refresh_step = step
         self.last_drop_count = n_drop
