@@ -15,7 +15,8 @@ Pass 2 (the descent gradient) stays dense. Two ways to choose m:
   so pass 1 can skip the weight gradients of the others and sparsity saves real time.
 * :class:`DynamicMask` (SSAM-D): a random mask of density 1 − s; every ``update_interval``
   steps the r_t fraction of live elements with the smallest |g| is dropped and as many
-  dead elements regrow (at random, or by largest |g|), r_t = r_0 (1 + cos(π t / T)) / 2.
+  elements dead before the drop regrow (at random, or by largest |g|),
+  r_t = r_0 (1 + cos(π t / T)) / 2; the new mask is used from the next step.
 
 N counts the elements of the optimizer's parameters that can be perturbed: those with
 ``requires_grad`` (and, for the Fisher mask, that belong to the model). The mask is kept

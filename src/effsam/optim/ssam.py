@@ -27,8 +27,9 @@ class SSAM(SharpnessAware):
       Fisher over ``num_samples`` training samples, k = round((1 − s) N), recomputed
       every ``update_interval`` steps and before the first step.
     * ``mask="dynamic"`` (SSAM-D): a random initial mask; every ``update_interval`` steps
-      the r_t = r_0 (1 + cos(π t / T)) / 2 fraction of live elements with the smallest |g|
-      is dropped and as many regrow (``grow="random"`` or ``"gradient"``).
+      (from step 0) the r_t = r_0 (1 + cos(π t / T)) / 2 fraction of live elements with
+      the smallest |g| is dropped and as many elements dead before the drop regrow
+      (``grow="random"`` or ``"gradient"``); the new mask is used from the next step.
     * ``granularity="tensor"`` (an extension, Fisher only): whole tensors are kept by
       Fisher mass per element, so pass 1 skips the weight gradients of the others and
       sparsity saves compute; the density is then close to 1 − s (see :attr:`density`).
