@@ -45,12 +45,15 @@ def test_smoke_script_writes_results(tmp_path):
     assert data["command"].startswith("python benchmarks/throughput.py --smoke")
     assert data["environment"]["torch"]
     rows = {r["variant"]: r for r in data["rows"]}
-    # the ratios are the step times' ratios (SAM's step is the slower one: two passes)
-    for r in data["rows"]:
-        assert r["vs_sam"] == pytest.approx(rows["sam"]["step_ms"] / r["step_ms"], rel=0.5)
-    assert rows["sgd"]["vs_sam"] > 1.0
     md = json_file.with_suffix(".md").read_text()
-    assert "| esam |" in md
+    # the Markdown table prints the measured ratios and memory of each variant (no timing
+    # is asserted: the machine may be loaded)
+    for r in data["rows"]:
+        # the first table is the measurements (the cost model's table comes later)
+        line = next(x for x in md.splitlines() if x.startswith(f"| {r['variant']} |"))
+        assert r["vs_sam"] > 0 and f"| {r['vs_sam']:.3f} |" in line
+        if r["ascent_x_params"] is not None:
+            assert f"| {r['ascent_x_params']:.3f} |" in line
     target_rows = [line for line in md.splitlines() if "speed vs sam >=" in line]
     assert target_rows and all(("| PASS |" in t) != ("| FAIL |" in t) for t in target_rows)
     assert all(r["ascent_x_params"] is None for r in data["rows"] if r["variant"] == "sgd")
