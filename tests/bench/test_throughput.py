@@ -117,6 +117,9 @@ def test_pass_counts_reflect_the_algorithms():
     assert stats["sam"].ascent_persistent == 1.0
     targets = {t["target"]: t for t in evaluate_targets(stats)}
     assert "esam speed vs sam >= 1.40x" in targets
+    memory = targets["sam ascent memory <= 1.1x params"]
+    assert memory["value"] == stats["sam"].ascent_ratio and memory["pass"]
+    assert "sgd ascent memory <= 1.1x params" not in targets
 
 
 def test_unknown_variant_is_an_error():

@@ -53,6 +53,11 @@ TARGETS: list[tuple[str, str, float, str]] = [
 ]
 
 
+#: extra memory of the ascent (θ backup, masks, first_step's transient) / parameter bytes
+ASCENT_MEMORY = 1.1
+ASCENT_MEMORY_SSAM = 1.3  # a bool mask is 1/4 of float32 parameters
+
+
 @dataclass
 class VariantStats:
     name: str
@@ -317,6 +322,17 @@ def evaluate_targets(stats: dict[str, VariantStats]) -> list[dict[str, Any]]:
                 "paper": "SAM = 2 x SGD passes",
             }
         )
+    for name, st in stats.items():
+        if st.ascent_ratio is not None:
+            limit = ASCENT_MEMORY_SSAM if name.startswith("ssam") else ASCENT_MEMORY
+            rows.append(
+                {
+                    "target": f"{name} ascent memory <= {limit:.1f}x params",
+                    "value": st.ascent_ratio,
+                    "pass": st.ascent_ratio <= limit,
+                    "paper": "floor: the theta backup (1x)",
+                }
+            )
     if "sam" in stats and stats["sam"].overhead:
         value = stats["sam"].overhead[0] / statistics.median(stats["sam"].step_times)
         rows.append(
