@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                 "overhead_ms": s.overhead[0] * 1e3 if s.overhead else None,
                 "optimizer_mb": s.optimizer_mb,
                 "step_peak_mb": s.peak_mb,
+                "ascent_x_params": s.ascent_ratio,
+                "ascent_transient_x_params": s.ascent_transient,
             }
         )
     targets = evaluate_targets(stats)
@@ -136,11 +138,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{', '.join(f'{k} at {v:.0%}' for k, v in SHARES.items())} sharpness-aware steps: "
         "their own plain step and SAM's, mixed at that share. "
         "Step peak MB: the most memory one more step (profiled, untimed) holds at once beyond "
-        "what was allocated before it.",
+        "what was allocated before it. Ascent ×params: the extra memory of the ascent — the "
+        "wrapper's θ backup and masks plus first_step's transient peak (allocation events) — "
+        "over the parameters' bytes; the floor is 1 (the backup), the targets 1.1 (SAM, "
+        "ASAM, ESAM) and 1.3 (SSAM); transient: first_step's share of it.",
         "",
         "| variant | ms/step | images/s | vs SAM | vs SGD | fwd passes | bwd passes | "
-        "refresh ms | opt. overhead ms | opt. MB | step peak MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "refresh ms | opt. overhead ms | opt. MB | step peak MB | ascent ×params | "
+        "transient ×params |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
@@ -149,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{fmt(r['vs_sam'], '.3f')} | {fmt(r['vs_sgd'], '.3f')} | "
             f"{r['forward_passes']:.2f} | {r['backward_passes']:.2f} | "
             f"{r['refresh_ms']:.1f} | {fmt(r['overhead_ms'], '.2f')} | "
-            f"{r['optimizer_mb']:.1f} | {fmt(r['step_peak_mb'], '.0f')} |"
+            f"{r['optimizer_mb']:.1f} | {fmt(r['step_peak_mb'], '.0f')} | "
+            f"{fmt(r['ascent_x_params'], '.3f')} | {fmt(r['ascent_transient_x_params'], '.3f')} |"
         )
     md += ["", "| target | measured | result | paper |", "|---|---:|---|---|"]
     for t in targets:

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .optim.ascent import group_by_device_and_dtype
 from .optim.sharpness_aware import SharpnessAware
 
 
@@ -34,16 +35,17 @@ def find_ddp(model: nn.Module) -> DistributedDataParallel | None:
 
 
 def allreduce_mean(grads: list[Tensor]) -> None:
-    """Average gradients over workers in one flat buffer (one collective)."""
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    """Average gradients over workers: one flat buffer (one collective) per device and
+    dtype, in the order of first appearance (the same on every worker)."""
+    for idx in group_by_device_and_dtype(grads):
+        group = [grads[i] for i in idx]
+        flat = torch.cat([g.reshape(-1) for g in group])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for g in group:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
 
 
 def sync_ascent_grads(optimizer: SharpnessAware) -> None:
@@ -54,10 +56,10 @@ def sync_ascent_grads(optimizer: SharpnessAware) -> None:
     trainable flags, never by which tensors happened to receive a gradient locally; a
     missing local gradient takes part as zeros.
     """
-    keep = optimizer._keep
+    keep = optimizer.pass1_keep
     grads = []
     with torch.no_grad():
-        for i, p in enumerate(optimizer._params()):
+        for i, p in enumerate(optimizer.params):
             if not p.requires_grad or (keep is not None and not keep[i]):
                 continue
             if p.grad is None:

@@ -102,12 +102,13 @@ def _split_loss(out: Any, n: int, per_sample: bool) -> tuple[Tensor, Any]:
             f"loss_fn must return a tensor of per-sample losses, got {type(out).__name__}"
         )
     if out.dim() == 0:
-        if per_sample:
-            raise ValueError(
-                "loss_fn returned a scalar, but sample selection needs per-sample losses of "
-                f"shape [{n}] (use reduction='none')"
-            )
-        return out, aux
+        # Also without sample selection: the same loss_fn must keep working when the
+        # optimizer is switched to one that selects samples (ESAM).
+        need = "sample selection needs" if per_sample else "sharpness_aware_step takes"
+        raise ValueError(
+            f"loss_fn returned a scalar, but {need} per-sample losses of shape [{n}] "
+            "(use reduction='none')"
+        )
     if out.shape != (n,):
         raise ValueError(f"loss_fn returned losses of shape {list(out.shape)}, expected [{n}]")
     return out, aux
@@ -173,7 +174,7 @@ def sharpness_aware_step(
             (then: one forward/backward and a step).
         batch: a tensor, tuple/list or dict of tensors, all indexed on dim 0.
         loss_fn: ``loss_fn(model, batch)`` → per-sample losses of shape [b] (a scalar is
-            accepted when no sample selection is active), or ``(losses, aux)``.
+            an error, for every optimizer), or ``(losses, aux)``.
         scaler: a ``torch.amp.GradScaler`` for fp16.
         autocast: ``"bf16"``, ``"fp16"`` or ``None``.
         accumulation_steps: split the batch into this many micro-batches per pass.
@@ -196,6 +197,8 @@ def sharpness_aware_step(
     if use_scaler and sam and not optimizer.check_finite:
         raise ValueError("a GradScaler needs the optimizer's check_finite=True")
     b = batch_size(batch)
+    if b == 0:
+        raise ValueError("sharpness_aware_step got an empty batch (0 samples)")
     micro = split_batch(batch, accumulation_steps) if accumulation_steps > 1 else [batch]
     ddp = find_ddp(model)
     if ddp is not None:
@@ -253,7 +256,7 @@ def sharpness_aware_step(
                 aux = aux_i if len(micro) == 1 else _merge_aux(aux, aux_i)
         if pre_loss is not None:
             total, aux = pre_loss, pre_aux  # the step reports the whole batch
-        if sam and optimizer._keep is not None and not all(optimizer._keep):
+        if sam and optimizer.pass1_keep is not None and not all(optimizer.pass1_keep):
             _warn_if_compiled(model, optimizer)
         if not sam:
             return _plain_step(
@@ -300,7 +303,7 @@ def sharpness_aware_step(
                     if optimizer.selection.needs_perturbed_loss:
                         with torch.no_grad():
                             after, _ = forward(mb)
-                    idx = optimizer.selection.select(losses_1[i], after)
+                    idx = optimizer.select(losses_1[i], after)
                     if idx is not None:
                         sub = index_batch(mb, idx)
                 with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
@@ -315,7 +318,7 @@ def sharpness_aware_step(
         if clip_grad_norm is not None:
             # After unscaling and DDP's all-reduce: the final gradient, the same on every
             # worker. (Clipping pass 1 would do nothing: the ascent normalises it away.)
-            torch.nn.utils.clip_grad_norm_(optimizer._params(), clip_grad_norm)
+            torch.nn.utils.clip_grad_norm_(optimizer.params, clip_grad_norm)
         ok = optimizer.second_step()
         if use_scaler:
             scaler.update()  # backs off if either pass recorded an overflow
@@ -332,7 +335,8 @@ def sharpness_aware_step(
 
 
 def _preselects(optimizer: SharpnessAware) -> bool:
-    return optimizer.selection.before_pass1 and optimizer.selection.needs_per_sample
+    sel = optimizer.selection
+    return bool(getattr(sel, "before_pass1", False)) and sel.needs_per_sample
 
 
 def _preselect(
@@ -344,7 +348,7 @@ def _preselect(
     with torch.no_grad():
         for mb in micro:
             losses, aux_i = forward(mb)
-            idx = optimizer.selection.select(losses.detach(), None)
+            idx = optimizer.select(losses.detach(), None)  # ρ = 0: the whole batch
             subsets.append(mb if idx is None else index_batch(mb, idx))
             part = _mean(losses) * (batch_size(mb) / b)
             total = part if total is None else total + part
@@ -356,20 +360,17 @@ def _grad_sq_norm(
     optimizer: SharpnessAware, ddp: Any, scaler: torch.amp.GradScaler | None
 ) -> float:
     """‖g‖² of pass 1 (unscaled), the mean over data-parallel workers."""
-    grads = optimizer.trainable_grads()
-    if not grads:
-        return 0.0
-    norms = torch._foreach_norm(grads) if optimizer.foreach else [g.norm() for g in grads]
-    device = grads[0].device
-    sq = torch.stack([n.float().to(device) for n in norms]).square().sum()
+    sq = optimizer.grad_sq_norm()
     if scaler is not None and scaler.is_enabled():
         sq = sq / float(scaler.get_scale()) ** 2
     if ddp is not None:
         import torch.distributed as dist
 
-        dist.all_reduce(sq)
-        sq = sq / dist.get_world_size()
-    return float(sq)
+        device = next((g.device for g in optimizer.trainable_grads()), torch.device("cpu"))
+        t = torch.tensor([sq], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        sq = float(t) / dist.get_world_size()
+    return sq
 
 
 def _scheduled_plain_step(
@@ -383,7 +384,7 @@ def _scheduled_plain_step(
         scaler.unscale_(optimizer)
     optimizer.first_step()  # False: records the plain step (MSAM: restores θ)
     if clip_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(optimizer._params(), clip_grad_norm)
+        torch.nn.utils.clip_grad_norm_(optimizer.params, clip_grad_norm)
     ok = optimizer.second_step()
     if scaler is not None:
         scaler.update()

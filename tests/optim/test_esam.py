@@ -23,6 +23,27 @@ def _steps(model, opt, n, start=0, loss_fn=per_sample_ce):
     return results
 
 
+def test_esam_through_its_swp_and_sds_code_paths_is_sam_when_both_keep_everything():
+    # β and γ just below 1: every tensor is kept (u < β), k = round(γ b) = b, yet the SWP
+    # draw, the pass-1 flags and SDS's perturbed forward and selection all run; with
+    # swp_scaling="unit" ε is SAM's, so the weights must be SAM's bit for bit
+    sam_model, esam_model = tiny_bn_net(), tiny_bn_net()
+    sam = effsam.SAM(torch.optim.SGD(sam_model.parameters(), lr=LR, momentum=MOM), rho=RHO)
+    esam = effsam.ESAM(
+        torch.optim.SGD(esam_model.parameters(), lr=LR, momentum=MOM),
+        rho=RHO,
+        beta=1 - 1e-12,
+        gamma=1 - 1e-12,
+        swp_scaling="unit",
+    )
+    assert esam.selection.needs_perturbed_loss and esam.mask.beta < 1
+    _steps(sam_model, sam, 5)
+    _steps(esam_model, esam, 5)
+    a, b = clone_state(sam_model), clone_state(esam_model)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_esam_with_beta_and_gamma_one_is_sam():
     sam_model, esam_model = tiny_bn_net(), tiny_bn_net()
     sam = effsam.SAM(torch.optim.SGD(sam_model.parameters(), lr=LR, momentum=MOM), rho=RHO)
@@ -62,7 +83,7 @@ def test_swp_dropped_tensors_get_no_pass_one_gradient():
             loss = per_sample_ce(model, tiny_data(seed=i)).mean()
             in_graph = _weight_nodes(loss)
             loss.backward()
-        keep = opt._keep
+        keep = opt.pass1_keep
         for p, k in zip(params, keep):
             assert (p.grad is not None) == k
             # not in the autograd graph at all: no weight-gradient kernel ran for it
@@ -287,9 +308,18 @@ def test_closure_api_works_for_swp_and_refuses_sds():
         loss.backward()
         return loss
 
+    ref_model = tiny_bn_net()
+    ref = effsam.ESAM(torch.optim.SGD(ref_model.parameters(), lr=LR), rho=RHO, beta=0.5, gamma=1)
     before = clone_state(model)
-    opt.step(closure)
-    assert any(not torch.equal(before[k], v) for k, v in clone_state(model).items())
+    for _ in range(3):
+        opt.step(closure)
+        effsam.sharpness_aware_step(ref_model, ref, batch, per_sample_ce)
+    after, expected = clone_state(model), clone_state(ref_model)
+    assert any(not torch.equal(before[k], v) for k, v in after.items())
+    # the closure API is the step function (the BN buffers differ: this closure does not
+    # protect them, sharpness_aware_step does; the weights do not depend on them)
+    for name, _ in model.named_parameters():
+        assert torch.equal(after[name], expected[name]), name
     sds = effsam.ESAM(torch.optim.SGD(model.parameters(), lr=LR), gamma=0.5)
     with pytest.raises(RuntimeError, match="sharpness_aware_step"):
         sds.step(closure)

@@ -102,6 +102,31 @@ def top_k_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
 # ---------------------------------------------------------------------- equivalences
 @pytest.mark.parametrize("normalisation", ["authors", "masked"])
 @pytest.mark.parametrize("mask", ["fisher", "dynamic"])
+def test_a_built_all_ones_mask_is_sam(mask, normalisation):
+    # s = 1e-9: k = round((1 − s) N) = N, so a real mask is built and refreshed (not the
+    # s = 0 short-circuit) and keeps every element: the weights must be SAM's bit for bit
+    sam_model, ssam_model = mlp(), mlp()
+    sam = effsam.SAM(sgd(sam_model), rho=RHO)
+    ssam = effsam.SSAM(
+        sgd(ssam_model),
+        rho=RHO,
+        sparsity=1e-9,
+        mask=mask,
+        update_interval=2,
+        total_steps=6,
+        normalisation=normalisation,
+    )
+    run(sam_model, sam, 6)
+    run(ssam_model, ssam, 6)
+    assert ssam.mask.masks is not None and ssam.mask.refreshes >= 3
+    assert all(bool(m.all()) for m in ssam.mask.masks)
+    a, b = sam_model.state_dict(), ssam_model.state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("normalisation", ["authors", "masked"])
+@pytest.mark.parametrize("mask", ["fisher", "dynamic"])
 def test_sparsity_zero_is_sam(mask, normalisation):
     sam_model, ssam_model = mlp(), mlp()
     sam = effsam.SAM(sgd(sam_model), rho=RHO)
@@ -192,7 +217,7 @@ def test_exact_density_after_every_refresh():
     for i in range(8):
         run(model, opt, 1, start=i)
         assert int(flat_mask(opt).sum()) == k
-    assert opt.mask.refreshes == 7  # steps 1..7
+    assert opt.mask.refreshes == 8  # steps 0..7 (the authors refresh at t = 0 too)
 
 
 def test_fisher_refresh_leaves_bn_buffers_grads_and_modes_untouched():
@@ -337,6 +362,9 @@ def test_drop_rate_follows_the_cosine_schedule():
 
 @pytest.mark.parametrize("grow", ["gradient", "random"])
 def test_dynamic_drop_and_grow(grow):
+    """The authors' rule: a refresh at every t with t % interval == 0 (t = 0 included)
+    drops the n_t live elements with the smallest |g| of step t and grows n_t among the
+    elements dead BEFORE the drop; step t perturbs with the old mask, t + 1 with the new."""
     model = mlp()
     total, interval = 8, 2
     opt = effsam.SSAM(
@@ -352,79 +380,139 @@ def test_dynamic_drop_and_grow(grow):
     n_elems = sum(p.numel() for p in model.parameters())
     k = round_half_up(0.4 * n_elems)
     checked = 0
+    expected_next = None
     for t in range(total):
         batch = data(200 + t)
         due = opt.mask_refresh_due()
-        assert due == (t > 0 and t % interval == 0)
+        assert due == (t % interval == 0)
         if due:
             assert opt.refresh_mask(model, batch, ce)
+        before = [p.detach().clone() for p in model.parameters()]
         with opt.first_pass():
             ce(model, batch).mean().backward()
+        current = flat_mask(opt).clone()
+        assert int(current.sum()) == k
+        if expected_next is not None:
+            assert torch.equal(current, expected_next)  # the mask of the last refresh
+            expected_next = None
         score = torch.cat([p.grad.abs().flatten() for p in model.parameters()])
-        old = flat_mask(opt).clone() if opt.mask.masks is not None else None
         opt.first_step(zero_grad=True)
-        new = flat_mask(opt)
-        assert int(new.sum()) == k
-        if t == 0:
-            assert int(old.sum()) == k  # the random initial mask, made at the first step
+        assert torch.equal(flat_mask(opt), current)  # step t perturbs with the old mask
+        eps = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+        assert bool((eps[~current] == 0).all()) and bool((eps[current] != 0).any())
         if due:
-            n_drop = round_half_up(0.5 * (1 + math.cos(math.pi * t / total)) / 2 * k)
-            assert opt.mask.last_drop_count == n_drop
-            live = old.nonzero().flatten()
+            r_t = 0.5 * (1 + math.cos(math.pi * t / total)) / 2
+            n_drop = min(round_half_up(r_t * k), n_elems - k)
+            assert opt.mask.last_drop_count == n_drop > 0
+            new = torch.cat([m.reshape(-1) for m in opt.mask.next_masks])
+            live = current.nonzero().flatten()
             dropped = live[torch.sort(score[live], stable=True).indices[:n_drop]]
-            after_drop = old.clone()
-            after_drop[dropped] = False
-            assert torch.equal(new & after_drop, after_drop)  # only the dropped may go
-            grown = new & ~after_drop
+            expected_drop = torch.zeros_like(current)
+            expected_drop[dropped] = True
+            assert torch.equal(current & ~new, expected_drop)  # exactly the smallest |g|
+            grown = new & ~current
             assert int(grown.sum()) == n_drop
+            assert not bool((grown & expected_drop).any())  # none comes straight back
             if grow == "gradient":
-                dead = (~after_drop).nonzero().flatten()
+                dead = (~current).nonzero().flatten()
                 best = dead[torch.sort(score[dead], descending=True, stable=True).indices]
-                expected = after_drop.clone()
-                expected[best[:n_drop]] = True
-                assert torch.equal(new, expected)
+                expected_grow = torch.zeros_like(current)
+                expected_grow[best[:n_drop]] = True
+                assert torch.equal(grown, expected_grow)
+            expected_next = new
             checked += 1
-        elif t > 0:
-            assert torch.equal(new, old)
+        else:
+            assert opt.mask.next_masks is None
         with effsam.preserve_bn_stats(model):
             ce(model, batch).mean().backward()
         opt.second_step(zero_grad=True)
-    assert checked == 3
+    assert checked == 4  # t = 0, 2, 4, 6
+
+
+def test_dynamic_growth_is_capped_by_the_dead_elements():
+    # s = 0.2, r_0 = 1: round(r_0 · k) = 64 > N − k = 16 dead elements: 16 swap places
+    model = mlp()
+    opt = effsam.SSAM(
+        sgd(model),
+        sparsity=0.2,
+        mask="dynamic",
+        update_interval=1,
+        total_steps=100,
+        drop_rate=1.0,
+        grow="gradient",
+    )
+    run(model, opt, 1)
+    n = sum(p.numel() for p in model.parameters())
+    assert opt.mask.last_drop_count == n - round_half_up(0.8 * n) == 16
+    old = flat_mask(opt)
+    new = torch.cat([m.reshape(-1) for m in opt.mask.next_masks])
+    assert int(new.sum()) == int(old.sum())
+    assert int((new & ~old).sum()) == 16  # the 16 dead ones, all regrown
+
+
+def test_dynamic_refresh_runs_in_the_closure_api():
+    model = mlp()
+    opt = effsam.SSAM(sgd(model), sparsity=0.5, mask="dynamic", update_interval=2, total_steps=20)
+    x, y = data()
+
+    def closure():
+        opt.zero_grad()
+        with effsam.preserve_bn_stats(model, enabled=opt.perturbed):
+            loss = ce(model, (x, y)).mean()
+            loss.backward()
+        return loss
+
+    for _ in range(10):
+        opt.step(closure)
+    assert opt.mask.refreshes == 5  # t = 0, 2, 4, 6, 8
+    assert opt.mask.last_refresh_step == 8
 
 
 def test_dynamic_update_is_rolled_back_by_an_aborted_step():
     model = mlp()
     opt = effsam.SSAM(sgd(model), sparsity=0.5, mask="dynamic", update_interval=1, total_steps=4)
     run(model, opt, 1)
+    run(model, opt, 1)  # installs step 0's update, computes step 1's
     masks, gen = list(opt.mask.masks), opt.mask.generator.get_state()
+    pending = list(opt.mask.next_masks)
+    refreshes = opt.mask.refreshes
     assert opt.mask_refresh_due()
     opt.refresh_mask(model, data(), ce)
     with opt.first_pass():
         ce(model, data()).mean().backward()
+    # the draw installed step 1's update; first_step computes step 2's
+    assert all(a is b for a, b in zip(opt.mask.masks, pending))
     opt.first_step(zero_grad=True)
-    assert not torch.equal(flat_mask(opt), torch.cat([m.flatten() for m in masks]))
+    assert opt.mask.refreshes == refreshes + 1
     opt.abort_step()
-    assert all(a is b for a, b in zip(opt.mask.masks, masks))
+    assert all(torch.equal(a, b) for a, b in zip(opt.mask.masks, masks))
+    assert all(torch.equal(a, b) for a, b in zip(opt.mask.next_masks, pending))
+    assert opt.mask.refreshes == refreshes
     assert torch.equal(opt.mask.generator.get_state(), gen)
-    assert opt.mask_refresh_due()
+    run(model, opt, 1)  # the scheduled update survives the abort and runs on retry
+    assert opt.mask.refreshes == refreshes + 1
 
 
 def test_dynamic_non_finite_gradient_keeps_the_mask():
     model = mlp()
     opt = effsam.SSAM(sgd(model), sparsity=0.5, mask="dynamic", update_interval=1, total_steps=4)
     run(model, opt, 1)
-    before = flat_mask(opt).clone()
     x, y = data()
     x[0, 0] = float("nan")
     opt.refresh_mask(model, (x, y), ce)
     with opt.first_pass():
         ce(model, (x, y)).mean().backward()
+    before = flat_mask(opt).clone()  # step 0's update, installed by this draw
     with pytest.warns(RuntimeWarning) as record:
         assert not opt.first_step(zero_grad=True)
     messages = " ".join(str(w.message) for w in record)
     assert "previous mask is kept" in messages and "step skipped" in messages
     opt.second_step()
+    assert opt.mask.next_masks is None
+    with opt.first_pass():
+        ce(model, data()).mean().backward()
     assert torch.equal(flat_mask(opt), before)
+    opt.abort_step()
 
 
 # ---------------------------------------------------------------------- state

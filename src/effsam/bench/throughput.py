@@ -6,7 +6,8 @@ ratios against SAM and SGD are taken within the round, so drift of the machine (
 other load) cancels. Reported: the median over rounds of each time and ratio, forward /
 backward sample-passes per step, the optimizer's own overhead (time in first_step and
 second_step outside the base optimizer's step), the optimizer's memory and the peak memory
-of a step.
+of a step, and the extra memory of the ascent (θ backup, masks and first_step's transient
+peak) against the parameters' size.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..optim import SharpnessAware, create_optimizer
 from ..optim.masks import RandomTensorSubset, round_half_up
 from ..optim.registry import REGISTRY
 from ..step import sharpness_aware_step
+from .memory import ascent_memory, peak_allocated_bytes
 
 #: The variants and their settings (ESAM paper Table 1/3 for ResNet-18).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -71,6 +73,11 @@ TARGETS: list[tuple[str, str, float, str]] = [
 ]
 
 
+#: extra memory of the ascent (θ backup, masks, first_step's transient) / parameter bytes
+ASCENT_MEMORY = 1.1
+ASCENT_MEMORY_SSAM = 1.3  # a bool mask is 1/4 of float32 parameters
+
+
 @dataclass
 class VariantStats:
     name: str
@@ -82,6 +89,16 @@ class VariantStats:
     backward_samples: float = 0.0
     optimizer_mb: float = 0.0
     peak_mb: float | None = None  # memory allocated during one step, at its highest
+    #: extra memory of the ascent / parameter bytes: persistent (θ backup, masks) and the
+    #: transient peak of first_step (None for plain optimizers)
+    ascent_persistent: float | None = None
+    ascent_transient: float | None = None
+
+    @property
+    def ascent_ratio(self) -> float | None:
+        if self.ascent_persistent is None or self.ascent_transient is None:
+            return None
+        return self.ascent_persistent + self.ascent_transient
 
     @property
     def amortised(self) -> list[float]:
@@ -280,6 +297,11 @@ def run(
         s.optimizer_mb = optimizer_megabytes(b.opt)
     for b in benches:  # last: the profiled step must not count in the times or passes
         stats[b.name].peak_mb = step_peak_megabytes(b)
+        if isinstance(b.opt, SharpnessAware):
+            mem = ascent_memory(b.opt, b.model, b.batch, _loss)
+            if mem is not None and mem.parameters:
+                stats[b.name].ascent_persistent = mem.persistent / mem.parameters
+                stats[b.name].ascent_transient = mem.transient / mem.parameters
     _price_shares(stats)
     return stats
 
@@ -300,27 +322,8 @@ def step_peak_megabytes(bench: Bench) -> float | None:
     """The most memory one step holds at once beyond what was allocated before it
     (activations, gradients, SDS's losses, …): CUDA's allocator statistics on a GPU, the
     profiler's allocation events on a CPU (None where neither is available)."""
-    device = bench.batch[0].device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        bench.step()
-        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        bench.step()
-    results = getattr(getattr(prof, "profiler", None), "kineto_results", None)
-    if results is None:
-        return None
-    # allocations are positive, frees negative: the peak of their running sum in time order
-    deltas = sorted((e.start_ns(), e.nbytes()) for e in results.events() if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in deltas:
-        live += nbytes
-        peak = max(peak, live)
-    return peak / 2**20
+    peak = peak_allocated_bytes(bench.step, bench.batch[0].device)
+    return None if peak is None else peak / 2**20
 
 
 def ratios(stats: dict[str, VariantStats], name: str, ref: str) -> float:
@@ -353,6 +356,17 @@ def evaluate_targets(stats: dict[str, VariantStats]) -> list[dict[str, Any]]:
                 "paper": "SAM = 2 x SGD passes",
             }
         )
+    for name, st in stats.items():
+        if st.ascent_ratio is not None:
+            limit = ASCENT_MEMORY_SSAM if name.startswith("ssam") else ASCENT_MEMORY
+            rows.append(
+                {
+                    "target": f"{name} ascent memory <= {limit:.1f}x params",
+                    "value": st.ascent_ratio,
+                    "pass": st.ascent_ratio <= limit,
+                    "paper": "floor: the theta backup (1x)",
+                }
+            )
     if "sam" in stats and stats["sam"].overhead:
         value = stats["sam"].overhead[0] / statistics.median(stats["sam"].step_times)
         rows.append(

@@ -1,6 +1,6 @@
 """The library core: sharpness-aware optimizer wrappers. Depends on torch only."""
 
-from .ascent import AdaptiveAscent, L2Ascent
+from .ascent import AdaptiveAscent, L2Ascent, asam_reference_params
 from .ksam import KSAM
 from .looksam import LookSAM
 from .masks import PerturbationMask, RandomTensorSubset
@@ -47,6 +47,7 @@ __all__ = [
     "SharpnessAware",
     "TopLoss",
     "TopSharpness",
+    "asam_reference_params",
     "available_optimizers",
     "create_optimizer",
     "get_spec",

@@ -1,19 +1,31 @@
-"""Ascent policies: how the perturbation direction is computed from the pass-1 gradient.
+"""The ascent: ascent policies and the one functional kernel that forms ε and loads θ + ε.
 
-Every policy's ``terms`` gives two per-tensor quantities from the parameters θ and
-gradients g:
+Every ascent here has the form, with a per-element preconditioner T (1 for SAM)::
 
-* the norm terms — the vector whose global L2 norm normalises the ascent, and
-* the numerators — the (unnormalised) direction,
+    n = T ⊙ g                     the norm terms: ‖n‖₂ normalises the ascent
+    a = T ⊙ n = T² ⊙ g            the direction
+    ε = c · m ⊙ a / (‖n'‖₂ + δ)   c = ρ · scale per param group; m an optional 0/1 mask;
+                                  n' = m ⊙ n when the mask policy normalises by the kept
+                                  elements, else n
 
-so that ε = ρ · numerator / (‖norm_terms‖₂ + δ). For SAM both are g. For ASAM
-(Kwon et al., ICML 2021) with T = |θ| + η: norm_terms = T ⊙ g and numerators = T² ⊙ g.
-``terms`` has a ``foreach`` switch: ``torch._foreach_*`` kernels, or a plain
-loop kept as the readable reference (a test checks that they agree).
+SAM (Foret et al., ICLR 2021): T = 1. ASAM (Kwon et al., ICML 2021): T = |θ| + η.
+
+:func:`ascend_` works in place, in the torch/optim style: the tensors are grouped by device
+and dtype, each group's per-tensor norms are taken in (at least) float32, the global norm
+is formed once, and the coefficient is moved to each group's device. The pass-1 gradients
+are consumed: ε is formed IN them (the caller discards them right after), and T is formed
+in the θ-backup buffers before they receive θ. So a step allocates nothing of the size of
+the parameters beyond the backup; element masks are applied as bool tensors (``where``,
+which makes no float copy of them).
+
+``foreach=True`` runs the ``torch._foreach_*`` kernels; ``foreach=False`` runs the same
+operations tensor by tensor, kept as the readable reference (a test checks that the two
+agree).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -21,17 +33,18 @@ from torch import Tensor
 
 from .policy import Policy
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
 
 class L2Ascent(Policy):
-    """SAM's ascent (Foret et al., ICLR 2021): ε = ρ g / (‖g‖₂ + δ)."""
+    """SAM's ascent (Foret et al., ICLR 2021): ε = ρ g / (‖g‖₂ + δ)  (T = 1)."""
 
     name = "l2"
 
-    def terms(
-        self, params: Sequence[Tensor], grads: Sequence[Tensor], foreach: bool
-    ) -> tuple[list[Tensor], list[Tensor]]:
-        """(norm terms, numerators): the vector whose norm normalises ε, and ε's direction."""
-        return list(grads), list(grads)
+    def scales_(self, params: Sequence[Tensor], out: Sequence[Tensor], foreach: bool) -> bool:
+        """Write the preconditioner T of each parameter into ``out`` (same shapes and
+        dtypes); return False when T = 1 (then ``out`` is left untouched)."""
+        return False
 
 
 class AdaptiveAscent(L2Ascent):
@@ -39,48 +52,222 @@ class AdaptiveAscent(L2Ascent):
 
     Args:
         eta: offset added to |θ| (Kwon et al. use it so that zero weights can still be
-            perturbed); the default 0 is the formula in the ASAM paper's main text.
+            perturbed; their code's default is 0.01); the default 0 is the formula in the
+            ASAM paper's main text.
+        only: if given, the tensors T applies to; every other tensor gets T = 1. The ASAM
+            authors' code makes only the parameters whose name contains ``"weight"``
+            adaptive (biases get T = 1): :func:`effsam.asam_reference_params` selects them.
     """
 
     name = "adaptive"
 
-    def __init__(self, eta: float = 0.0) -> None:
-        if not (eta >= 0.0) or eta != eta or eta == float("inf"):
+    def __init__(self, eta: float = 0.0, only: Sequence[Tensor] | None = None) -> None:
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)):
+            raise TypeError(f"Invalid ASAM eta: {eta!r} (must be a finite number >= 0)")
+        if not math.isfinite(eta) or eta < 0.0:
             raise ValueError(f"Invalid ASAM eta: {eta!r} (must be a finite number >= 0)")
         self.eta = float(eta)
+        self._only: set[int] | None = None if only is None else {id(p) for p in only}
 
-    def _scales(self, params: Sequence[Tensor], foreach: bool) -> list[Tensor]:
+    def scales_(self, params: Sequence[Tensor], out: Sequence[Tensor], foreach: bool) -> bool:
+        if self._only is not None:
+            for p, t in zip(params, out):
+                if id(p) in self._only:
+                    torch.abs(p, out=t)
+                    if self.eta:
+                        t.add_(self.eta)
+                else:
+                    t.fill_(1.0)
+            return True
         if foreach:
-            t = torch._foreach_abs(list(params))
+            torch._foreach_copy_(list(out), list(params))
+            torch._foreach_abs_(list(out))
             if self.eta:
-                torch._foreach_add_(t, self.eta)
-            return list(t)
-        return [p.abs() + self.eta if self.eta else p.abs() for p in params]
-
-    def terms(
-        self, params: Sequence[Tensor], grads: Sequence[Tensor], foreach: bool
-    ) -> tuple[list[Tensor], list[Tensor]]:
-        # T is computed once; T² g = T · (T g) reuses the norm terms.
-        t = self._scales(params, foreach)
-        if foreach:
-            tg = list(torch._foreach_mul(t, list(grads)))
-            return tg, list(torch._foreach_mul(t, tg))
-        tg = [ti * g for ti, g in zip(t, grads)]
-        return tg, [ti * x for ti, x in zip(t, tg)]
+                torch._foreach_add_(list(out), self.eta)
+        else:
+            for p, t in zip(params, out):
+                torch.abs(p, out=t)
+                if self.eta:
+                    t.add_(self.eta)
+        return True
 
     def extra_repr(self) -> str:
-        return f"eta={self.eta}"
+        only = "" if self._only is None else f", only={len(self._only)} tensors"
+        return f"eta={self.eta}{only}"
+
+
+def asam_reference_params(model: torch.nn.Module) -> list[Tensor]:
+    """The parameters the ASAM authors' code makes adaptive: those whose name contains
+    ``"weight"`` (biases get T = 1). For ``AdaptiveAscent(only=...)`` /
+    ``ASAM(adaptive_only=...)``."""
+    return [p for name, p in model.named_parameters() if "weight" in name]
+
+
+def group_by_device_and_dtype(tensors: Sequence[Tensor]) -> list[list[int]]:
+    """Indices of ``tensors`` grouped by (device, dtype), each group in the input order,
+    the groups in order of first appearance."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return list(groups.values())
+
+
+def _norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    # Half precision: norms in float32 (a float16 norm overflows above 65 504 although
+    # every element is finite); float32 and float64 in their own dtype.
+    return torch.float32 if dtype in _LOW_PRECISION else None
+
+
+#: Half-precision tensors above this many elements get their float32 norm in chunks of
+#: it, so the upcast never holds more than one chunk (256 kB) at a time.
+NORM_CHUNK = 1 << 16
+
+
+def _chunked_norm(t: Tensor, dtype: torch.dtype) -> Tensor:
+    parts = [torch.linalg.vector_norm(c, dtype=dtype) for c in t.reshape(-1).split(NORM_CHUNK)]
+    return torch.linalg.vector_norm(torch.stack(parts))
+
+
+def _tensor_norms(tensors: Sequence[Tensor], foreach: bool) -> list[Tensor]:
+    """Per-tensor L2 norms, in the input order, each in (at least) float32."""
+    norms: list[Tensor | None] = [None] * len(tensors)
+    for idx in group_by_device_and_dtype(tensors):
+        dtype = _norm_dtype(tensors[idx[0]].dtype)
+        if dtype is not None:
+            # Half precision: linalg.vector_norm with a float32 accumulation, large tensors
+            # in chunks (torch._foreach_norm takes a dtype only from torch 2.4 on).
+            for i in idx:
+                t = tensors[i]
+                if t.numel() > NORM_CHUNK:
+                    norms[i] = _chunked_norm(t, dtype)
+                else:
+                    norms[i] = torch.linalg.vector_norm(t, dtype=dtype)
+            continue
+        group = [tensors[i] for i in idx]
+        out = (
+            torch._foreach_norm(group, 2)
+            if foreach
+            else [torch.linalg.vector_norm(t) for t in group]
+        )
+        for i, n in zip(idx, out):
+            norms[i] = n
+    return norms  # type: ignore[return-value]
+
+
+def _stack_norm(norms: Sequence[Tensor]) -> Tensor:
+    device = norms[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
 
 
 def global_norm(tensors: Sequence[Tensor], foreach: bool) -> Tensor:
-    """One L2 norm over all tensors jointly (never per layer), as a 0-d tensor."""
+    """One L2 norm over all tensors jointly (never per layer), as a 0-d tensor on the first
+    tensor's device, accumulated in (at least) float32."""
     if not tensors:
         raise ValueError("global_norm of an empty list")
-    device = tensors[0].device
+    return _stack_norm(_tensor_norms(tensors, foreach))
+
+
+def _mask_(tensors: Sequence[Tensor], masks: Sequence[Tensor | None]) -> None:
+    """t ← m ⊙ t for bool masks, in place (``where`` reads the bool mask as it is; a
+    multiply would first make a float copy of it)."""
+    for t, m in zip(tensors, masks):
+        if m is not None:
+            torch.where(m, t, t.new_zeros(()), out=t)
+
+
+def _mul_(tensors: list[Tensor], factors: list[Tensor], foreach: bool) -> None:
+    if not tensors:
+        return
     if foreach:
-        norms = torch._foreach_norm(list(tensors))
+        torch._foreach_mul_(tensors, factors)
     else:
-        norms = [torch.linalg.vector_norm(t) for t in tensors]
-    # Low-precision parameters: accumulate the per-tensor norms in float32.
-    norms = [n.float() if n.dtype in (torch.float16, torch.bfloat16) else n for n in norms]
-    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+        for t, f in zip(tensors, factors):
+            t.mul_(f)
+
+
+@torch.no_grad()
+def ascend_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    backups: Sequence[Tensor],
+    *,
+    coefs: Sequence[float],
+    ascent: L2Ascent,
+    masks: Sequence[Tensor | None] | None = None,
+    normalise_masked: bool = True,
+    eps_denominator: float = 1e-12,
+    foreach: bool = True,
+    check_finite: bool = True,
+) -> tuple[bool, Tensor]:
+    """θ ← θ + ε in place; the θ copy goes into ``backups``.
+
+    With T from ``ascent`` and c = ``coefs[i]`` (ρ · scale of tensor i's param group)::
+
+        g ← T ⊙ g;  g ← m ⊙ g (if normalise_masked);  N = ‖g‖₂ over all tensors
+        g ← T ⊙ g;  g ← m ⊙ g;  backup ← θ;  g ← (c / (N + δ)) · g;  θ ← θ + g
+
+    Args:
+        params: the tensors to perturb (θ).
+        grads: their pass-1 gradients; CONSUMED: on return they hold ε (or, when the step
+            is refused, intermediate values).
+        backups: buffers of the parameters' shapes and dtypes; on success they hold θ.
+        coefs: per tensor, ρ · scale of its group (the numerator of the coefficient).
+        ascent: the ascent policy (T).
+        masks: per tensor a bool mask, or None (no mask for that tensor / for all).
+        normalise_masked: normalise by the masked norm terms (True) or by all of them.
+        eps_denominator: δ.
+        foreach: foreach kernels (True) or the per-tensor reference loop (False).
+        check_finite: refuse the step when the norm is not finite.
+
+    Returns:
+        (done, N): ``done`` is False when the norm was not finite and ``check_finite``
+        is set; then ``params`` are untouched and ``backups`` hold no θ.
+    """
+    params, grads, backups = list(params), list(grads), list(backups)
+    if not params:
+        raise ValueError("ascend_ needs at least one tensor")
+    if not (len(params) == len(grads) == len(backups) == len(coefs)):
+        raise ValueError("ascend_: params, grads, backups and coefs differ in length")
+    groups = group_by_device_and_dtype(params)
+    scaled: list[bool] = []
+    for idx in groups:
+        ps = [params[i] for i in idx]
+        bs = [backups[i] for i in idx]
+        has_t = ascent.scales_(ps, bs, foreach)  # T into the backup buffers
+        scaled.append(has_t)
+        if has_t:
+            _mul_([grads[i] for i in idx], bs, foreach)  # g ← T ⊙ g: the norm terms
+    if masks is not None and normalise_masked:
+        _mask_(grads, masks)
+    norm = _stack_norm(_tensor_norms(grads, foreach))
+    if check_finite and not bool(torch.isfinite(norm)):
+        return False, norm
+    for idx, has_t in zip(groups, scaled):
+        if has_t:
+            _mul_([grads[i] for i in idx], [backups[i] for i in idx], foreach)  # T² ⊙ g
+    if masks is not None:
+        _mask_(grads, masks)
+    denom = norm + eps_denominator
+    for idx in groups:
+        ps = [params[i] for i in idx]
+        bs = [backups[i] for i in idx]
+        if foreach:
+            torch._foreach_copy_(bs, ps)
+        else:
+            for b, p in zip(bs, ps):
+                b.copy_(p)
+        by_coef: dict[float, list[int]] = {}
+        for i in idx:
+            by_coef.setdefault(coefs[i], []).append(i)
+        device = ps[0].device
+        for c, sub in by_coef.items():
+            coef = (c / denom).to(device)
+            gs = [grads[i] for i in sub]
+            if foreach:
+                torch._foreach_mul_(gs, coef)
+                torch._foreach_add_([params[i] for i in sub], gs)
+            else:
+                for i, g in zip(sub, gs):
+                    g.mul_(coef)
+                    params[i].add_(g)
+    return True, norm

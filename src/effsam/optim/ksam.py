@@ -14,37 +14,19 @@ The ranking forward leaves BatchNorm statistics as they were; pass 1 on B_k sets
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
 from torch.optim import Optimizer
 
 from .ascent import AdaptiveAscent, L2Ascent
-from .selection import TopSharpness
+from .selection import TopLoss
 from .sharpness_aware import SharpnessAware
 
 
-class TopLossBeforePass1(TopSharpness):
-    """Selection for K-SAM: the top-k samples by ℓ_i(θ), chosen before pass 1."""
+class TopLossBeforePass1(TopLoss):
+    """Selection for K-SAM: the top-k samples by ℓ_i(θ), chosen before pass 1 (ties to the
+    lower index)."""
 
     name = "ksam"
     before_pass1 = True
-
-    @property
-    def needs_perturbed_loss(self) -> bool:  # type: ignore[override]
-        return False
-
-    def scores(self, loss_before: Tensor, loss_after: Tensor | None) -> Tensor:
-        return loss_before
-
-    def select(self, loss_before: Tensor | None, loss_after: Tensor | None) -> Tensor | None:
-        if self.gamma >= 1.0 or loss_before is None:
-            return None
-        k = self.num_selected(loss_before.numel())
-        if k >= loss_before.numel():
-            return None
-        # float64 ranking; equal losses go to the lower index (a stable descending sort)
-        order = torch.sort(loss_before.detach().double(), descending=True, stable=True).indices
-        return order[:k].sort().values
 
 
 class KSAM(SharpnessAware):

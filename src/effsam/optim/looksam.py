@@ -74,14 +74,14 @@ class LookSAM(SharpnessAware):
     @torch.no_grad()
     def _on_ascent(self, params: list[Tensor], grads: list[Tensor]) -> None:
         # Keep g for the projection after pass 2, in the buffer g_v will occupy.
-        for p in self._params():
+        for p in self.params:
             self.state[p].pop("looksam_gv", None)
         for p, g in zip(params, grads):
             self.state[p]["looksam_gv"] = g.detach().clone()
 
     @torch.no_grad()
     def _before_descent(self) -> None:
-        ps = [p for p in self._params() if p.grad is not None]
+        ps = [p for p in self.params if p.grad is not None]
         if not ps:
             return
         gs = [p.grad for p in ps]
@@ -92,13 +92,13 @@ class LookSAM(SharpnessAware):
             # g_v = g_s − coef · g, formed in the buffer that held g
             g.mul_(-coef.to(g.device, g.dtype)).add_(g_s)
             self.state[p]["looksam_gv"] = g
-        for p in self._params():
+        for p in self.params:
             if p.grad is None:
                 self.state[p].pop("looksam_gv", None)
 
     @torch.no_grad()
     def _plain_update(self) -> None:
-        pairs = [(p.grad, self._gv(p)) for p in self._params() if p.grad is not None]
+        pairs = [(p.grad, self._gv(p)) for p in self.params if p.grad is not None]
         pairs = [(g, v) for g, v in pairs if v is not None]
         if not pairs or self.alpha == 0.0:
             return
@@ -113,13 +113,13 @@ class LookSAM(SharpnessAware):
             g.add_(v * coef.to(g.device, g.dtype))
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"looksam_gv": [self._gv(p) for p in self._params()]}
+        return {"looksam_gv": [self._gv(p) for p in self.params]}
 
     def _load_extra_state(self, ours: dict[str, Any]) -> None:
         saved = ours.get("looksam_gv")
         if saved is None:
             return
-        params = self._params()
+        params = self.params
         if len(saved) != len(params):
             raise ValueError(
                 f"LookSAM state has {len(saved)} g_v entries for {len(params)} parameters"

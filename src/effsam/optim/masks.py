@@ -1,11 +1,12 @@
 """Mask policies: which weights the ascent perturbs.
 
-A policy answers three questions for the :class:`~effsam.SharpnessAware` skeleton:
+A policy answers three questions for the :class:`~effsam.SharpnessAware` skeleton (the
+full interface and the order of the calls are in :class:`effsam.optim.policy.MaskPolicy`):
 
 1. ``draw(params)`` — at the start of a step, which parameter TENSORS need a gradient in
    pass 1 (``None``: all). Tensors not kept get ``requires_grad`` off for pass 1 only, so
    autograd skips their weight-gradient kernels; that is where SWP saves time.
-2. ``element_masks(params)`` — an optional per-ELEMENT mask for the perturbed tensors
+2. ``element_masks(params)`` — an optional per-ELEMENT bool mask for the perturbed tensors
    (SSAM), multiplied into ε.
 3. ``scale`` and ``normalise_masked`` — how ε is normalised.
 
@@ -16,14 +17,16 @@ optimizer's ``step()`` never sees a model or data, the training loop calls
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ._ranking import round_half_up
 from .policy import Policy
+
+__all__ = ["PerturbationMask", "RandomTensorSubset", "kept_fraction", "round_half_up"]
 
 
 class PerturbationMask(Policy):
@@ -39,11 +42,25 @@ class PerturbationMask(Policy):
         """Start of a step: per-tensor pass-1 keep flags (``None`` keeps all)."""
         return None
 
+    @property
+    def ready(self) -> bool:
+        """Whether the policy can draw (a data-dependent mask must be computed first)."""
+        return True
+
     def rollback_draw(self) -> None:
         """Undo the last ``draw`` (a failed step must leave the policy state as it was)."""
 
+    def element_counts(self) -> list[int] | None:
+        """Per parameter, the elements the current mask perturbs (``None``: all of each)."""
+        return None
+
+    def prepare(self, params: Sequence[Tensor]) -> None:
+        """In ``first_step``, with the pass-1 gradients present, before ``element_masks``
+        (SSAM-D computes a scheduled drop/grow here)."""
+
     def element_masks(self, params: Sequence[Tensor]) -> list[Tensor | None] | None:
-        """Per-element masks (same dtype as each parameter) or ``None``."""
+        """Per-element bool masks on each parameter's device (``None``: no mask for that
+        tensor, or for all). A getter: it changes no state."""
         return None
 
     @property
@@ -133,23 +150,26 @@ class RandomTensorSubset(PerturbationMask):
         return {"generator": self.generator.get_state(), "beta": self.beta}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, scaling={self.scaling!r}, seed={self.seed}"
 
 
-def kept_fraction(params: Sequence[Tensor], keep: Sequence[bool] | None) -> tuple[float, float]:
-    """Fraction of trainable tensors and of their elements kept in pass 1."""
-    trainable = [(p, k) for p, k in zip(params, keep or [True] * len(params)) if p.requires_grad]
-    if not trainable:
+def kept_fraction(
+    params: Sequence[Tensor],
+    keep: Sequence[bool] | None,
+    counts: Sequence[int] | None = None,
+) -> tuple[float, float]:
+    """Fraction of trainable tensors and of their elements the perturbation covers: kept
+    by the pass-1 flags ``keep`` and, with element ``counts``, by the element mask."""
+    n = len(params)
+    keep = keep if keep is not None else [True] * n
+    counts = counts if counts is not None else [p.numel() for p in params]
+    rows = [(p, c if k else 0) for p, k, c in zip(params, keep, counts) if p.requires_grad]
+    if not rows:
         return 1.0, 1.0
-    n_kept = sum(1 for _, k in trainable if k)
-    total = sum(p.numel() for p, _ in trainable)
-    elems = sum(p.numel() for p, k in trainable if k)
-    return n_kept / len(trainable), (elems / total if total else 1.0)
-
-
-def round_half_up(x: float) -> int:
-    """Round half up (Python's ``round`` rounds half to even)."""
-    return int(math.floor(x + 0.5))
+    n_kept = sum(1 for _, c in rows if c > 0)
+    total = sum(p.numel() for p, _ in rows)
+    elems = sum(c for _, c in rows)
+    return n_kept / len(rows), (elems / total if total else 1.0)

@@ -80,8 +80,11 @@ class MSAM(SharpnessAware):
                 )
             return  # the first step: no momentum yet, a plain step
         vs = [v for _, pairs in groups for _, v in pairs]
-        denom = global_norm(vs, self.foreach) + self.eps_denominator
+        denom = float(global_norm(vs, self.foreach)) + self.eps_denominator
         self._perturbed = []
         for rho, pairs in groups:
-            ps = [p for p, _ in pairs]
-            self._perturb(ps, [v for _, v in pairs], -rho / denom)
+            for p, v in pairs:
+                backup = self._backup(p)
+                backup.copy_(p)
+                p.add_(v, alpha=-rho / denom)
+                self._perturbed.append((p, backup))

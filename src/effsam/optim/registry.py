@@ -30,9 +30,19 @@ BASES: dict[str, type[Optimizer]] = {
 }
 
 
+#: Arguments of the :class:`SharpnessAware` skeleton every wrapper passes through.
+COMMON_ARGS = frozenset({"foreach", "check_finite", "eps_denominator"})
+
+
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """One registered optimizer: a wrapper factory and fixed keyword arguments."""
+    """One registered optimizer: a wrapper factory, the keyword arguments it takes, and
+    fixed keyword arguments.
+
+    ``args`` declares the wrapper arguments a user may pass (besides :data:`COMMON_ARGS`,
+    which every wrapper takes); anything else is rejected by :func:`create_optimizer`
+    before an optimizer is built, with an error naming it.
+    """
 
     name: str
     description: str
@@ -40,18 +50,59 @@ class OptimizerSpec:
     fixed: dict[str, Any] = field(default_factory=dict)
     #: keyword defaults shown in help and used by the toolkit (paper settings)
     defaults: dict[str, Any] = field(default_factory=dict)
-    #: the schedule policy built from the schedule's own keyword arguments (None: every
-    #: step is sharpness-aware, unless a ``schedule="name"`` argument asks otherwise)
+    #: the wrapper arguments this entry takes (plus COMMON_ARGS)
+    args: frozenset[str] = frozenset()
+    #: arguments a minimal working instance needs beyond the defaults (e.g. SSAM-D's
+    #: total_steps): for documentation, and the contract test builds every entry with them
+    example: dict[str, Any] = field(default_factory=dict)
+    #: the schedule policy this entry builds from the schedule's own arguments (None:
+    #: every step is sharpness-aware, unless a ``schedule="name"`` argument asks otherwise)
     schedule: type[EveryStep] | None = None
+    #: whether a ``schedule="name"`` argument (a name of SCHEDULES, whose own arguments are
+    #: then accepted too) may put a schedule on this entry — e.g.
+    #: ``create_optimizer(model, "ssam-f", schedule="interval", every=5)``. Not for an entry
+    #: with its own schedule, nor for LookSAM (its refresh interval is its schedule).
+    schedulable: bool = True
 
 
 REGISTRY: dict[str, OptimizerSpec] = {}
 
 
+def _signature_names(factory: Callable[..., Any]) -> set[str] | None:
+    """Keyword names ``factory`` takes; None when it has ``**kwargs`` (anything goes)."""
+    names: set[str] = set()
+    for p in inspect.signature(factory).parameters.values():
+        if p.kind is p.VAR_KEYWORD:
+            return None
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD):
+            names.add(p.name)
+    return names
+
+
 def register(spec: OptimizerSpec) -> OptimizerSpec:
-    """Add ``spec`` to the registry (names are lower-case, unique)."""
+    """Add ``spec`` to the registry (names are lower-case, unique).
+
+    Its declared ``args``, ``defaults`` and ``fixed`` must not overlap wrongly: a default
+    must be a declared argument, and a fixed one must not be."""
     if spec.name in REGISTRY:
         raise ValueError(f"optimizer {spec.name!r} is already registered")
+    if spec.factory is not None:
+        declared = set(spec.args) | schedule_args(spec.schedule)
+        bad_defaults = sorted((set(spec.defaults) | set(spec.example)) - declared)
+        if bad_defaults:
+            raise ValueError(
+                f"{spec.name!r}: defaults/example {bad_defaults} are not declared in args"
+            )
+        clash = sorted(set(spec.fixed) & (set(spec.args) | COMMON_ARGS))
+        if clash:
+            raise ValueError(f"{spec.name!r}: {clash} are both fixed and declared in args")
+        takes = _signature_names(spec.factory)
+        if takes is not None:
+            missing = sorted((set(spec.args) | set(spec.fixed)) - takes)
+            if missing:
+                raise ValueError(f"{spec.name!r}: the factory does not take {missing}")
+    elif spec.args or spec.fixed or spec.defaults:
+        raise ValueError(f"{spec.name!r}: a plain base optimizer takes no wrapper arguments")
     REGISTRY[spec.name] = spec
     return spec
 
@@ -67,27 +118,19 @@ def get_spec(name: str) -> OptimizerSpec:
     return REGISTRY[key]
 
 
-def _init_kwargs(factory: Any) -> set[str]:
-    names: set[str] = set()
-    for cls in inspect.getmro(factory) if inspect.isclass(factory) else [factory]:
-        init = getattr(cls, "__init__", None) if cls is not object else None
-        if init is None:
-            continue
-        names |= {
-            p.name
-            for p in inspect.signature(init).parameters.values()
-            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-        }
-    # the instance, the wrapped optimizer and torch.optim.Optimizer's own arguments
-    return names - {"self", "base", "params", "defaults"}
+def schedule_args(schedule: type[EveryStep] | None) -> set[str]:
+    """The keyword arguments a schedule class takes."""
+    if schedule is None:
+        return set()
+    return (_signature_names(schedule.__init__) or set()) - {"self"}
 
 
 def schedule_class(name: str, kwargs: dict[str, Any] | None = None) -> type[EveryStep] | None:
-    """The schedule optimizer ``name`` builds: its registry entry's, or the one a
-    ``schedule="late"`` (etc.) argument names."""
+    """The schedule optimizer ``name`` builds: the one a ``schedule="late"`` (etc.)
+    argument names, else its registry entry's (None: every step)."""
     spec = get_spec(name)
-    chosen = (kwargs or {}).get("schedule", spec.fixed.get("schedule"))
-    if isinstance(chosen, str):
+    chosen = (kwargs or {}).get("schedule")
+    if isinstance(chosen, str) and _takes_schedule(spec):
         if chosen not in SCHEDULES:
             raise ValueError(f"Unknown schedule {chosen!r}; choose from {', '.join(SCHEDULES)}")
         return SCHEDULES[chosen]
@@ -95,20 +138,18 @@ def schedule_class(name: str, kwargs: dict[str, Any] | None = None) -> type[Ever
 
 
 def accepted_kwargs(name: str, kwargs: dict[str, Any] | None = None) -> set[str]:
-    """The wrapper keyword arguments optimizer ``name`` takes (empty for the plain base).
-
-    Collected from the ``__init__`` signatures along the factory's class hierarchy and its
-    schedule's (the registry entry's, or the one ``kwargs["schedule"]`` names), minus the
-    ones the registry entry fixes (e.g. ``gamma`` of ``esam-swp``).
-    """
+    """The wrapper keyword arguments optimizer ``name`` takes (empty for the plain base):
+    its declared ``args``, :data:`COMMON_ARGS` and its schedule's arguments (the entry's,
+    or those of the schedule ``kwargs["schedule"]`` names)."""
     spec = get_spec(name)
     if spec.factory is None:
         return set()
-    names = _init_kwargs(spec.factory)
-    sched = schedule_class(name, kwargs)
-    if sched is not None:
-        names |= _init_kwargs(sched)
-    return (names | set(spec.defaults)) - set(spec.fixed)
+    names = set(spec.args) | set(COMMON_ARGS) | schedule_args(schedule_class(name, kwargs))
+    return names | ({"schedule"} if _takes_schedule(spec) else set())
+
+
+def _takes_schedule(spec: OptimizerSpec) -> bool:
+    return spec.factory is not None and spec.schedulable and spec.schedule is None
 
 
 def create_optimizer(
@@ -170,19 +211,36 @@ def create_optimizer(
     sched = schedule_class(spec.name, merged)
     if sched is not None:
         # the schedule's own arguments go to it; shared ones (total_steps, seed) to both
-        takes, factory_takes = _init_kwargs(sched), _init_kwargs(spec.factory)
-        sched_args = {k: v for k, v in merged.items() if k in takes and k != "schedule"}
+        takes = schedule_args(sched)
+        sched_args = {k: v for k, v in merged.items() if k in takes}
         for k in sched_args:
-            if k not in factory_takes:
+            if k not in spec.args:
                 del merged[k]
         merged["schedule"] = sched(**sched_args)
     return spec.factory(base_cls(params, **bkw), **merged)
 
 
+_SAM_ARGS = frozenset({"rho", "adaptive", "eta"})
+_ESAM_ARGS = frozenset(
+    {"rho", "beta", "gamma", "seed", "selection", "swp_scaling", "adaptive", "eta"}
+)
+# seed: SSAM-D's generator; SSAM-F takes it too (unused) so a run seed applies to every SSAM
+_SSAM_ARGS = frozenset({"rho", "sparsity", "update_interval", "normalisation", "seed"})
+_SSAM_F_ARGS = _SSAM_ARGS | {"num_samples", "fisher_chunk_size", "fisher_mode", "granularity"}
+_SSAM_D_ARGS = _SSAM_ARGS | {"total_steps", "drop_rate", "grow"}
+
 register(OptimizerSpec("sgd", "the base optimizer alone (no sharpness-aware step)", None))
-register(OptimizerSpec("sam", "SAM (Foret et al., 2021)", SAM, defaults={"rho": 0.05}))
 register(
-    OptimizerSpec("asam", "ASAM, adaptive SAM (Kwon et al., 2021)", ASAM, defaults={"rho": 0.5})
+    OptimizerSpec("sam", "SAM (Foret et al., 2021)", SAM, defaults={"rho": 0.05}, args=_SAM_ARGS)
+)
+register(
+    OptimizerSpec(
+        "asam",
+        "ASAM, adaptive SAM (Kwon et al., 2021)",
+        ASAM,
+        defaults={"rho": 0.5},
+        args=frozenset({"rho", "eta"}),
+    )
 )
 register(
     OptimizerSpec(
@@ -190,6 +248,7 @@ register(
         "ESAM: SWP + SDS (Du et al., 2022)",
         ESAM,
         defaults={"rho": 0.05, "beta": 0.6, "gamma": 0.5},
+        args=_ESAM_ARGS,
     )
 )
 register(
@@ -199,6 +258,7 @@ register(
         ESAM,
         fixed={"gamma": 1.0},
         defaults={"rho": 0.05, "beta": 0.6},
+        args=_ESAM_ARGS - {"gamma", "selection"},
     )
 )
 register(
@@ -208,6 +268,7 @@ register(
         ESAM,
         fixed={"beta": 1.0},
         defaults={"rho": 0.05, "gamma": 0.5},
+        args=_ESAM_ARGS - {"beta", "seed", "swp_scaling"},
     )
 )
 register(
@@ -217,6 +278,7 @@ register(
         ESAM,
         fixed={"selection": "loss"},
         defaults={"rho": 0.05, "beta": 0.6, "gamma": 0.5},
+        args=_ESAM_ARGS - {"selection"},
     )
 )
 
@@ -228,6 +290,7 @@ register(
         SSAM,
         fixed={"mask": "fisher"},
         defaults={**_SSAM_DEFAULTS, "num_samples": 16},
+        args=_SSAM_F_ARGS,
     )
 )
 register(
@@ -238,6 +301,8 @@ register(
         SSAM,
         fixed={"mask": "dynamic"},
         defaults={**_SSAM_DEFAULTS, "drop_rate": 0.5},
+        args=_SSAM_D_ARGS,
+        example={"total_steps": 10},
     )
 )
 register(
@@ -247,15 +312,18 @@ register(
         SSAM,
         fixed={"mask": "fisher", "granularity": "tensor"},
         defaults={**_SSAM_DEFAULTS, "num_samples": 16},
+        args=_SSAM_F_ARGS - {"granularity"},
     )
 )
 
+_LATE = {"start": 0.875}
 register(
     OptimizerSpec(
         "sam-interval",
         "SAM every k-th step, plain steps between (composer's SAM interval)",
         SAM,
         defaults={"rho": 0.05, "every": 10},
+        args=_SAM_ARGS,
         schedule=SCHEDULES["interval"],
     )
 )
@@ -264,7 +332,9 @@ register(
         "sam-late",
         "SGD, then SAM for the last part of training (Zhou et al., 2025); needs total_steps",
         SAM,
-        defaults={"rho": 0.05, "start": 0.875},
+        defaults={"rho": 0.05, **_LATE},
+        args=_SAM_ARGS,
+        example={"total_steps": 10},
         schedule=SCHEDULES["late"],
     )
 )
@@ -273,7 +343,9 @@ register(
         "esam-late",
         "SGD, then ESAM for the last part of training; needs total_steps",
         ESAM,
-        defaults={"rho": 0.05, "beta": 0.6, "gamma": 0.5, "start": 0.875},
+        defaults={"rho": 0.05, "beta": 0.6, "gamma": 0.5, **_LATE},
+        args=_ESAM_ARGS,
+        example={"total_steps": 10},
         schedule=SCHEDULES["late"],
     )
 )
@@ -289,6 +361,8 @@ register(
             "min_probability": 0.0,
             "probability_schedule": "linear",
         },
+        args=_SAM_ARGS,
+        example={"total_steps": 10},
         schedule=SCHEDULES["random"],
     )
 )
@@ -299,6 +373,8 @@ register(
         "total_steps",
         SAM,
         defaults={"rho": 0.05, "delta": 0.9, "lambda1": -1.0, "lambda2": 1.0},
+        args=_SAM_ARGS,
+        example={"total_steps": 10},
         schedule=SCHEDULES["adaptive"],
     )
 )
@@ -308,6 +384,8 @@ register(
         "LookSAM: SAM every k steps, its orthogonal direction reused between (Liu et al., 2022)",
         LookSAM,
         defaults={"rho": 0.05, "k": 5, "alpha": 0.7},
+        args=_SAM_ARGS | {"k", "alpha"},
+        schedulable=False,
     )
 )
 register(
@@ -316,6 +394,7 @@ register(
         "MSAM: one pass at the point moved against the momentum (Becker et al., 2024)",
         MSAM,
         defaults={"rho": 3.0},
+        args=frozenset({"rho"}),
     )
 )
 register(
@@ -324,6 +403,7 @@ register(
         "K-SAM: both passes on the top-k samples by loss (Ni et al., 2022)",
         KSAM,
         defaults={"rho": 0.05, "gamma": 0.5},
+        args=_SAM_ARGS | {"gamma"},
     )
 )
 register(
@@ -334,6 +414,7 @@ register(
         ESAM,
         fixed={"sds_update": "mix"},
         defaults={"rho": 0.05, "beta": 0.6, "gamma": 0.5},
+        args=_ESAM_ARGS - {"selection"},
     )
 )
 register(
@@ -343,5 +424,6 @@ register(
         ESAM,
         fixed={"selection": "random"},
         defaults={"rho": 0.05, "beta": 0.6, "gamma": 0.5},
+        args=_ESAM_ARGS - {"selection"},
     )
 )

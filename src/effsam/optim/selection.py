@@ -14,10 +14,9 @@ falls with γ.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from .masks import round_half_up
+from ._ranking import largest_indices, ranking_dtype, round_half_up
 from .policy import Policy
 
 
@@ -48,28 +47,33 @@ class AllSamples(Policy):
         return None
 
 
-class TopSharpness(AllSamples):
-    """ESAM's SDS: the k samples with the largest ℓ_i(θ + ε) − ℓ_i(θ)."""
+class _TopK(Policy):
+    """The k = max(1, round(γ b)) samples with the largest score; subclasses say which."""
 
-    name = "sharpness"
+    name = "top-k"
+    #: True: the samples are chosen before pass 1 and both passes use them (K-SAM).
+    before_pass1 = False
+    #: k / b of the last ``select`` call (None before the first)
+    last_fraction: float | None = None
+    #: the indices the last ``select`` call chose (None: the whole batch)
+    last_indices: Tensor | None = None
 
     def __init__(self, gamma: float) -> None:
         self.gamma = _check_gamma(gamma)
 
     @property
-    def needs_perturbed_loss(self) -> bool:  # type: ignore[override]
-        return self.gamma < 1.0
+    def needs_perturbed_loss(self) -> bool:
+        return False
 
     @property
-    def needs_per_sample(self) -> bool:  # type: ignore[override]
+    def needs_per_sample(self) -> bool:
         return self.gamma < 1.0
 
     def num_selected(self, batch_size: int) -> int:
         return max(1, min(batch_size, round_half_up(self.gamma * batch_size)))
 
     def scores(self, loss_before: Tensor, loss_after: Tensor | None) -> Tensor:
-        assert loss_after is not None
-        return loss_after - loss_before
+        raise NotImplementedError
 
     def select(self, loss_before: Tensor | None, loss_after: Tensor | None) -> Tensor | None:
         if self.gamma >= 1.0 or loss_before is None:
@@ -79,23 +83,35 @@ class TopSharpness(AllSamples):
         self.last_indices = None
         if k >= loss_before.numel():
             return None
-        scores = self.scores(loss_before.detach(), loss_after)
-        # sorted=True: a deterministic order; indices sorted so the subset keeps batch order.
-        self.last_indices = torch.topk(scores.float(), k, sorted=True).indices.sort().values
+        scores = self.scores(loss_before.detach(), loss_after).reshape(-1)
+        # Ranked in at least float32 (float64 scores stay float64), ties to the lower
+        # index as in the SSAM masks; sorted, so the subset keeps the batch order.
+        self.last_indices = largest_indices(scores.to(ranking_dtype(scores.dtype)), k)
         return self.last_indices
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}"
 
 
-class TopLoss(TopSharpness):
+class TopSharpness(_TopK):
+    """ESAM's SDS: the k samples with the largest ℓ_i(θ + ε) − ℓ_i(θ)."""
+
+    name = "sharpness"
+
+    @property
+    def needs_perturbed_loss(self) -> bool:
+        return self.gamma < 1.0
+
+    def scores(self, loss_before: Tensor, loss_after: Tensor | None) -> Tensor:
+        if loss_after is None:
+            raise ValueError("SDS needs the per-sample losses at θ + ε (loss_after)")
+        return loss_after - loss_before
+
+
+class TopLoss(_TopK):
     """Cheap selection: the k samples with the largest pass-1 loss (no extra forward)."""
 
     name = "loss"
-
-    @property
-    def needs_perturbed_loss(self) -> bool:  # type: ignore[override]
-        return False
 
     def scores(self, loss_before: Tensor, loss_after: Tensor | None) -> Tensor:
         return loss_before

@@ -14,8 +14,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .ascent import AdaptiveAscent, L2Ascent, global_norm
+from .ascent import L2Ascent, ascend_, global_norm, group_by_device_and_dtype
 from .masks import PerturbationMask, kept_fraction
+from .policy import AscentPolicy, MaskPolicy, SelectionPolicy
 from .schedule import EveryStep
 from .selection import AllSamples
 
@@ -24,7 +25,12 @@ _WRAPPER_KEY = "effsam"
 
 @dataclass(frozen=True)
 class KeptFraction:
-    """Share of the trainable parameters perturbed this step: by tensors, by elements."""
+    """Share of the trainable parameters the perturbation covers this step.
+
+    ``tensors``: trainable tensors with at least one perturbed element, over all trainable
+    tensors; ``elements``: perturbed elements over all trainable elements. It counts both
+    SWP's tensor draw and SSAM's element mask (SSAM-F at s = 0.5: about 0.5 elements).
+    """
 
     tensors: float
     elements: float
@@ -66,8 +72,8 @@ class SharpnessAware(Optimizer):
     A schedule policy may make a step a plain base step (``interval``, ``late``, RST,
     AE-SAM): :meth:`first_step` then returns False, leaves pass 1's gradient in place and
     :meth:`second_step` steps the base optimizer with it — one forward and one backward.
-    Pass 2 must not run after a False (it would be wasted work; running it anyway is
-    detected and raises, never silently applied).
+    Pass 2 must not run after a False (a backward then is detected and raises; it is never
+    silently applied).
 
     Non-finite gradients in either pass: the step changes nothing (weights restored, base
     optimizer not stepped), ``skipped_steps`` counts it, ``last_step_skipped`` is set and a
@@ -90,9 +96,9 @@ class SharpnessAware(Optimizer):
         base: Optimizer,
         rho: float = 0.05,
         *,
-        ascent: L2Ascent | AdaptiveAscent | None = None,
-        mask: PerturbationMask | None = None,
-        selection: AllSamples | None = None,
+        ascent: AscentPolicy | None = None,
+        mask: MaskPolicy | None = None,
+        selection: SelectionPolicy | None = None,
         schedule: EveryStep | None = None,
         foreach: bool | None = None,
         check_finite: bool = True,
@@ -109,9 +115,19 @@ class SharpnessAware(Optimizer):
         if not (eps_denominator > 0 and math.isfinite(eps_denominator)):
             raise ValueError(f"Invalid eps_denominator: {eps_denominator!r} (must be > 0)")
         self.base = base
-        self.ascent = ascent if ascent is not None else L2Ascent()
-        self.mask = mask if mask is not None else PerturbationMask()
-        self.selection = selection if selection is not None else AllSamples()
+        self.ascent: AscentPolicy = ascent if ascent is not None else L2Ascent()
+        self.mask: MaskPolicy = mask if mask is not None else PerturbationMask()
+        self.selection: SelectionPolicy = selection if selection is not None else AllSamples()
+        for what, policy, protocol in (
+            ("ascent", self.ascent, AscentPolicy),
+            ("mask", self.mask, MaskPolicy),
+            ("selection", self.selection, SelectionPolicy),
+        ):
+            if not isinstance(policy, protocol):
+                raise TypeError(
+                    f"Invalid {what} policy: {policy!r} does not implement "
+                    f"effsam.optim.policy.{protocol.__name__}"
+                )
         self.schedule = schedule if schedule is not None else EveryStep()
         if not isinstance(self.schedule, EveryStep):
             raise TypeError(f"schedule must be a schedule policy, got {schedule!r:.80}")
@@ -126,19 +142,35 @@ class SharpnessAware(Optimizer):
         self.skipped_steps = 0
         self.last_step_skipped = False
         self.last_kept: KeptFraction | None = None
+        # The step's state machine:
+        #   _drawn          the mask policy has drawn this step's pass-1 flags (_keep)
+        #   _keep           those flags, one per parameter (None: every tensor)
+        #   _ascended       first_step ran (second_step requires it)
+        #   _perturbed      (parameter, θ backup) pairs while θ + ε is loaded
+        #   _pass1_skipped  first_step refused a non-finite pass 1 (second_step skips)
         self._keep: list[bool] | None = None
         self._drawn = False
+        self._ascended = False
         self._perturbed: list[tuple[Tensor, Tensor]] = []
         self._pass1_skipped = False
+        # the mask policy's state before a refresh_mask of this step (abort_step undoes it)
+        self._refresh_undo: dict[str, Any] | None = None
         #: steps that were sharpness-aware (the rest were plain base steps)
         self.sharpness_aware_steps = 0
         self.last_step_sharpness_aware: bool | None = None
-        # per-step state: begun, decision (None: after pass 1), plain step pending
+        # The schedule's part of the state machine:
+        #   _begun            begin_step asked the schedule (until the step ends)
+        #   _decision         its answer: True, False, or None (decided after pass 1)
+        #   _schedule_before  the schedule's state before this step (abort_step restores it)
+        #   _plain            hook handles while a plain step waits for second_step
         self._begun = False
         self._decision: bool | None = None
         self._schedule_before: dict[str, Any] | None = None
-        self._plain: list[Any] | None = None  # hook handles while a plain step is pending
+        self._selection_before: dict[str, Any] | None = None
+        self._plain: list[Any] | None = None
         self._plain_backward = False
+        self._pre_pass1_done = False
+        self._single_pass_moved = False
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -150,16 +182,34 @@ class SharpnessAware(Optimizer):
             return  # during __init__: the base already holds this group
         self.base.add_param_group(param_group)
 
-    def _params(self) -> list[Tensor]:
+    @property
+    def params(self) -> list[Tensor]:
+        """Every parameter of every group, in the optimizer's order."""
         return [p for group in self.param_groups for p in group["params"]]
+
+    def _params(self) -> list[Tensor]:  # the former private name
+        return self.params
+
+    @property
+    def pass1_keep(self) -> list[bool] | None:
+        """This step's pass-1 flags, one per parameter in :attr:`params` order: which
+        tensors get a weight gradient in pass 1 (``None``: all). Set by :meth:`first_pass`
+        (or :meth:`first_step`) and valid until :meth:`second_step`."""
+        return self._keep
+
+    def _rho(self, group: dict[str, Any]) -> float:
+        return group.get("rho", self.defaults["rho"])
 
     def trainable_grads(self) -> list[Tensor]:
         """The current gradients of the wrapped parameters, in the optimizer's order
         (parameters without a gradient left out)."""
-        return [p.grad for p in self._params() if p.grad is not None]
+        return [p.grad for p in self.params if p.grad is not None]
 
-    def _rho(self, group: dict[str, Any]) -> float:
-        return group.get("rho", self.defaults["rho"])
+    @torch.no_grad()
+    def grad_sq_norm(self) -> float:
+        """‖g‖² of the current gradients: one global norm, squared (what AE-SAM decides by)."""
+        gs = self.trainable_grads()
+        return float(global_norm(gs, self.foreach)) ** 2 if gs else 0.0
 
     # ------------------------------------------------------------------ the decision
     #: True for methods whose only pass runs at a point moved before pass 1 (MSAM).
@@ -172,6 +222,7 @@ class SharpnessAware(Optimizer):
         pass 1's gradient, in :meth:`first_step` or :meth:`decide_after_pass1`)."""
         if not self._begun:
             self._schedule_before = _copy_state(self.schedule.state_dict())
+            self._selection_before = _copy_state(self.selection.state_dict())
             self._decision = None if self.schedule.needs_grad_norm else self.schedule.decide()
             self._begun = True
         return self._decision
@@ -185,24 +236,27 @@ class SharpnessAware(Optimizer):
         if decision is not None:
             return decision
         if grad_sq_norm is None:
-            gs = [p.grad for p in self._params() if p.grad is not None]
-            grad_sq_norm = float(global_norm(gs, self.foreach)) ** 2 if gs else 0.0
+            grad_sq_norm = self.grad_sq_norm()
         self._decision = bool(self.schedule.decide_after(float(grad_sq_norm)))
         return self._decision
 
     # ------------------------------------------------------------------ pass 1
     def _draw(self) -> list[bool] | None:
         if not self._drawn:
-            if self.mask.needs_data and not getattr(self.mask, "ready", True):
+            if self.mask.needs_data and not self.mask.ready:
                 raise RuntimeError(
                     f"the {self.mask.name!r} mask has not been computed yet: call "
                     "opt.refresh_mask(model, batch, loss_fn) before the first step "
                     "(effsam.sharpness_aware_step does this on schedule)"
                 )
-            params = self._params()
+            params = self.params
+            if not self.mask.needs_data and self.mask_refresh_due():
+                # A data-free refresh (SSAM-D) needs no model or batch: schedule it here,
+                # so the closure and two-phase APIs get it too.
+                self.refresh_mask(None, None, None)  # type: ignore[arg-type]
             self._keep = self.mask.draw(params)
             self._drawn = True
-            tensors, elements = kept_fraction(params, self._keep)
+            tensors, elements = kept_fraction(params, self._keep, self.mask.element_counts())
             self.last_kept = KeptFraction(tensors, elements)
         return self._keep
 
@@ -241,8 +295,9 @@ class SharpnessAware(Optimizer):
 
     @property
     def perturbed(self) -> bool:
-        """True between :meth:`first_step` and :meth:`second_step` (θ + ε is loaded)."""
-        return bool(self._perturbed) or self._pass1_skipped
+        """True between :meth:`first_step` and :meth:`second_step` (θ + ε is loaded). A
+        single-pass method's moved point (MSAM) is its pass 1, not a perturbed pass 2."""
+        return (bool(self._perturbed) and not self.single_pass) or self._pass1_skipped
 
     @property
     def plain_step_pending(self) -> bool:
@@ -253,26 +308,43 @@ class SharpnessAware(Optimizer):
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> bool:
         """Ascend: θ ← θ + ε from the current gradients. Returns False if the gradients were
-        not finite (then nothing is perturbed and :meth:`second_step` will not step)."""
-        if (self._perturbed and not self.single_pass) or self._pass1_skipped or self._plain:
+        not finite (then nothing is perturbed and :meth:`second_step` will not step).
+
+        ε is formed in the pass-1 gradients themselves (no parameter-sized temporary):
+        with ``zero_grad=True`` (what every caller of the sharpness-aware step wants) they
+        are cleared afterwards; with ``zero_grad=False`` the ascent works on a copy and
+        the gradients are left as they were.
+        """
+        if self._pass1_skipped or self._ascended:
             raise RuntimeError("first_step called twice without second_step in between")
         decision = self.begin_step()
         if self.single_pass:
+            self._ascended = True
             return self._single_pass_done() if decision else self._start_plain()
         if decision is None:
-            gs = [p.grad for p in self._params() if p.grad is not None]
+            gs = self.trainable_grads()
             norm = global_norm(gs, self.foreach) if gs else torch.zeros(())
             if self.check_finite and not bool(torch.isfinite(norm)):
-                return self._skip_pass1(norm, zero_grad)
-            decision = self.decide_after_pass1(float(norm) ** 2)
+                self._ascended = True
+                self._skip("pass 1", norm)
+                self._pass1_skipped = True
+                if zero_grad:
+                    self.zero_grad(set_to_none=True)
+                return False
+            decision = self.decide_after_pass1()
         if not decision:
+            self._ascended = True
             return self._start_plain()
         keep = self._draw()
-        groups: list[tuple[float, list[Tensor], list[Tensor]]] = []
-        masks_wanted = False
+        params = self.params
+        self.mask.prepare(params)
+        ps: list[Tensor] = []
+        gs: list[Tensor] = []
+        coefs: list[float] = []
+        scale = self.mask.scale
         index = 0
         for group in self.param_groups:
-            ps, gs = [], []
+            rho = self._rho(group)
             for p in group["params"]:
                 kept = keep is None or keep[index]
                 index += 1
@@ -282,44 +354,41 @@ class SharpnessAware(Optimizer):
                     raise RuntimeError("sharpness-aware optimizers do not support sparse gradients")
                 ps.append(p)
                 gs.append(p.grad)
-            if ps:
-                groups.append((self._rho(group), ps, gs))
-        all_ps = [p for _, ps, _ in groups for p in ps]
-        all_gs = [g for _, _, gs in groups for g in gs]
-        if not all_ps:
+                coefs.append(rho * scale)
+        self._ascended = True
+        if not ps:
             self._pass1_skipped = False
             self._perturbed = []
             return True  # nothing to perturb: pass 2 is a plain step
-        self._on_ascent(all_ps, all_gs)
-        masks = self.mask.element_masks(all_ps)
-        if masks is not None:
-            masks_wanted = any(m is not None for m in masks)
-        terms, numer = self.ascent.terms(all_ps, all_gs, self.foreach)
-        if masks_wanted and self.mask.normalise_masked:
-            terms = [t if m is None else t * m for t, m in zip(terms, masks)]
-        norm = global_norm(terms, self.foreach)
-        if self.check_finite and not bool(torch.isfinite(norm)):
-            return self._skip_pass1(norm, zero_grad)
-        if masks_wanted:
-            numer = [a if m is None else a * m for a, m in zip(numer, masks)]
-        denom = norm + self.eps_denominator
-        start = 0
-        self._perturbed = []
-        for rho, ps, _ in groups:
-            n = len(ps)
-            coef = rho * self.mask.scale / denom
-            self._perturb(ps, numer[start : start + n], coef)
-            start += n
+        self._on_ascent(ps, gs)
+        masks = self.mask.element_masks(ps)
+        if masks is not None and all(m is None for m in masks):
+            masks = None
+        if not zero_grad:
+            gs = [g.clone() for g in gs]
+        backups = [self._backup(p) for p in ps]
+        done, norm = ascend_(
+            ps,
+            gs,
+            backups,
+            coefs=coefs,
+            ascent=self.ascent,
+            masks=masks,
+            normalise_masked=self.mask.normalise_masked,
+            eps_denominator=self.eps_denominator,
+            foreach=self.foreach,
+            check_finite=self.check_finite,
+        )
+        if not done:
+            self._skip("pass 1", norm)
+            self._pass1_skipped = True
+            if zero_grad:
+                self.zero_grad(set_to_none=True)
+            return False
+        self._perturbed = list(zip(ps, backups))
         if zero_grad:
             self.zero_grad(set_to_none=True)
         return True
-
-    def _skip_pass1(self, norm: Tensor, zero_grad: bool) -> bool:
-        self._skip("pass 1", norm)
-        self._pass1_skipped = True
-        if zero_grad:
-            self.zero_grad(set_to_none=True)
-        return False
 
     def _start_plain(self) -> bool:
         """A plain step: pass 1's gradient (after the method's own transform) is the
@@ -333,12 +402,13 @@ class SharpnessAware(Optimizer):
             self._plain_backward = True
 
         self._plain = [
-            p.register_post_accumulate_grad_hook(hook) for p in self._params() if p.requires_grad
+            p.register_post_accumulate_grad_hook(hook) for p in self.params if p.requires_grad
         ]
         return False
 
     def _single_pass_done(self) -> bool:
         if not self._pre_pass1_done:
+            self._ascended = False
             raise RuntimeError(
                 f"{type(self).__name__} moves the weights before pass 1: run pass 1 inside "
                 "`with opt.first_pass():` (or use opt.step(closure) or "
@@ -349,10 +419,7 @@ class SharpnessAware(Optimizer):
         self._pre_pass1_done = False
         return self._start_plain()
 
-    _pre_pass1_done = False
-    _single_pass_moved = False
-
-    # Hooks for methods that reuse gradients across steps (LookSAM).
+    # Hooks for methods that reuse gradients across steps (LookSAM, ESAM-mix).
     def _on_ascent(self, params: list[Tensor], grads: list[Tensor]) -> None:
         """A sharpness-aware step, before the ascent: the pass-1 gradients."""
 
@@ -362,23 +429,12 @@ class SharpnessAware(Optimizer):
     def _plain_update(self) -> None:
         """A plain step, before the base step: p.grad holds pass 1's gradient."""
 
-    def _perturb(self, ps: list[Tensor], numer: list[Tensor], coef: Tensor) -> None:
-        backups = []
-        for p in ps:
-            state = self.state[p]
-            buf = state.get("theta")
-            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
-                buf = state["theta"] = torch.empty_like(p, memory_format=torch.preserve_format)
-            backups.append(buf)
-        if self.foreach:
-            torch._foreach_copy_(backups, ps)
-            eps = torch._foreach_mul(numer, coef)
-            torch._foreach_add_(ps, eps)
-        else:
-            for p, buf, a in zip(ps, backups, numer):
-                buf.copy_(p)
-                p.add_(a * coef)
-        self._perturbed.extend(zip(ps, backups))
+    def _backup(self, p: Tensor) -> Tensor:
+        state = self.state[p]
+        buf = state.get("theta")
+        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+            buf = state["theta"] = torch.empty_like(p, memory_format=torch.preserve_format)
+        return buf
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -386,11 +442,12 @@ class SharpnessAware(Optimizer):
         if self._perturbed:
             ps = [p for p, _ in self._perturbed]
             backups = [b for _, b in self._perturbed]
-            if self.foreach:
-                torch._foreach_copy_(ps, backups)
-            else:
-                for p, b in zip(ps, backups):
-                    p.copy_(b)
+            for idx in group_by_device_and_dtype(ps):
+                if self.foreach:
+                    torch._foreach_copy_([ps[i] for i in idx], [backups[i] for i in idx])
+                else:
+                    for i in idx:
+                        ps[i].copy_(backups[i])
         self._perturbed = []
 
     @torch.no_grad()
@@ -398,18 +455,23 @@ class SharpnessAware(Optimizer):
         """Restore θ and step the base optimizer with the current (pass-2) gradients — or,
         after a plain scheduled step, with pass 1's. Returns False if the step was skipped
         (non-finite gradients in either pass)."""
-        if not self._begun:
+        if not self._ascended:
             raise RuntimeError(
-                "second_step called without first_step: run pass 1, then "
-                "opt.first_step(), then pass 2, then opt.second_step()"
+                "second_step called without first_step: call first_step() after pass 1's "
+                "backward (or use opt.step(closure) / effsam.sharpness_aware_step)"
             )
         plain = self._plain is not None
-        if plain:
-            self._check_plain_untouched()
+        if plain and self._plain_backward:
+            self.abort_step()
+            raise RuntimeError(
+                "a backward ran after a plain scheduled step: first_step() returned False, "
+                "so this step is one forward/backward and pass 2 must not run (check the "
+                "return value: `if opt.first_step(): <pass 2>`); nothing was stepped"
+            )
         self.restore()
         skipped = self._pass1_skipped
         if not skipped and self.check_finite:
-            gs = [p.grad for p in self._params() if p.grad is not None]
+            gs = [p.grad for p in self.params if p.grad is not None]
             if gs:
                 norm = global_norm(gs, self.foreach)
                 if not bool(torch.isfinite(norm)):
@@ -432,36 +494,35 @@ class SharpnessAware(Optimizer):
             self.zero_grad(set_to_none=True)
         return not skipped
 
-    def _check_plain_untouched(self) -> None:
-        if self._plain_backward:
-            self.abort_step()
-            raise RuntimeError(
-                "a backward ran after a plain scheduled step: first_step() returned False, "
-                "so this step is one forward/backward and pass 2 must not run (check the "
-                "return value: `if opt.first_step(): <pass 2>`); nothing was stepped"
-            )
-
     def _end_step(self) -> None:
         for handle in self._plain or []:
             handle.remove()
+        self._plain = None
         self._plain_backward = False
         self._pass1_skipped = False
         self._drawn = False
         self._keep = None
+        self._ascended = False
+        self._refresh_undo = None
         self._begun = False
         self._decision = None
-        self._plain = None
         self._pre_pass1_done = False
         self._single_pass_moved = False
 
     def abort_step(self) -> None:
-        """Undo a step that failed part-way: weights restored, mask draw and schedule
-        rolled back, gradients cleared. The base optimizer has not been stepped."""
+        """Undo a step that failed part-way: weights restored, mask draw, mask refresh and
+        schedule rolled back, gradients cleared. The base optimizer has not been stepped."""
         self.restore()
         if self._drawn:
             self.mask.rollback_draw()
+        if self._refresh_undo is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.mask.load_state_dict(self._refresh_undo)
         if self._begun and self._schedule_before is not None:
             self.schedule.load_state_dict(self._schedule_before)
+        if self._begun and self._selection_before:
+            self.selection.load_state_dict(self._selection_before)  # a random subset's draw
         self._end_step()
         self.zero_grad(set_to_none=True)
 
@@ -489,6 +550,13 @@ class SharpnessAware(Optimizer):
                 "cannot work through a closure: use effsam.sharpness_aware_step(model, opt, "
                 "batch, loss_fn) with a per-sample loss_fn"
             )
+        if self.mask.needs_data and self.mask_refresh_due():
+            raise RuntimeError(
+                f"the {self.mask.name!r} mask is due for a refresh from data at step "
+                f"{self.steps}, which step(closure) cannot do: call opt.refresh_mask(model, "
+                "batch, loss_fn) when opt.mask_refresh_due() before opt.step(closure), or "
+                "use effsam.sharpness_aware_step"
+            )
         try:
             with torch.enable_grad(), self.first_pass():
                 loss = closure()
@@ -501,23 +569,51 @@ class SharpnessAware(Optimizer):
         self.second_step()
         return loss
 
+    # ------------------------------------------------------------------ sample selection
+    def select(self, loss_before: Tensor | None, loss_after: Tensor | None) -> Tensor | None:
+        """Indices of the samples pass 2 uses (``None``: all), by the selection policy.
+
+        At ρ = 0 in every param group there is no perturbation, so there is no sharpness
+        to select by (every ℓ_i(θ + ε) − ℓ_i(θ) is 0): the whole batch is used and the
+        step is exactly the base optimizer's, for every selection policy."""
+        if all(self._rho(g) == 0 for g in self.param_groups):
+            return None
+        return self.selection.select(loss_before, loss_after)
+
     # ------------------------------------------------------------------ masks needing data
     def mask_refresh_due(self) -> bool:
         """Whether the mask policy wants :meth:`refresh_mask` before the next step."""
         return self.mask.refresh_due(self.steps)
 
-    def refresh_mask(self, model: torch.nn.Module, batch: Any, loss_fn: Callable) -> bool:
-        """Recompute a data-dependent mask (SSAM-F's Fisher, SSAM-D's drop/grow)."""
-        return self.mask.refresh(model, self._params(), batch, loss_fn, self.steps)
+    def refresh_mask(
+        self, model: torch.nn.Module | None, batch: Any, loss_fn: Callable | None
+    ) -> bool:
+        """Recompute a data-dependent mask (SSAM-F's Fisher, SSAM-D's drop/grow). Part of
+        the step: :meth:`abort_step` undoes it too."""
+        undo = self.mask.state_dict() if self._refresh_undo is None else self._refresh_undo
+        changed = self.mask.refresh(model, self.params, batch, loss_fn, self.steps)
+        self._refresh_undo = undo
+        return changed
 
     # ------------------------------------------------------------------ state
+    def _policy_names(self) -> dict[str, str]:
+        return {
+            "optimizer": type(self).__name__,
+            "ascent": f"{type(self.ascent).__name__}:{self.ascent.name}",
+            "mask": f"{type(self.mask).__name__}:{self.mask.name}"
+            + f":{getattr(self.mask, 'granularity', '')}",
+            "selection": f"{type(self.selection).__name__}:{self.selection.name}",
+            "schedule": f"{type(self.schedule).__name__}:{self.schedule.name}",
+        }
+
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The base optimizer's state dict plus an ``"effsam"`` entry with the wrapper's
-        counters and every policy's state."""
+        counters, the names of its policies and every policy's state."""
         state = self.base.state_dict()
         state[_WRAPPER_KEY] = {
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
+            "policies": self._policy_names(),
             "sharpness_aware_steps": self.sharpness_aware_steps,
             "mask": self.mask.state_dict(),
             "selection": self.selection.state_dict(),
@@ -533,7 +629,39 @@ class SharpnessAware(Optimizer):
     def _load_extra_state(self, ours: dict[str, Any]) -> None:
         pass
 
+    def _check_compatible(self, ours: Any) -> None:
+        if not isinstance(ours, dict) or not {"steps", "skipped_steps", "mask"} <= set(ours):
+            raise ValueError("state_dict's 'effsam' entry is malformed (not saved by effsam?)")
+        saved = ours.get("policies")
+        mine = self._policy_names()
+        if saved is not None:
+            keys = ("optimizer", "ascent", "mask", "selection", "schedule")
+            differ = [k for k in keys if k in saved and saved.get(k) != mine[k]]
+            if differ:
+                detail = "; ".join(f"{k}: saved {saved.get(k)!r}, here {mine[k]!r}" for k in differ)
+                raise ValueError(
+                    f"cannot load the state of another optimizer ({saved.get('optimizer')}) "
+                    f"into this {mine['optimizer']}: {detail}. Nothing was loaded."
+                )
+            return
+        # States saved before the policy names were recorded: compare the mask's fields.
+        legacy = {"next_masks"}
+        have = set(self.mask.state_dict()) - legacy
+        got = set(ours["mask"]) - legacy
+        if have != got:
+            raise ValueError(
+                f"cannot load this state into {mine['optimizer']}: it holds a mask policy "
+                f"state with fields {sorted(got)}, this optimizer's {mine['mask']} has "
+                f"{sorted(have)}. Nothing was loaded."
+            )
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Load a state saved by :meth:`state_dict` of the same kind of optimizer.
+
+        Atomic: a state of another optimizer (other mask or selection policy, or a plain
+        optimizer's) raises a ValueError naming the difference, and a failure part-way
+        leaves this optimizer as it was.
+        """
         state_dict = dict(state_dict)
         ours = state_dict.pop(_WRAPPER_KEY, None)
         if ours is None:
@@ -541,16 +669,37 @@ class SharpnessAware(Optimizer):
                 "state_dict has no 'effsam' entry: it was not saved by a SharpnessAware "
                 "optimizer (load a plain optimizer's state into opt.base instead)"
             )
-        self.base.load_state_dict(state_dict)
-        self.param_groups = self.base.param_groups
-        self.steps = int(ours["steps"])
-        self.skipped_steps = int(ours["skipped_steps"])
-        self.sharpness_aware_steps = int(ours.get("sharpness_aware_steps", self.steps))
-        self.mask.load_state_dict(ours["mask"])
-        self.selection.load_state_dict(ours["selection"])
-        if "schedule" in ours:
-            self.schedule.load_state_dict(ours["schedule"])
-        self._load_extra_state(ours)
+        self._check_compatible(ours)
+        old_state, old_groups = self.base.state, self.base.param_groups
+        old_counters = (self.steps, self.skipped_steps)
+        old_mask = self.mask.state_dict()
+        old_selection = self.selection.state_dict()
+        old_schedule = _copy_state(self.schedule.state_dict())
+        old_extra = self._extra_state()
+        old_aware = self.sharpness_aware_steps
+        try:
+            self.base.load_state_dict(state_dict)
+            self.param_groups = self.base.param_groups
+            self.steps = int(ours["steps"])
+            self.skipped_steps = int(ours["skipped_steps"])
+            self.sharpness_aware_steps = int(ours.get("sharpness_aware_steps", self.steps))
+            self.mask.load_state_dict(ours["mask"])
+            self.selection.load_state_dict(ours.get("selection", {}))
+            if "schedule" in ours:
+                self.schedule.load_state_dict(ours["schedule"])
+            self._load_extra_state(ours)
+        except Exception:
+            self.base.state, self.base.param_groups = old_state, old_groups
+            self.param_groups = old_groups
+            self.steps, self.skipped_steps = old_counters
+            self.sharpness_aware_steps = old_aware
+            self.schedule.load_state_dict(old_schedule)
+            self._load_extra_state(old_extra)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.mask.load_state_dict(old_mask)
+            self.selection.load_state_dict(old_selection)
+            raise
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)

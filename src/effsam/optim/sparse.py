@@ -15,7 +15,8 @@ Pass 2 (the descent gradient) stays dense. Two ways to choose m:
   so pass 1 can skip the weight gradients of the others and sparsity saves real time.
 * :class:`DynamicMask` (SSAM-D): a random mask of density 1 − s; every ``update_interval``
   steps the r_t fraction of live elements with the smallest |g| is dropped and as many
-  dead elements regrow (at random, or by largest |g|), r_t = r_0 (1 + cos(π t / T)) / 2.
+  elements dead before the drop regrow (at random, or by largest |g|),
+  r_t = r_0 (1 + cos(π t / T)) / 2; the new mask is used from the next step.
 
 N counts the elements of the optimizer's parameters that can be perturbed: those with
 ``requires_grad`` (and, for the Fisher mask, that belong to the model). The mask is kept
@@ -37,12 +38,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
 
-# batching is a torch-only helper on batch structure (tensor, tuple/list, dict), shared
-# with step.py; nothing else of the package is imported here.
-from ..batching import batch_size, batch_tensors, index_batch, map_tensors
-from .masks import PerturbationMask, round_half_up
+from ..batching import batch_size
+from ._ranking import common_dtype, largest_indices, round_half_up, select_mask
+from .fisher import FISHER_MODES, empirical_fisher
+from .masks import PerturbationMask
+
+__all__ = [
+    "DynamicMask",
+    "FisherMask",
+    "SparseMask",
+    "empirical_fisher",
+    "largest_indices",
+]
 
 NORMALISATIONS = ("authors", "masked")
 GRANULARITIES = ("element", "tensor")
@@ -72,132 +80,28 @@ def _check_choice(value: Any, what: str, choices: Sequence[str]) -> str:
     return value
 
 
-# ---------------------------------------------------------------------- ranking helpers
-def largest_indices(scores: Tensor, k: int) -> Tensor:
-    """Sorted indices of the ``k`` largest entries of a 1-D tensor; ties go to the lower
-    index. O(n) (one selection, no full sort), deterministic on every device."""
-    n = scores.numel()
-    if k <= 0:
-        return torch.empty(0, dtype=torch.long, device=scores.device)
-    if k >= n:
-        return torch.arange(n, device=scores.device)
-    threshold = torch.kthvalue(scores, n - k + 1).values  # the k-th largest value
-    above = (scores > threshold).nonzero().flatten()
-    ties = (scores == threshold).nonzero().flatten()[: k - above.numel()]
-    return torch.cat([above, ties]).sort().values
-
-
 def _all_reduce_sum(flat: Tensor) -> None:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(flat)
 
 
-def _common_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
-# ---------------------------------------------------------------------- batches
-class _LossOf(nn.Module):
-    """``loss_fn(model, batch)`` as a module, so ``functional_call`` can swap the model's
-    parameters whatever way ``loss_fn`` calls the model."""
-
-    def __init__(self, model: nn.Module, loss_fn: Callable[..., Any]) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Any) -> Tensor:
-        out = self.loss_fn(self.model, batch)
-        if isinstance(out, tuple):  # (losses, aux)
-            out = out[0]
-        return out.sum()
-
-
-def empirical_fisher(
-    model: nn.Module,
-    params: Sequence[Tensor],
-    batch: Any,
-    loss_fn: Callable[..., Any],
-    num_samples: int,
-    chunk_size: int | None = None,
-) -> list[Tensor | None]:
-    r"""Diagonal empirical Fisher F_j = Σ_{i ≤ n} (∂ℓ_i/∂θ_j)² over the first
-    n = min(``num_samples``, batch size) samples of ``batch``, with their own labels.
-
-    Per-sample gradients are computed in batches with ``torch.func`` (``vmap`` over
-    ``grad`` of a ``functional_call``), ``chunk_size`` samples at a time (bounding memory
-    at chunk_size gradient copies). The model runs in eval mode: per-sample gradients are
-    only well defined when samples do not interact through batch statistics, and eval mode
-    writes no BatchNorm buffer and disables dropout. Every module's training flag is
-    restored afterwards; ``.grad`` is neither read nor written.
-
-    Args:
-        model: the module ``loss_fn`` evaluates (not DDP-wrapped).
-        params: the parameters to score (e.g. an optimizer's, in its order).
-        batch: a tensor, tuple/list or dict of tensors indexed on dim 0.
-        loss_fn: ``loss_fn(model, batch)`` → per-sample losses (or ``(losses, aux)``).
-        num_samples: N_F ≥ 1.
-        chunk_size: samples per vectorised chunk (``None``: all at once).
-
-    Returns:
-        Per entry of ``params``: F in (at least) float32, or ``None`` for a tensor that is
-        not a trainable parameter of ``model`` (it cannot be scored).
-    """
-    names = {id(p): name for name, p in model.named_parameters()}
-    wanted: dict[str, int] = {}
-    for i, p in enumerate(params):
-        name = names.get(id(p))
-        if name is not None and p.requires_grad:
-            wanted[f"model.{name}"] = i
-    out: list[Tensor | None] = [None] * len(params)
-    if not wanted:
-        return out
-    n = min(num_samples, batch_size(batch))
-    first = index_batch(batch, slice(0, n))
-    leaves = batch_tensors(first)
-    wrapper = _LossOf(model, loss_fn)
-    primals = {key: params[i].detach() for key, i in wanted.items()}
-
-    def sample_loss(theta: dict[str, Tensor], sample: tuple[Tensor, ...]) -> Tensor:
-        it = iter(sample)
-        one = map_tensors(first, lambda _: next(it).unsqueeze(0))
-        return functional_call(wrapper, theta, (one,))
-
-    per_sample_grads = vmap(grad(sample_loss), in_dims=(None, 0))
-    step = n if chunk_size is None else chunk_size
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    acc: dict[str, Tensor] = {}
-    try:
-        for start in range(0, n, step):
-            chunk = tuple(t[start : start + step] for t in leaves)
-            try:
-                grads = per_sample_grads(primals, chunk)
-            except RuntimeError as err:
-                raise RuntimeError(
-                    "SSAM-F computes per-sample gradients with torch.func (vmap over grad): "
-                    "the model and loss_fn must be vmap-compatible (no .item(), no in-place "
-                    f"updates of captured tensors, no data-dependent Python control flow): {err}"
-                ) from err
-            for key, g in grads.items():
-                sq = g.to(torch.promote_types(g.dtype, torch.float32)).square().sum(0)
-                acc[key] = sq if key not in acc else acc[key] + sq
-    finally:
-        for module, flag in flags:
-            module.training = flag  # per module: mixed train/eval flags survive
-    for key, i in wanted.items():
-        out[i] = acc[key]
-    return out
-
-
 # ---------------------------------------------------------------------- shared machinery
 class SparseMask(PerturbationMask):
     """Shared machinery of the SSAM mask policies: a bool mask per optimizer parameter,
-    exact density over the perturbable elements, float copies cached for the ascent,
-    ``state_dict``. Not used directly: see :class:`FisherMask` and :class:`DynamicMask`.
+    exact density over the perturbable elements, ``state_dict``. Not used directly: see
+    :class:`FisherMask` and :class:`DynamicMask`.
+
+    Fields and their invariants (all per optimizer parameter, in the optimizer's order):
+
+    * ``_masks``: the current bool masks (``None`` before the first one is built). They
+      are replaced, never modified in place, so holding a reference is a snapshot.
+    * ``_pool``: whether the parameter can be perturbed at all (trainable and, for the
+      Fisher mask, scored); unpooled parameters have all-False masks.
+    * ``_has_any`` / ``_all_true`` / ``_counts``: per mask, any element kept, every
+      element kept, the number kept — computed once when a mask is installed.
+    * ``_bound`` / ``_index``: the parameters ``draw`` last saw and their positions; the
+      mask is checked against their shapes (and moved to their devices) when they change.
+    * ``_undo``: the snapshot taken by ``draw``, restored by ``rollback_draw``.
 
     Args:
         sparsity: s ∈ [0, 1), the fraction of perturbable elements NOT perturbed. s = 0 is
@@ -216,9 +120,9 @@ class SparseMask(PerturbationMask):
         self.normalise_masked = normalisation == "masked"
         self._masks: list[Tensor] | None = None
         self._pool: list[bool] = []
-        self._keep: list[bool] = []
+        self._has_any: list[bool] = []
         self._all_true: list[bool] = []
-        self._float: dict[int, Tensor] = {}
+        self._counts: list[int] = []
         self._index: dict[int, int] = {}
         self._bound: list[Tensor] = []
         self._undo: dict[str, Any] | None = None
@@ -247,11 +151,12 @@ class SparseMask(PerturbationMask):
     def _install(self, masks: list[Tensor], pool: list[bool]) -> None:
         self._masks = masks
         self._pool = pool
-        self._keep = [bool(m.any()) for m in masks]
-        self._all_true = [bool(m.all()) for m in masks]
-        self._float = {}
+        # count_nonzero: a bool tensor's sum() would first make an int64 copy (8× its size)
+        self._counts = [int(torch.count_nonzero(m)) for m in masks]
+        self._has_any = [c > 0 for c in self._counts]
+        self._all_true = [c == m.numel() for c, m in zip(self._counts, masks)]
         total = sum(m.numel() for m, p in zip(masks, pool) if p)
-        kept = sum(int(m.sum()) for m, p in zip(masks, pool) if p)
+        kept = sum(c for c, p in zip(self._counts, pool) if p)
         self.density = kept / total if total else 1.0
 
     def _bind(self, params: Sequence[Tensor]) -> None:
@@ -272,7 +177,6 @@ class SparseMask(PerturbationMask):
             )
         if any(m.device != p.device for m, p in zip(self._masks, params)):
             self._masks = [m.to(p.device) for m, p in zip(self._masks, params)]
-            self._float = {}
 
     def _split(self, flat: Tensor, params: Sequence[Tensor], pool: list[bool]) -> list[Tensor]:
         """A flat bool vector over the pool's elements back to one mask per parameter."""
@@ -306,7 +210,7 @@ class SparseMask(PerturbationMask):
             return None
         if self.granularity == "tensor" or self.normalise_masked:
             # ‖g‖ is only needed over perturbed tensors: the others skip weight gradients.
-            return None if all(self._keep) else list(self._keep)
+            return None if all(self._has_any) else list(self._has_any)
         return None  # "authors": ‖g‖ needs every gradient
 
     def rollback_draw(self) -> None:
@@ -314,20 +218,19 @@ class SparseMask(PerturbationMask):
             self._restore(self._undo)
             self._undo = None
 
+    def element_counts(self) -> list[int] | None:
+        if self.trivial or self._masks is None:
+            return None
+        return list(self._counts)
+
     def element_masks(self, params: Sequence[Tensor]) -> list[Tensor | None] | None:
         if self.trivial or self._masks is None or self.granularity == "tensor":
             return None
         out: list[Tensor | None] = []
         for p in params:
             i = self._index[id(p)]
-            if self._all_true[i]:
-                out.append(None)  # nothing to multiply
-                continue
-            cached = self._float.get(i)
-            if cached is None or cached.dtype != p.dtype or cached.device != p.device:
-                # One float copy per tensor, rebuilt only when the mask changes.
-                cached = self._float[i] = self._masks[i].to(device=p.device, dtype=p.dtype)
-            out.append(cached)
+            # the bool mask itself: multiplying by it promotes, no float copy is kept
+            out.append(None if self._all_true[i] else self._masks[i])
         return out
 
     # ---------------------------------------------------------------- state
@@ -342,8 +245,8 @@ class SparseMask(PerturbationMask):
 
     def _restore(self, snap: dict[str, Any]) -> None:
         if snap["masks"] is None:
-            self._masks, self._pool, self._keep, self._all_true = None, [], [], []
-            self._float, self.density = {}, 1.0
+            self._masks, self._pool, self._has_any, self._all_true = None, [], [], []
+            self._counts, self.density = [], 1.0
         elif snap["masks"] is not self._masks:
             self._install(snap["masks"], snap["pool"])
         self.last_refresh_step = snap["last_refresh_step"]
@@ -388,7 +291,7 @@ class FisherMask(SparseMask):
 
     At each refresh, with n = min(``num_samples``, batch size) samples of the batch::
 
-        F_j = Σ_{i ≤ n} (∂ℓ_i/∂θ_j)²                  (eval mode; see empirical_fisher)
+        F_j = Σ_{i ≤ n} (∂ℓ_i/∂θ_j)²                  (see empirical_fisher for the mode)
         m   = top-k(F) over all perturbable elements,  k = round((1 − s) · N)
 
     Refreshes run before the first step (``ready`` is False until then; the skeleton
@@ -414,6 +317,10 @@ class FisherMask(SparseMask):
         normalisation: ``"authors"`` or ``"masked"``; default ``"authors"`` for element
             masks, ``"masked"`` for tensor masks.
         chunk_size: samples per vectorised per-sample-gradient chunk (memory bound).
+        fisher_mode: ``"eval"`` (default: BatchNorm with running statistics, which at the
+            first refresh are those of initialisation) or ``"train"`` (the authors'
+            procedure: each sample alone in train mode, on a copy of the model with
+            BatchNorm using the sample's own statistics; see :func:`empirical_fisher`).
     """
 
     name = "fisher"
@@ -428,8 +335,10 @@ class FisherMask(SparseMask):
         granularity: str = "element",
         normalisation: str | None = None,
         chunk_size: int | None = 16,
+        fisher_mode: str = "eval",
     ) -> None:
         self.granularity = _check_choice(granularity, "granularity", GRANULARITIES)
+        self.fisher_mode = _check_choice(fisher_mode, "fisher_mode", FISHER_MODES)
         if normalisation is None:
             normalisation = "masked" if granularity == "tensor" else "authors"
         if granularity == "tensor" and normalisation != "masked":
@@ -471,7 +380,13 @@ class FisherMask(SparseMask):
             return False
         with torch.enable_grad():
             fisher = empirical_fisher(
-                model, params, batch, loss_fn, self.num_samples, self.chunk_size
+                model,
+                params,
+                batch,
+                loss_fn,
+                self.num_samples,
+                self.chunk_size,
+                mode=self.fisher_mode,
             )
         pool = [f is not None for f in fisher]
         if not any(pool):
@@ -491,10 +406,10 @@ class FisherMask(SparseMask):
             )
         scored = [f for f in fisher if f is not None]
         device = scored[0].device
-        dtype = _common_dtype(scored)
+        dtype = common_dtype(scored)
         flat = torch.cat([f.reshape(-1).to(device=device, dtype=dtype) for f in scored])
         _all_reduce_sum(flat)  # the same mask on every worker
-        if not bool(torch.isfinite(flat).all()):
+        if not bool(torch.isfinite(flat.max())):  # non-negative: max is NaN or inf iff one is
             kept = "the previous mask is kept" if self._masks is not None else "no mask yet"
             warnings.warn(
                 f"effsam: SSAM-F refresh at step {step} got a non-finite Fisher estimate; {kept}",
@@ -505,8 +420,7 @@ class FisherMask(SparseMask):
         self.last_num_samples = min(self.num_samples, batch_size(batch))
         k = self.num_kept(flat.numel())
         if self.granularity == "element":
-            chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=device)
-            chosen[largest_indices(flat, k)] = True
+            chosen = select_mask(flat, k, largest=True)
         else:
             chosen = self._choose_tensors(flat, [f.numel() for f in scored], k)
         self._install(self._split(chosen, params, pool), pool)
@@ -534,7 +448,7 @@ class FisherMask(SparseMask):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, num_samples={self.num_samples}, "
-            f"granularity={self.granularity!r}"
+            f"granularity={self.granularity!r}, fisher_mode={self.fisher_mode!r}"
         )
 
 
@@ -544,19 +458,22 @@ class DynamicMask(SparseMask):
 
     The initial mask keeps k = round((1 − s) · N) perturbable elements drawn uniformly
     (created at the first step; needs no data). A refresh at step t, with
-    r_t = r_0 (1 + cos(π min(t, T) / T)) / 2 and n_t = round(r_t · k)::
+    r_t = r_0 (1 + cos(π min(t, T) / T)) / 2 and n_t = min(round(r_t · k), N − k)::
 
         drop: the n_t live elements with the smallest |g|
-        grow: n_t elements among the dead ones (dead after the drop, so a just-dropped
-              element can come back): uniformly at random (``grow="random"``), or those
-              with the largest |g| (``grow="gradient"``)
+        grow: n_t elements among those that were dead BEFORE the drop (a just-dropped
+              element cannot come straight back): uniformly at random
+              (``grow="random"``), or those with the largest |g| (``grow="gradient"``)
 
-    so the density stays exactly 1 − s. g is the pass-1 gradient of the refresh step
-    itself: ``refresh`` only schedules the update, which is applied when the skeleton asks
-    for the element masks in ``first_step`` — the gradient at the current weights, at no
-    extra forward or backward. Parameters without a gradient that step count as |g| = 0.
-    A non-finite |g| keeps the previous mask (and warns). Refreshes run at steps t > 0
-    with ``t % update_interval == 0``.
+    so the density stays exactly 1 − s (the cap N − k matters only when there are fewer
+    dead elements than the drop count). As in the authors' code, refreshes run at every
+    step t with ``t % update_interval == 0``, t = 0 included, from the pass-1 gradient g
+    of step t itself (no extra forward or backward); step t still perturbs with the old
+    mask, and the new one is used from step t + 1. Parameters without a gradient that step
+    count as |g| = 0. A non-finite |g| keeps the previous mask (and warns).
+
+    The refresh needs no data: the optimizer schedules it by itself in every API
+    (``sharpness_aware_step``, ``step(closure)``, ``first_pass``/``first_step``).
 
     Args:
         sparsity: s ∈ [0, 1).
@@ -597,7 +514,10 @@ class DynamicMask(SparseMask):
         self.seed = seed
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(seed)
+        #: step whose pass-1 gradient the scheduled drop/grow will use (None: none due)
         self._pending: int | None = None
+        #: the mask computed by the last drop/grow, installed at the next step's draw
+        self._next: list[Tensor] | None = None
         #: elements dropped (and regrown) by the last refresh
         self.last_drop_count = 0
 
@@ -609,20 +529,20 @@ class DynamicMask(SparseMask):
     def refresh_due(self, step: int) -> bool:
         return (
             not self.trivial
-            and step > 0
             and step % self.update_interval == 0
             and step != self.last_refresh_step
+            and self._pending != step
         )
 
     def refresh(
         self,
-        model: nn.Module,
+        model: nn.Module | None,
         params: Sequence[Tensor],
         batch: Any,
-        loss_fn: Callable[..., Any],
+        loss_fn: Callable[..., Any] | None,
         step: int,
     ) -> bool:
-        """Schedule a drop/grow for this step's pass-1 gradient (model and batch unused).
+        """Schedule a drop/grow from this step's pass-1 gradient (model and batch unused).
         True when an update is scheduled."""
         if self.trivial:
             return False
@@ -630,7 +550,12 @@ class DynamicMask(SparseMask):
         return True
 
     def _prepare(self, params: Sequence[Tensor]) -> None:
-        if not self.trivial and self._masks is None:
+        if self.trivial:
+            return
+        if self._next is not None:
+            self._install(self._next, self._pool)
+            self._next = None
+        elif self._masks is None:
             self._bound = []
             self._init_random(params)
 
@@ -643,28 +568,43 @@ class DynamicMask(SparseMask):
         snap = super()._snapshot()
         snap["generator"] = self.generator.get_state()
         snap["pending"] = self._pending
+        snap["next_masks"] = self._next
         snap["last_drop_count"] = self.last_drop_count
         return snap
 
     def _restore(self, snap: dict[str, Any]) -> None:
         super()._restore(snap)
-        self.generator.set_state(snap["generator"])
+        self.generator.set_state(snap["generator"].cpu())
         self._pending = snap["pending"]
+        self._next = snap.get("next_masks")
         self.last_drop_count = snap["last_drop_count"]
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if state["next_masks"] is not None:
+            state["next_masks"] = [m.clone() for m in state["next_masks"]]
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        if state.get("next_masks") is not None:
+            state["next_masks"] = [m.clone().bool() for m in state["next_masks"]]
+        super().load_state_dict(state)
 
     def _init_random(self, params: Sequence[Tensor]) -> None:
         pool = [p.requires_grad for p in params]
         total = sum(p.numel() for p, pooled in zip(params, pool) if pooled)
-        chosen = torch.zeros(total, dtype=torch.bool)
-        chosen[torch.randperm(total, generator=self.generator)[: self.num_kept(total)]] = True
+        # k uniformly at random: the largest of uniform draws (no int64 permutation)
+        u = torch.rand(total, generator=self.generator)
+        chosen = select_mask(u, self.num_kept(total), largest=True)
         self._install(self._split(chosen, params, pool), pool)
 
-    def element_masks(self, params: Sequence[Tensor]) -> list[Tensor | None] | None:
+    def prepare(self, params: Sequence[Tensor]) -> None:
+        """Compute a scheduled drop/grow from the pass-1 gradients now present."""
         if self._pending is not None:
-            self._apply_pending()
-        return super().element_masks(params)
+            self._drop_and_grow()
 
-    def _apply_pending(self) -> None:
+    def _drop_and_grow(self) -> None:
         step, self._pending = self._pending, None
         assert self._masks is not None and step is not None
         live = self._flat_mask()
@@ -674,10 +614,11 @@ class DynamicMask(SparseMask):
             for p, pooled in zip(self._bound, self._pool)
             if pooled
         ]
-        dtype = _common_dtype(grads)
-        score = torch.cat([g.to(device=device, dtype=dtype).abs() for g in grads])
+        dtype = common_dtype(grads)
+        # one flat copy, made absolute in place (the refresh's memory is a few flat vectors)
+        score = torch.cat([g.to(device=device, dtype=dtype) for g in grads]).abs_()
         _all_reduce_sum(score)  # the same mask on every worker
-        if not bool(torch.isfinite(score).all()):
+        if not bool(torch.isfinite(score.max())):  # non-negative: max is NaN or inf iff one is
             warnings.warn(
                 f"effsam: SSAM-D refresh at step {step} got a non-finite gradient; the "
                 "previous mask is kept",
@@ -685,22 +626,28 @@ class DynamicMask(SparseMask):
                 stacklevel=3,
             )
             return
-        k = int(live.sum())
-        n_drop = round_half_up(self.drop_rate_at(step) * k)
-        live_idx = live.nonzero().flatten()
-        new = live.clone()
-        new[live_idx[largest_indices(-score[live_idx], n_drop)]] = False
-        dead_idx = (~new).nonzero().flatten()
+        k = int(torch.count_nonzero(live))
+        n_dead = live.numel() - k
+        n_drop = min(round_half_up(self.drop_rate_at(step) * k), n_dead)
+        # drop: the n_drop smallest |g| among the live
+        new = live & ~select_mask(score, n_drop, live, largest=False)
+        dead = ~live  # dead before the drop: the growth pool
         if self.grow == "random":
-            pick = torch.randperm(dead_idx.numel(), generator=self.generator)[:n_drop]
-            grown = dead_idx[pick.to(device)]
+            del score
+            # n_drop uniformly among the dead: the largest of uniform draws
+            u = torch.rand(live.numel(), generator=self.generator).to(device)
+            new |= select_mask(u, n_drop, dead, largest=True)
         else:
-            grown = dead_idx[largest_indices(score[dead_idx], n_drop)]
-        new[grown] = True
-        self._install(self._split(new, self._bound, self._pool), self._pool)
+            new |= select_mask(score, n_drop, dead, largest=True)
+        self._next = self._split(new, self._bound, self._pool)
         self.last_refresh_step = step
         self.last_drop_count = n_drop
         self.refreshes += 1
+
+    @property
+    def next_masks(self) -> list[Tensor] | None:
+        """The mask the last drop/grow computed, used from the next step (read-only)."""
+        return self._next
 
     def extra_repr(self) -> str:
         return (

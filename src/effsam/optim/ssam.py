@@ -27,8 +27,9 @@ class SSAM(SharpnessAware):
       Fisher over ``num_samples`` training samples, k = round((1 − s) N), recomputed
       every ``update_interval`` steps and before the first step.
     * ``mask="dynamic"`` (SSAM-D): a random initial mask; every ``update_interval`` steps
-      the r_t = r_0 (1 + cos(π t / T)) / 2 fraction of live elements with the smallest |g|
-      is dropped and as many regrow (``grow="random"`` or ``"gradient"``).
+      (from step 0) the r_t = r_0 (1 + cos(π t / T)) / 2 fraction of live elements with
+      the smallest |g| is dropped and as many elements dead before the drop regrow
+      (``grow="random"`` or ``"gradient"``); the new mask is used from the next step.
     * ``granularity="tensor"`` (an extension, Fisher only): whole tensors are kept by
       Fisher mass per element, so pass 1 skips the weight gradients of the others and
       sparsity saves compute; the density is then close to 1 − s (see :attr:`density`).
@@ -60,6 +61,8 @@ class SSAM(SharpnessAware):
             masks and ``"masked"`` for tensor masks (the only one possible there).
         seed: SSAM-D's generator seed (initial mask and random regrowth).
         fisher_chunk_size: samples per vectorised per-sample-gradient chunk (SSAM-F).
+        fisher_mode: SSAM-F's ``"eval"`` (default) or ``"train"`` (the authors' procedure:
+            single samples in train mode; see :func:`effsam.optim.fisher.empirical_fisher`).
         **kwargs: passed to :class:`SharpnessAware` (``ascent``, ``selection``, ``foreach``,
             ``check_finite``, ``eps_denominator``).
     """
@@ -80,6 +83,7 @@ class SSAM(SharpnessAware):
         normalisation: str | None = None,
         seed: int = 0,
         fisher_chunk_size: int | None = 16,
+        fisher_mode: str = "eval",
         **kwargs: Any,
     ) -> None:
         if not isinstance(mask, str):
@@ -98,12 +102,18 @@ class SSAM(SharpnessAware):
                 granularity=granularity,
                 normalisation=normalisation,
                 chunk_size=fisher_chunk_size,
+                fisher_mode=fisher_mode,
             )
         else:
             if granularity != "element":
                 raise ValueError(
                     f"Invalid SSAM granularity: {granularity!r} with mask='dynamic' (tensor "
                     "masks are chosen by Fisher mass: use mask='fisher')"
+                )
+            if fisher_mode != "eval":
+                raise ValueError(
+                    f"Invalid SSAM fisher_mode: {fisher_mode!r} with mask='dynamic' (the "
+                    "dynamic mask computes no Fisher: use mask='fisher')"
                 )
             if total_steps is None:
                 raise ValueError(

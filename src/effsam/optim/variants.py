@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -21,6 +23,10 @@ class SAM(SharpnessAware):
 
     ε = ρ g / (‖g‖₂ + δ), or for ASAM ε = ρ T² g / (‖T g‖₂ + δ) with T = |θ| + η.
     ASAM wants a ρ about 10× SAM's (e.g. 0.5 instead of 0.05).
+
+    ``adaptive_only``: the tensors T applies to (the others get T = 1). The ASAM authors'
+    code makes only parameters named ``*weight*`` adaptive, with η = 0.01:
+    ``ASAM(base, eta=0.01, adaptive_only=effsam.asam_reference_params(model))``.
     """
 
     def __init__(
@@ -30,17 +36,29 @@ class SAM(SharpnessAware):
         *,
         adaptive: bool = False,
         eta: float = 0.0,
+        adaptive_only: Iterable[Tensor] | None = None,
         **kwargs,
     ) -> None:
-        ascent = AdaptiveAscent(eta) if adaptive else L2Ascent()
+        if adaptive_only is not None and not adaptive:
+            raise ValueError("adaptive_only needs adaptive=True (it selects ASAM's tensors)")
+        only = None if adaptive_only is None else list(adaptive_only)
+        ascent = AdaptiveAscent(eta, only=only) if adaptive else L2Ascent()
         super().__init__(base, rho, ascent=ascent, **kwargs)
 
 
 class ASAM(SAM):
     """ASAM: SAM with the adaptive ascent; default ρ = 0.5."""
 
-    def __init__(self, base: Optimizer, rho: float = 0.5, *, eta: float = 0.0, **kwargs) -> None:
-        super().__init__(base, rho, adaptive=True, eta=eta, **kwargs)
+    def __init__(
+        self,
+        base: Optimizer,
+        rho: float = 0.5,
+        *,
+        eta: float = 0.0,
+        adaptive_only: Iterable[Tensor] | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(base, rho, adaptive=True, eta=eta, adaptive_only=adaptive_only, **kwargs)
 
 
 class ESAM(SharpnessAware):
@@ -107,15 +125,17 @@ class ESAM(SharpnessAware):
         self._clean: list[Tensor | None] | None = None
 
     def _on_ascent(self, params: list[Tensor], grads: list[Tensor]) -> None:
+        # pass 2's select() records k / b: no selection this step (ρ = 0) leaves it None
+        self.selection.last_fraction = None
         if self.sds_update == "mix" and self.selection.needs_per_sample:
             kept = {id(p): g.detach().clone() for p, g in zip(params, grads)}
-            self._clean = [kept.get(id(p)) for p in self._params()]
+            self._clean = [kept.get(id(p)) for p in self.params]
 
     def _before_descent(self) -> None:
         if self._clean is not None:
             fraction = self.selection.last_fraction
             if fraction is not None:
-                mix_gradients(self._params(), self._clean, fraction)
+                mix_gradients(self.params, self._clean, fraction)
             self._clean = None
 
     def _end_step(self) -> None:
