@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import _contract
 from .ascent import AdaptiveAscent, L2Ascent, global_norm
 from .masks import PerturbationMask, kept_fraction
 from .selection import AllSamples
@@ -380,3 +381,8 @@ class SharpnessAware(Optimizer):
             if extra:
                 parts.append(f"{policy.name}({extra})")
         return f"{type(self).__name__}({', '.join(parts)}, base={type(self.base).__name__})"
+
+
+# torch.optim contract (hooks, step() without closure, pickling, defaults, compile, FSDP):
+# wrappers around the methods above, see _contract.py.
+_contract.install(SharpnessAware)

@@ -42,7 +42,7 @@ from torch.func import functional_call, grad, vmap
 # batching is a torch-only helper on batch structure (tensor, tuple/list, dict), shared
 # with step.py; nothing else of the package is imported here.
 from ..batching import batch_size, batch_tensors, index_batch, map_tensors
-from .masks import PerturbationMask, round_half_up
+from .masks import PerturbationMask, cpu_generator_state, round_half_up
 
 NORMALISATIONS = ("authors", "masked")
 GRANULARITIES = ("element", "tensor")
@@ -648,7 +648,7 @@ class DynamicMask(SparseMask):
 
     def _restore(self, snap: dict[str, Any]) -> None:
         super()._restore(snap)
-        self.generator.set_state(snap["generator"])
+        self.generator.set_state(cpu_generator_state(snap["generator"], "SSAM-D"))
         self._pending = snap["pending"]
         self.last_drop_count = snap["last_drop_count"]
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from torch.optim import Optimizer
+from typing import Any
 
+from ._contract import resolve_base
 from .ascent import AdaptiveAscent, L2Ascent
 from .masks import RandomTensorSubset
 from .selection import SELECTIONS, AllSamples
@@ -15,26 +16,37 @@ class SAM(SharpnessAware):
 
     ε = ρ g / (‖g‖₂ + δ), or for ASAM ε = ρ T² g / (‖T g‖₂ + δ) with T = |θ| + η.
     ASAM wants a ρ about 10× SAM's (e.g. 0.5 instead of 0.05).
+
+    Two ways to build it: around an optimizer instance, ``SAM(torch.optim.SGD(params,
+    lr=0.1), rho=0.05)``, or from the parameters, ``SAM(params, base=torch.optim.SGD,
+    lr=0.1, rho=0.05)`` — then every keyword the wrapper does not take (and everything in
+    ``base_kwargs={...}``) goes to the base class. The second form is for frameworks that
+    build the optimizer as ``cls(params, **kwargs)`` (the Hugging Face Trainer's
+    ``optimizer_cls_and_kwargs``, timm's factory, LightningCLI).
     """
 
     def __init__(
         self,
-        base: Optimizer,
+        params: Any = None,
         rho: float = 0.05,
         *,
+        base: Any = None,
         adaptive: bool = False,
         eta: float = 0.0,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
+        base, kwargs = resolve_base(params, base, kwargs, type(self).__name__)
         ascent = AdaptiveAscent(eta) if adaptive else L2Ascent()
         super().__init__(base, rho, ascent=ascent, **kwargs)
 
 
 class ASAM(SAM):
-    """ASAM: SAM with the adaptive ascent; default ρ = 0.5."""
+    """ASAM: SAM with the adaptive ascent; default ρ = 0.5. Built like :class:`SAM`."""
 
-    def __init__(self, base: Optimizer, rho: float = 0.5, *, eta: float = 0.0, **kwargs) -> None:
-        super().__init__(base, rho, adaptive=True, eta=eta, **kwargs)
+    def __init__(
+        self, params: Any = None, rho: float = 0.5, *, base: Any = None, eta: float = 0.0, **kwargs
+    ) -> None:
+        super().__init__(params, rho, base=base, adaptive=True, eta=eta, **kwargs)
 
 
 class ESAM(SharpnessAware):
@@ -52,7 +64,8 @@ class ESAM(SharpnessAware):
     β = 1 gives SDS alone, γ = 1 gives SWP alone, both 1 is SAM.
 
     Args:
-        base: the optimizer instance to wrap.
+        params: the optimizer instance to wrap, or the parameters (then ``base`` is the
+            optimizer class and the other keywords go to it, as for :class:`SAM`).
         rho: ρ (paper: 0.05 ResNet-18, 0.1 WRN-28-10, 0.2 PyramidNet-110).
         beta: SWP keep probability in (0, 1].
         gamma: SDS selection ratio in (0, 1].
@@ -64,9 +77,10 @@ class ESAM(SharpnessAware):
 
     def __init__(
         self,
-        base: Optimizer,
+        params: Any = None,
         rho: float = 0.05,
         *,
+        base: Any = None,
         beta: float = 0.6,
         gamma: float = 0.5,
         seed: int = 0,
@@ -76,6 +90,7 @@ class ESAM(SharpnessAware):
         eta: float = 0.0,
         **kwargs,
     ) -> None:
+        base, kwargs = resolve_base(params, base, kwargs, type(self).__name__)
         if selection not in SELECTIONS:
             raise ValueError(
                 f"Invalid ESAM selection: {selection!r} (choose from {sorted(SELECTIONS)})"
