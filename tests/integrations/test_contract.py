@@ -61,6 +61,17 @@ def test_closure_without_backward_raises_in_pass_1():
         opt.step(lambda: per_sample_ce(model, tiny_data()).mean())
 
 
+def test_closure_returning_none_without_gradients_skips_like_a_plain_optimizer():
+    model = tiny_bn_net()
+    opt = effsam.ESAM(_sgd(model), rho=RHO, beta=0.5, gamma=1.0)
+    before = clone_state(model)
+    gen = opt.mask.generator.get_state()
+    assert opt.step(lambda: None) is None
+    _assert_same(before, clone_state(model))
+    assert opt.steps == 0 and not opt.perturbed
+    assert torch.equal(opt.mask.generator.get_state(), gen)  # the mask draw rolled back
+
+
 def test_step_without_closure_finishes_a_started_step():
     """first_step, pass 2 by hand, then step() (what the HF Trainer and accelerate call)
     equals second_step()."""

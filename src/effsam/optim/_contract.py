@@ -150,6 +150,10 @@ def _fire_step_hooks(opt: Any, fn: Callable[[], Any]) -> Any:
     return out
 
 
+class _SkipStep(Exception):
+    """The closure returned None and left no gradient: skip the step."""
+
+
 def _checked_closure(opt: Any, closure: Callable[[], Any]) -> Callable[[], Any]:
     calls = [0]
 
@@ -157,6 +161,10 @@ def _checked_closure(opt: Any, closure: Callable[[], Any]) -> Callable[[], Any]:
         calls[0] += 1
         out = closure()
         if not any(p.grad is not None for p in opt._params()):
+            if calls[0] == 1 and out is None:
+                # No loss and no gradient: the caller skipped this batch (a Lightning
+                # training_step returning None). As for a plain optimizer: no step.
+                raise _SkipStep
             raise RuntimeError(
                 f"effsam: call {calls[0]} of the closure left no gradient on any parameter. "
                 "The closure must zero the gradients, run the forward AND the backward, and "
@@ -187,7 +195,10 @@ def _wrap_step(fn: Callable[..., Any]) -> Callable[..., Any]:
                     "opt.step() or opt.second_step(); effsam.sharpness_aware_step(model, "
                     "opt, batch, loss_fn) does the whole step"
                 )
-            return fn(self, _checked_closure(self, closure))
+            try:
+                return fn(self, _checked_closure(self, closure))
+            except _SkipStep:
+                return None  # step() rolled back the mask draw; nothing was changed
 
     # The orchestration runs eagerly; the closure's frames are still compiled.
     return torch.compiler.disable(step, recursive=False)
