@@ -104,8 +104,17 @@ def _is_fsdp1(p: Any) -> bool:
 
 def check_sharding(opt: Any) -> None:
     """Refuse FSDP1 (FullyShardedDataParallel) parameters: each rank holds a flat shard,
-    and the ascent's norm over it would be a per-rank norm."""
-    for p in opt._params():
+    and the ascent's norm over it would be a per-rank norm. Refuse masks that work
+    per element (SSAM) on DTensor parameters (FSDP2): their masks are full-size tensors,
+    not shards."""
+    params = opt._params()
+    if any(is_dtensor(p) for p in params) and _has_element_masks(opt.mask):
+        raise NotImplementedError(
+            f"effsam: the {opt.mask.name!r} mask (SSAM) keeps full-size per-element masks, "
+            "which do not shard with FSDP2 (fully_shard) DTensor parameters: SSAM under "
+            "FSDP2 is not supported; SAM, ASAM and ESAM are"
+        )
+    for p in params:
         if _is_fsdp1(p):
             raise RuntimeError(
                 "effsam: the parameters are FSDP1 (FullyShardedDataParallel) flat shards; the "
@@ -113,6 +122,14 @@ def check_sharding(opt: Any) -> None:
                 "silently wrong). Shard the model with torch.distributed.fsdp.fully_shard "
                 "(FSDP2) instead, or use DistributedDataParallel"
             )
+
+
+def _has_element_masks(mask: Any) -> bool:
+    from .masks import PerturbationMask
+
+    return type(mask).element_masks is not PerturbationMask.element_masks or bool(
+        getattr(mask, "needs_data", False)
+    )
 
 
 def _get_foreach(self: Any) -> bool:
@@ -215,13 +232,13 @@ def _wrap_second_step(fn: Callable[..., Any]) -> Callable[..., Any]:
     return second_step
 
 
-def _wrap_first_step(fn: Callable[..., Any]) -> Callable[..., Any]:
+def _wrap_checked(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
-    def first_step(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def checked(self: Any, *args: Any, **kwargs: Any) -> Any:
         check_sharding(self)
         return fn(self, *args, **kwargs)
 
-    return first_step
+    return checked
 
 
 def _wrap_state_dict(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -293,7 +310,8 @@ def _setstate(self: Any, state: dict[str, Any]) -> None:
 _WRAPPERS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
     "__init__": _wrap_init,
     "step": _wrap_step,
-    "first_step": _wrap_first_step,
+    "first_step": _wrap_checked,
+    "refresh_mask": _wrap_checked,
     "second_step": _wrap_second_step,
     "state_dict": _wrap_state_dict,
     "load_state_dict": _wrap_load_state_dict,
