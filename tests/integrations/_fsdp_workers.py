@@ -8,6 +8,7 @@ by the test.
 
 from __future__ import annotations
 
+import copy
 import traceback
 from pathlib import Path
 
@@ -57,16 +58,68 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _run(kind: str, drive: str, rank: int) -> list[list[torch.Tensor]] | str:
+def _sharded(seed: int = 0) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     model = net()
+    if seed:
+        torch.manual_seed(seed)
+        for p in model.parameters():
+            p.data.normal_()
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    return model
+
+
+def _dcp_round_trip(rank: int) -> dict[str, object] | str:
+    """ESAM-SWP trained 2 steps, its model and optimizer state taken and loaded into a
+    fresh sharded model and optimizer through torch.distributed.checkpoint's state-dict
+    API; then one more step on both."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    try:
+        model = _sharded()
+        opt = effsam.ESAM(
+            torch.optim.SGD(model.parameters(), lr=LR, momentum=MOM), rho=0.1, beta=0.5,
+            gamma=1.0, seed=7,
+        )  # fmt: skip
+        for step in range(2):
+            effsam.sharpness_aware_step(model, opt, batch(step, rank), per_sample)
+        # copies: the state dicts hold the live tensors (momentum buffers)
+        msd = copy.deepcopy(get_model_state_dict(model))
+        osd = copy.deepcopy(get_optimizer_state_dict(model, opt))
+        has_entry = "effsam" in osd["param_groups"][0]
+        model2 = _sharded(seed=3)
+        opt2 = effsam.ESAM(
+            torch.optim.SGD(model2.parameters(), lr=LR, momentum=MOM), rho=0.1, beta=0.5,
+            gamma=1.0, seed=99,
+        )  # fmt: skip
+        set_model_state_dict(model2, msd)
+        set_optimizer_state_dict(model2, opt2, osd)
+        for m, o in ((model, opt), (model2, opt2)):
+            effsam.sharpness_aware_step(m, o, batch(2, rank), per_sample)
+        return {
+            "has_entry": has_entry,
+            "steps": (opt.steps, opt2.steps),
+            "weights": [
+                [_full(p.detach()).clone() for p in m.parameters()] for m in (model, model2)
+            ],
+        }
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+
+
+def _run(kind: str, drive: str, rank: int) -> list[list[torch.Tensor]] | str:
+    model = _sharded()
     opt = make_opt(kind, model.parameters())
     log = []
     try:
@@ -94,6 +147,7 @@ def suite(rank: int, world: int, out: str, cases: list[tuple[str, str]]) -> None
     results = {}
     for kind, drive in cases:
         results[f"{kind}/{drive}"] = _run(kind, drive, rank)
+    results["dcp"] = _dcp_round_trip(rank)
     results["fsdp1"] = _fsdp1(rank)
     if rank == 0:
         torch.save(results, Path(out) / "fsdp.pt")

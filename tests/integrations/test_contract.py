@@ -339,3 +339,46 @@ def test_generator_state_of_the_wrong_type_is_named():
     sd["effsam"]["mask"]["generator"] = sd["effsam"]["mask"]["generator"].float()
     with pytest.raises(TypeError, match="SWP generator state: expected a uint8 tensor"):
         opt.load_state_dict(sd)
+
+
+# ---------------------------------------------------------------------- distributed checkpoint
+def test_distributed_checkpoint_state_dict_keeps_effsams_state_and_resumes_exactly():
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model = tiny_bn_net()
+    opt = effsam.ESAM(_sgd(model), rho=RHO, beta=0.5, gamma=1.0, seed=3)
+    # before any step: DCP initialises the state with step() at lr 0 and zero gradients
+    first = get_optimizer_state_dict(model, opt)
+    assert first["param_groups"][0]["effsam"]["steps"] == 0
+    assert all(p.grad is None for p in model.parameters())
+    assert opt.base.param_groups[0]["lr"] == LR and opt.steps == 0
+    batches = _batches(4)
+    for batch in batches[:2]:
+        effsam.sharpness_aware_step(model, opt, batch, per_sample_ce)
+    osd = copy.deepcopy(get_optimizer_state_dict(model, opt))
+    assert set(osd) == {"state", "param_groups"}  # DCP's schema: effsam's entry is in a group
+    model2 = copy.deepcopy(model)
+    opt2 = effsam.ESAM(_sgd(model2), rho=RHO, beta=0.5, gamma=1.0, seed=11)
+    set_optimizer_state_dict(model2, opt2, osd)
+    assert opt2.steps == 2 and "effsam" not in opt2.base.param_groups[0]
+    for batch in batches[2:]:
+        effsam.sharpness_aware_step(model, opt, batch, per_sample_ce)
+        effsam.sharpness_aware_step(model2, opt2, batch, per_sample_ce)
+    _assert_same(clone_state(model), clone_state(model2))
+
+
+def test_state_dict_stores_effsams_entry_once():
+    import io
+
+    model = tiny_bn_net()
+    opt = effsam.ESAM(_sgd(model), rho=RHO, beta=0.5, gamma=1.0)
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["effsam"] is sd["effsam"]
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    assert loaded["param_groups"][0]["effsam"] is loaded["effsam"]

@@ -1,6 +1,7 @@
 """FSDP on 2 CPU processes (gloo), float64: FSDP2 (``fully_shard``) equals the unsharded
 run on the concatenated batch (FSDP averages both passes' gradients over ranks, so ε is
-the global one, from the global norm); FSDP1 is refused."""
+the global one, from the global norm); torch.distributed.checkpoint keeps effsam's state;
+FSDP1 is refused."""
 
 from __future__ import annotations
 
@@ -66,3 +67,11 @@ def test_fsdp2_ssam_is_refused(fsdp):
 def test_fsdp1_is_refused_with_a_clear_message(fsdp, use_orig_params):
     got = fsdp["fsdp1"][use_orig_params]
     assert got.startswith("RuntimeError") and "FSDP1" in got and "fully_shard" in got, got
+
+
+def test_distributed_checkpoint_keeps_effsams_state_under_fsdp2(fsdp):
+    got = fsdp["dcp"]
+    assert not isinstance(got, str), got
+    assert got["has_entry"] and got["steps"] == (3, 3)
+    for a, b in zip(*got["weights"]):
+        assert torch.equal(a, b)

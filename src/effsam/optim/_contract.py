@@ -7,7 +7,10 @@ of :class:`~effsam.SharpnessAware` (and of every subclass that overrides one of 
 * ``step(closure)``: the closure must leave gradients behind (a do-nothing closure after
   a hand-written backward would otherwise make the step a silent no-op);
 * ``step()`` with no closure: finishes a step started with ``first_step`` (a framework
-  that ran pass 2's backward itself), and is a clear error otherwise;
+  that ran pass 2's backward itself), and is a clear error otherwise — except for
+  torch.distributed.checkpoint's state initialisation (every lr 0, every gradient 0);
+* ``state_dict()``: effsam's entry is also referenced from ``param_groups[0]``, which
+  torch.distributed.checkpoint keeps (it drops other top-level keys);
 * the step pre/post hooks (per optimizer and global) on the two-phase path too: they fire
   around :meth:`second_step`, i.e. around the base optimizer's update, when it is not
   called from ``step``;
@@ -204,6 +207,9 @@ def _wrap_step(fn: Callable[..., Any]) -> Callable[..., Any]:
                     # A framework ran pass 2's backward and now asks for the update.
                     self.second_step()
                     return None
+                if _is_state_initialisation(self):
+                    _initialise_state(self)
+                    return None
                 raise RuntimeError(
                     f"{type(self).__name__}.step() was called without a closure and no "
                     "step is pending. Either pass a closure (zero grads, forward, backward, "
@@ -219,6 +225,25 @@ def _wrap_step(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     # The orchestration runs eagerly; the closure's frames are still compiled.
     return torch.compiler.disable(step, recursive=False)
+
+
+def _is_state_initialisation(opt: Any) -> bool:
+    """torch.distributed.checkpoint initialises an optimizer's state (before saving, and
+    on a fresh optimizer before loading) by ``step()`` with every learning rate 0 and
+    every gradient 0: such a step cannot change any weight."""
+    groups = opt.param_groups
+    if not groups or any(float(g.get("lr", 1.0)) != 0.0 for g in groups):
+        return False
+    grads = [p.grad for g in groups for p in g["params"] if p.grad is not None]
+    return bool(grads) and all(not bool(torch.count_nonzero(g)) for g in grads)
+
+
+def _initialise_state(opt: Any) -> None:
+    """The base optimizer's state (one step at lr 0) and the wrapper's θ buffers."""
+    opt.base.step()
+    for p in opt._params():
+        if "theta" not in opt.state[p]:
+            opt.state[p]["theta"] = torch.empty_like(p, memory_format=torch.preserve_format)
 
 
 def _wrap_second_step(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -241,6 +266,42 @@ def _wrap_checked(fn: Callable[..., Any]) -> Callable[..., Any]:
     return checked
 
 
+#: The key of effsam's own state (counters, policies) in a state dict.
+STATE_KEY = "effsam"
+
+
+def _group_layout(sd: Any) -> Any:
+    """Also reference the ``"effsam"`` entry from ``param_groups[0]``.
+
+    torch.distributed.checkpoint (``get_optimizer_state_dict``) keeps only ``state`` and
+    ``param_groups`` and drops other top-level keys; param-group keys it keeps. The same
+    object sits in both places, so ``torch.save`` stores it once."""
+    if isinstance(sd, dict) and STATE_KEY in sd and sd.get("param_groups"):
+        groups = list(sd["param_groups"])
+        groups[0] = {**groups[0], STATE_KEY: sd[STATE_KEY]}
+        sd = {**sd, "param_groups": groups}
+    return sd
+
+
+def _top_layout(sd: dict[str, Any]) -> dict[str, Any]:
+    """Move the ``"effsam"`` entry out of the param groups (where a state dict that went
+    through torch.distributed.checkpoint has it) to the top level."""
+    groups = sd.get("param_groups")
+    if not groups or not any(isinstance(g, dict) and STATE_KEY in g for g in groups):
+        return sd
+    clean = []
+    found = None
+    for g in groups:
+        if isinstance(g, dict) and STATE_KEY in g:
+            g = dict(g)
+            entry = g.pop(STATE_KEY)
+            found = entry if found is None else found
+        clean.append(g)
+    sd = {**sd, "param_groups": clean}
+    sd.setdefault(STATE_KEY, found)
+    return sd
+
+
 def _wrap_state_dict(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def state_dict(self: Any) -> Any:
@@ -249,7 +310,7 @@ def _wrap_state_dict(fn: Callable[..., Any]) -> Callable[..., Any]:
                 return fn(self)
             for pre in self._optimizer_state_dict_pre_hooks.values():
                 pre(self)
-            sd = fn(self)
+            sd = _group_layout(fn(self))
             for post in self._optimizer_state_dict_post_hooks.values():
                 result = post(self, sd)
                 if result is not None:
@@ -270,7 +331,7 @@ def _wrap_load_state_dict(fn: Callable[..., Any]) -> Callable[..., Any]:
                 result = pre(self, state_dict)
                 if result is not None:
                     state_dict = result
-            fn(self, state_dict)
+            fn(self, _top_layout(state_dict))
             for post in self._optimizer_load_state_dict_post_hooks.values():
                 post(self)
             return None
