@@ -85,14 +85,14 @@ class Net(L.LightningModule):
         return None
 
 
-def _fit(module, batches, callbacks=None, **trainer_kwargs):
+def _fit(module, batches, callbacks=None, enable_checkpointing=False, **trainer_kwargs):
     trainer = L.Trainer(
         max_steps=len(batches),
         max_epochs=1,
         accelerator="cpu",
         devices=1,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=enable_checkpointing,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -247,3 +247,42 @@ def test_manual_step_under_automatic_optimisation_is_refused():
 
     with pytest.raises(RuntimeError, match="manual optimisation"):
         _fit(Bad("sam"), _batches(), callbacks=[])
+
+
+def test_resume_from_a_model_checkpoint_continues_exactly(tmp_path):
+    """2 epochs of 2 steps straight, against epoch 1 resumed from the checkpoint written at
+    the end of epoch 0 (ESAM-SWP: the mask generator must be restored)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    batches = _batches(2)
+
+    def fit(module, callbacks, ckpt_path=None):
+        trainer = L.Trainer(
+            max_epochs=2,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            callbacks=callbacks,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loader = torch.utils.data.DataLoader(batches, batch_size=None)
+            trainer.fit(module, loader, ckpt_path=ckpt_path)
+        return trainer
+
+    full = Net("esam_swp")
+    ckpt = ModelCheckpoint(
+        dirpath=tmp_path, every_n_epochs=1, save_top_k=-1, save_on_train_epoch_end=True
+    )
+    fit(full, [ckpt, lit.SharpnessAwareCallback()])
+    (path,) = [p for p in tmp_path.iterdir() if p.name.startswith("epoch=0")]
+    saved = torch.load(path, weights_only=False)["optimizer_states"][0]
+    assert saved["effsam"]["steps"] == 2
+    resumed = Net("esam_swp")
+    trainer = fit(resumed, [lit.SharpnessAwareCallback()], ckpt_path=path)
+    assert trainer.global_step == 4 and resumed.optimizers().optimizer.steps == 4
+    _assert_equal(clone_state(resumed.net), clone_state(full.net))
