@@ -27,12 +27,12 @@ def _batches(dtype=torch.float64):
     ]
 
 
-def _accelerator(mixed_precision="no"):
+def _accelerator(mixed_precision="no", **kwargs):
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    return accelerate.Accelerator(cpu=True, mixed_precision=mixed_precision)
+    return accelerate.Accelerator(cpu=True, mixed_precision=mixed_precision, **kwargs)
 
 
 def _loader(batches):
@@ -110,3 +110,11 @@ def test_unknown_optimizer_is_refused():
         eacc.sharpness_aware_step(
             acc, model, torch.optim.SGD(model.parameters(), lr=0.1), _batches()[0], per_sample_ce
         )
+
+
+def test_accelerators_own_accumulation_is_refused_in_favour_of_accumulation_steps():
+    acc = _accelerator(gradient_accumulation_steps=2)
+    model = tiny_bn_net()
+    model, opt = acc.prepare(model, _opt(model))
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=2.*accumulation_steps="):
+        eacc.sharpness_aware_step(acc, model, opt, _batches()[0], per_sample_ce)

@@ -4,7 +4,9 @@ Two recipes, after ``model, opt, loader = accelerator.prepare(model, opt, loader
 
 * the closure — ``opt.step(closure)`` with ``accelerator.backward`` in the closure, for
   fp32 and bf16. Not for fp16: accelerate's GradScaler path unscales before it runs the
-  closure, and torch's GradScaler then fails ("No inf checks were recorded"). BatchNorm
+  closure, and torch's GradScaler then fails ("No inf checks were recorded"). Nor inside
+  ``accelerator.accumulate``: on the micro-batches where accelerate does not step, it
+  never calls the closure, so those micro-batches would be dropped. BatchNorm
   statistics are updated by both passes, as with any closure;
 * :func:`sharpness_aware_step` — effsam's full step (BatchNorm kept as pass 1 left it,
   SDS, accumulation, clipping) with the accelerator's mixed precision: ``"bf16"`` is bf16
@@ -49,6 +51,13 @@ def sharpness_aware_step(
             "effsam.integrations.accelerate.sharpness_aware_step with several processes is "
             "not supported (untested); effsam.sharpness_aware_step on a "
             "DistributedDataParallel model is"
+        )
+    ga = int(getattr(accelerator, "gradient_accumulation_steps", 1) or 1)
+    if ga > 1:
+        raise ValueError(
+            f"Accelerator(gradient_accumulation_steps={ga}): this call runs a whole step on "
+            "every batch; pass accumulation_steps= here instead (the batch is split into "
+            "that many micro-batches per pass), and do not wrap it in accelerator.accumulate"
         )
     opt = getattr(optimizer, "optimizer", optimizer)  # under AcceleratedOptimizer
     if not isinstance(opt, SharpnessAware):
