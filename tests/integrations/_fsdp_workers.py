@@ -47,6 +47,8 @@ def make_opt(kind: str, params) -> effsam.SharpnessAware:
         return effsam.ESAM(base, rho=0.1, beta=0.5, gamma=1.0, seed=7)
     if kind == "ssam_d":
         return effsam.SSAM(base, rho=0.1, mask="dynamic", total_steps=4, update_interval=2)
+    if kind == "ssam_f":
+        return effsam.SSAM(base, rho=0.1, mask="fisher", num_samples=4, update_interval=2)
     raise ValueError(kind)
 
 

@@ -26,6 +26,7 @@ CASES = [
     ("asam", "closure"),
     ("esam_swp", "sharpness_aware_step"),
     ("ssam_d", "sharpness_aware_step"),
+    ("ssam_f", "sharpness_aware_step"),
 ]
 
 
@@ -47,7 +48,7 @@ def _reference(kind: str) -> list[list[torch.Tensor]]:
     return log
 
 
-@pytest.mark.parametrize("kind, drive", [c for c in CASES if c[0] != "ssam_d"])
+@pytest.mark.parametrize("kind, drive", [c for c in CASES if c[0] != "ssam_f"])
 def test_fsdp2_equals_the_unsharded_run(fsdp, kind, drive):
     got = fsdp[f"{kind}/{drive}"]
     assert not isinstance(got, str), got
@@ -57,10 +58,10 @@ def test_fsdp2_equals_the_unsharded_run(fsdp, kind, drive):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=f"step {step} tensor {i}")
 
 
-def test_fsdp2_ssam_is_refused(fsdp):
-    got = fsdp["ssam_d/sharpness_aware_step"]
+def test_fsdp2_ssam_f_is_refused(fsdp):
+    got = fsdp["ssam_f/sharpness_aware_step"]
     assert isinstance(got, str) and got.startswith("NotImplementedError"), got
-    assert "SSAM under FSDP2 is not supported" in got
+    assert "SSAM-F under FSDP2 is not supported" in got
 
 
 @pytest.mark.parametrize("use_orig_params", [False, True])

@@ -26,7 +26,8 @@ of :class:`~effsam.SharpnessAware` (and of every subclass that overrides one of 
   result; the closure itself stays compiled;
 * sharded parameters: FSDP2's DTensors take the per-tensor kernels (DTensor has no
   ``_foreach_copy_``; the norm of a sharded DTensor is a global reduction, so ε is the
-  unsharded one); FSDP1's flat shards are refused (a per-shard norm gives ‖ε‖ = ρ·√world).
+  unsharded one); SSAM-F there is refused; FSDP1's flat shards are refused (a per-shard
+  norm gives ‖ε‖ = ρ·√world).
 
 :func:`resolve_base` is the params-first constructor form shared by SAM, ASAM, ESAM and
 SSAM: ``effsam.SAM(model.parameters(), base=torch.optim.SGD, lr=0.1, rho=0.05)``.
@@ -107,15 +108,16 @@ def _is_fsdp1(p: Any) -> bool:
 
 def check_sharding(opt: Any) -> None:
     """Refuse FSDP1 (FullyShardedDataParallel) parameters: each rank holds a flat shard,
-    and the ascent's norm over it would be a per-rank norm. Refuse masks that work
-    per element (SSAM) on DTensor parameters (FSDP2): their masks are full-size tensors,
-    not shards."""
+    and the ascent's norm over it would be a per-rank norm. On DTensor parameters
+    (FSDP2), refuse the per-element masks that are not laid out like the parameters
+    (SSAM-F, custom mask policies); SSAM-D's are."""
     params = opt._params()
     if any(is_dtensor(p) for p in params) and _has_element_masks(opt.mask):
         raise NotImplementedError(
-            f"effsam: the {opt.mask.name!r} mask (SSAM) keeps full-size per-element masks, "
-            "which do not shard with FSDP2 (fully_shard) DTensor parameters: SSAM under "
-            "FSDP2 is not supported; SAM, ASAM and ESAM are"
+            f"effsam: the {opt.mask.name!r} mask keeps full-size per-element masks (SSAM-F "
+            "also computes its Fisher information through torch.func), which do not work "
+            "with FSDP2 (fully_shard) DTensor parameters: SSAM-F under FSDP2 is not "
+            "supported; SAM, ASAM, ESAM and SSAM-D (mask='dynamic') are"
         )
     for p in params:
         if _is_fsdp1(p):
@@ -128,8 +130,14 @@ def check_sharding(opt: Any) -> None:
 
 
 def _has_element_masks(mask: Any) -> bool:
+    """Per-element masks that do not shard with DTensor parameters (every mask policy but
+    the dense one, SWP's per-tensor one and SSAM-D's, which lays its masks out like the
+    parameters)."""
     from .masks import PerturbationMask
+    from .sparse import DynamicMask
 
+    if isinstance(mask, DynamicMask):
+        return False
     return type(mask).element_masks is not PerturbationMask.element_masks or bool(
         getattr(mask, "needs_data", False)
     )

@@ -92,6 +92,21 @@ def _all_reduce_sum(flat: Tensor) -> None:
         dist.all_reduce(flat)
 
 
+def _full(t: Tensor) -> Tensor:
+    """The whole tensor of a DTensor shard (FSDP2: an all-gather), else the tensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _like_param(mask: Tensor, p: Tensor) -> Tensor:
+    """A full-size mask laid out like ``p``: for a DTensor parameter (FSDP2), this rank's
+    shard of it (every rank holds the same full mask, so no communication)."""
+    if hasattr(p, "device_mesh") and hasattr(p, "placements"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(mask, p.device_mesh, p.placements, src_data_rank=None)
+    return mask
+
+
 def _common_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
     dtype = torch.float32
     for t in tensors:
@@ -326,7 +341,9 @@ class SparseMask(PerturbationMask):
             cached = self._float.get(i)
             if cached is None or cached.dtype != p.dtype or cached.device != p.device:
                 # One float copy per tensor, rebuilt only when the mask changes.
-                cached = self._float[i] = self._masks[i].to(device=p.device, dtype=p.dtype)
+                cached = self._float[i] = _like_param(
+                    self._masks[i].to(device=p.device, dtype=p.dtype), p
+                )
             out.append(cached)
         return out
 
@@ -670,7 +687,9 @@ class DynamicMask(SparseMask):
         live = self._flat_mask()
         device = live.device
         grads = [
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+            (_full(p.grad) if p.grad is not None else torch.zeros(p.shape, dtype=p.dtype)).reshape(
+                -1
+            )
             for p, pooled in zip(self._bound, self._pool)
             if pooled
         ]
