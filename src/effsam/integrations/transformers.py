@@ -19,14 +19,18 @@ is the Trainer's ``compute_loss`` (``num_items_in_batch`` token normalisation in
 bf16 autocast comes from the Trainer; checkpoints keep effsam's state, so
 ``train(resume_from_checkpoint=...)`` continues exactly.
 
-Refused with a clear error: DeepSpeed and FSDP through the Trainer, several processes, fp16
-with a GradScaler (use ``bf16=True``), ESAM's sample selection (``gamma < 1``: the
-Trainer's loss is a batch mean), and SSAM-F (its Fisher mask needs per-sample losses).
+With several processes (DDP) each pass is all-reduced once, on its last micro-batch: ε is
+the global one (``sharpness_aware_step(sync_ascent=True)``).
+
+Refused with a clear error: DeepSpeed and FSDP through the Trainer, fp16 with a
+GradScaler (use ``bf16=True``), ESAM's sample selection (``gamma < 1``: the Trainer's loss
+is a batch mean), and SSAM-F (its Fisher mask needs per-sample losses).
 Any other optimizer gets the Trainer's own ``training_step``.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -58,11 +62,6 @@ class SharpnessAwareTrainer(Trainer):
             raise NotImplementedError(
                 "SharpnessAwareTrainer with FSDP is not supported (untested); shard with "
                 "torch.distributed.fsdp.fully_shard and a hand-written loop instead"
-            )
-        if self.args.world_size > 1:
-            raise NotImplementedError(
-                "SharpnessAwareTrainer with several processes is not supported (untested): "
-                "the two passes would need their own gradient synchronisation"
             )
         self._effsam_batches: list[Any] = []
         self._effsam_seen = 0
@@ -112,6 +111,14 @@ class SharpnessAwareTrainer(Trainer):
         self.accelerator.backward(loss)
         return loss.detach()
 
+    def _effsam_sync(self, model: Any, last: bool) -> Any:
+        """Several processes: gradients are all-reduced once per pass, on its last
+        micro-batch (so pass 1 is synchronised too: one global ε, as
+        ``sharpness_aware_step(sync_ascent=True)``)."""
+        if last or self.args.world_size <= 1:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(model)
+
     # ------------------------------------------------------------------ the step
     def training_step(
         self, model: torch.nn.Module, inputs: Any, num_items_in_batch: Any = None
@@ -139,13 +146,15 @@ class SharpnessAwareTrainer(Trainer):
             opt.zero_grad(set_to_none=True)
             total = torch.zeros((), device=self.args.device)
             with opt.first_pass():
-                for b in prepared:
-                    total = total + self._effsam_backward(model, b, num_items_in_batch)
+                for i, b in enumerate(prepared):
+                    with self._effsam_sync(model, last=i == len(prepared) - 1):
+                        total = total + self._effsam_backward(model, b, num_items_in_batch)
             bn_after_pass1 = snapshot_bn(model)
             try:
                 if opt.first_step(zero_grad=True):
-                    for b in prepared:
-                        self._effsam_backward(model, b, num_items_in_batch)
+                    for i, b in enumerate(prepared):
+                        with self._effsam_sync(model, last=i == len(prepared) - 1):
+                            self._effsam_backward(model, b, num_items_in_batch)
             finally:
                 restore_bn(bn_after_pass1)
         except BaseException:
