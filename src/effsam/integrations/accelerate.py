@@ -15,8 +15,9 @@ Two recipes, after ``model, opt, loader = accelerator.prepare(model, opt, loader
 
 ``accelerator.prepare`` moves the optimizer's state dict to the device and loads it back;
 effsam loads its mask generators' state on the CPU, so that round trip is safe.
-Several processes are not supported by :func:`sharpness_aware_step` here (untested):
-it refuses them.
+With several processes the prepared model is a ``DistributedDataParallel`` one, which
+:func:`effsam.sharpness_aware_step` drives itself: per-worker ε by default (m-sharpness),
+one global ε with ``sync_ascent=True``.
 """
 
 from __future__ import annotations
@@ -46,12 +47,6 @@ def sharpness_aware_step(
     """:func:`effsam.sharpness_aware_step` on accelerate's prepared model and optimizer,
     with the accelerator's mixed precision (unless ``autocast`` / ``scaler`` are given).
     Other keywords (``accumulation_steps``, ``clip_grad_norm``, …) are passed on."""
-    if accelerator.num_processes > 1:
-        raise NotImplementedError(
-            "effsam.integrations.accelerate.sharpness_aware_step with several processes is "
-            "not supported (untested); effsam.sharpness_aware_step on a "
-            "DistributedDataParallel model is"
-        )
     ga = int(getattr(accelerator, "gradient_accumulation_steps", 1) or 1)
     if ga > 1:
         raise ValueError(
