@@ -97,6 +97,13 @@ def _full(t: Tensor) -> Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def _full_grad(p: Tensor) -> Tensor:
+    """``p``'s whole gradient (zeros if it has none), also for a DTensor parameter."""
+    if p.grad is None:
+        return torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+    return _full(p.grad)
+
+
 def _like_param(mask: Tensor, p: Tensor) -> Tensor:
     """A full-size mask laid out like ``p``: for a DTensor parameter (FSDP2), this rank's
     shard of it (every rank holds the same full mask, so no communication)."""
@@ -686,13 +693,7 @@ class DynamicMask(SparseMask):
         assert self._masks is not None and step is not None
         live = self._flat_mask()
         device = live.device
-        grads = [
-            (_full(p.grad) if p.grad is not None else torch.zeros(p.shape, dtype=p.dtype)).reshape(
-                -1
-            )
-            for p, pooled in zip(self._bound, self._pool)
-            if pooled
-        ]
+        grads = [_full_grad(p).reshape(-1) for p, pooled in zip(self._bound, self._pool) if pooled]
         dtype = _common_dtype(grads)
         score = torch.cat([g.to(device=device, dtype=dtype).abs() for g in grads])
         _all_reduce_sum(score)  # the same mask on every worker
