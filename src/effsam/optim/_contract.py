@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from collections.abc import Callable
 from itertools import chain
 from typing import Any
@@ -99,7 +100,9 @@ class _Enter:
 
 # ---------------------------------------------------------------------- sharded params
 def is_dtensor(t: Any) -> bool:
-    return type(t).__name__ == "DTensor" and hasattr(t, "_local_tensor")
+    # A DTensor exists only once torch.distributed.tensor is imported: no import here.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def _is_fsdp1(p: Any) -> bool:
