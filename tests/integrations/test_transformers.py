@@ -184,3 +184,61 @@ def test_plain_trainer_cannot_finish_a_step_without_the_subclass(tmp_path):
     )
     with pytest.raises(RuntimeError, match="no step is pending"):
         trainer.train()
+
+
+def test_token_normalised_language_model_with_accumulation(tmp_path):
+    """A tiny GPT-2 (built from a config) with padded labels: the Trainer divides the summed
+    token losses of each micro-batch by the token count of the whole step
+    (num_items_in_batch), so the step is SAM on that one normalised loss over all
+    micro-batches of the step, whatever their token counts."""
+    cfg = transformers.GPT2Config(
+        vocab_size=20, n_positions=8, n_embd=8, n_layer=1, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(5)
+    rows = []
+    for i in range(16):
+        ids = torch.randint(0, 20, (8,), generator=g)
+        labels = ids.clone()
+        labels[8 - (i % 4) :] = -100  # 0 to 3 padded positions: token counts differ
+        rows.append({"input_ids": ids, "labels": labels})
+
+    def lm():
+        torch.manual_seed(0)
+        return transformers.GPT2LMHeadModel(cfg).double()
+
+    model = lm()
+    args = _args(
+        tmp_path, max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=2
+    )
+    opt = effsam.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.1)
+    trainer = hf.SharpnessAwareTrainer(
+        model=model, args=args, train_dataset=rows, optimizers=(opt, None)
+    )
+    assert trainer.model_accepts_loss_kwargs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+
+    # The Trainer's normaliser: the labelled tokens of the whole step (over labels[:, 1:]
+    # when it knows the loss shifts them).
+    shifted = getattr(trainer, "_loss_shifts_labels", False)
+
+    def token_sum_over_step_count(m, batch):
+        logits = m(input_ids=batch["input_ids"]).logits[:, :-1]
+        target = batch["labels"][:, 1:]
+        counted = batch["labels"][:, 1:] if shifted else batch["labels"]
+        total = F.cross_entropy(
+            logits.reshape(-1, 20), target.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        return total / counted.ne(-100).sum()
+
+    ref = lm()
+    ref_opt = effsam.SAM(torch.optim.SGD(ref.parameters(), lr=0.1), rho=0.1)
+    for step in range(2):
+        part = rows[8 * step : 8 * (step + 1)]
+        batch = {k: torch.stack([r[k] for r in part]) for k in ("input_ids", "labels")}
+        effsam.sharpness_aware_step(ref, ref_opt, batch, token_sum_over_step_count)
+    # transformers' causal-LM loss casts the logits to float32 (ours stay float64)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-8)
