@@ -93,7 +93,7 @@ def _autocast_dtype(autocast: Any) -> torch.dtype | None:
     raise ValueError(f"Invalid autocast: {autocast!r} (choose 'bf16', 'fp16' or 'off')")
 
 
-def _split_loss(out: Any, n: int, per_sample: bool) -> tuple[Tensor, Any]:
+def _split_loss(out: Any, n: int, per_sample: bool, micro: bool = False) -> tuple[Tensor, Any]:
     aux = None
     if isinstance(out, tuple) and len(out) == 2:
         out, aux = out
@@ -102,13 +102,15 @@ def _split_loss(out: Any, n: int, per_sample: bool) -> tuple[Tensor, Any]:
             f"loss_fn must return a tensor of per-sample losses, got {type(out).__name__}"
         )
     if out.dim() == 0:
-        # Also without sample selection: the same loss_fn must keep working when the
-        # optimizer is switched to one that selects samples (ESAM).
-        need = "sample selection needs" if per_sample else "sharpness_aware_step takes"
-        raise ValueError(
-            f"loss_fn returned a scalar, but {need} per-sample losses of shape [{n}] "
-            "(use reduction='none')"
-        )
+        # A scalar is the batch's loss as the caller normalises it (e.g. by its token
+        # count): right for one pass over the whole batch, ambiguous otherwise.
+        if per_sample or micro:
+            need = "sample selection needs" if per_sample else "accumulation_steps > 1 needs"
+            raise ValueError(
+                f"loss_fn returned a scalar, but {need} per-sample losses of shape [{n}] "
+                "(use reduction='none')"
+            )
+        return out, aux
     if out.shape != (n,):
         raise ValueError(f"loss_fn returned losses of shape {list(out.shape)}, expected [{n}]")
     return out, aux
@@ -217,7 +219,7 @@ def sharpness_aware_step(
     def forward(mb: Any) -> tuple[Tensor, Any]:
         with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = loss_fn(model, mb)
-        return _split_loss(out, batch_size(mb), per_sample)
+        return _split_loss(out, batch_size(mb), per_sample, accumulation_steps > 1)
 
     def backward(loss: Tensor) -> None:
         (scaler.scale(loss) if use_scaler else loss).backward()

@@ -115,12 +115,21 @@ def test_empty_batch_is_a_clear_error():
 
 
 @pytest.mark.parametrize("name", ["sgd", "sam"])
-def test_a_scalar_loss_is_a_clear_error_for_every_optimizer(name):
-    model = mlp()
+def test_a_scalar_loss_is_the_whole_batch_loss_and_ambiguous_under_accumulation(name):
+    # one pass over the whole batch: a scalar (e.g. a token-normalised LM loss) is the
+    # batch's loss, the same step as its per-sample mean
+    model, ref = mlp(), mlp()
     opt = effsam.create_optimizer(model, name, lr=0.1)
+    ref_opt = effsam.create_optimizer(ref, name, lr=0.1)
+    effsam.sharpness_aware_step(model, opt, data(), lambda m, b: ce(m, b).mean())
+    effsam.sharpness_aware_step(ref, ref_opt, data(), ce)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+    # over micro-batches a scalar does not say how they combine: a clear error, no change
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match="scalar.*per-sample"):
-        effsam.sharpness_aware_step(model, opt, data(), lambda m, b: ce(m, b).mean())
+    with pytest.raises(ValueError, match="scalar.*accumulation_steps > 1 needs per-sample"):
+        effsam.sharpness_aware_step(
+            model, opt, data(), lambda m, b: ce(m, b).mean(), accumulation_steps=2
+        )
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), before.values()))
 
 

@@ -14,8 +14,9 @@ The ranking forward leaves BatchNorm statistics as they were; pass 1 on B_k sets
 
 from __future__ import annotations
 
-from torch.optim import Optimizer
+from typing import Any
 
+from ._contract import resolve_base
 from .ascent import AdaptiveAscent, L2Ascent
 from .selection import TopLoss
 from .sharpness_aware import SharpnessAware
@@ -45,14 +46,16 @@ class KSAM(SharpnessAware):
 
     def __init__(
         self,
-        base: Optimizer,
+        params: Any = None,
         rho: float = 0.05,
         *,
+        base: Any = None,
         gamma: float = 0.5,
         adaptive: bool = False,
         eta: float = 0.0,
         **kwargs,
     ) -> None:
+        base, kwargs = resolve_base(params, base, kwargs, type(self).__name__)
         ascent = AdaptiveAscent(eta) if adaptive else L2Ascent()
         selection = TopLossBeforePass1(gamma)
         super().__init__(base, rho, ascent=ascent, selection=selection, **kwargs)

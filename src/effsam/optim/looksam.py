@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
+from ._contract import resolve_base
 from .ascent import AdaptiveAscent, L2Ascent
 from .schedule import Interval
 from .sharpness_aware import SharpnessAware
@@ -46,15 +46,17 @@ class LookSAM(SharpnessAware):
 
     def __init__(
         self,
-        base: Optimizer,
+        params: Any = None,
         rho: float = 0.05,
         *,
+        base: Any = None,
         k: int = 5,
         alpha: float = 0.7,
         adaptive: bool = False,
         eta: float = 0.0,
         **kwargs,
     ) -> None:
+        base, kwargs = resolve_base(params, base, kwargs, type(self).__name__)
         for key in ("mask", "selection", "schedule"):
             if kwargs.get(key) is not None:
                 raise ValueError(

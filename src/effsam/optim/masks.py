@@ -150,10 +150,24 @@ class RandomTensorSubset(PerturbationMask):
         return {"generator": self.generator.get_state(), "beta": self.beta}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"].cpu())
+        self.generator.set_state(cpu_generator_state(state["generator"], "SWP"))
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, scaling={self.scaling!r}, seed={self.seed}"
+
+
+def cpu_generator_state(state: Any, who: str) -> Tensor:
+    """A CPU generator's state as ``Generator.set_state`` wants it: a CPU uint8 tensor.
+
+    Frameworks move a whole optimizer state dict to the training device before loading it
+    (accelerate's ``prepare`` does), which would otherwise make ``set_state`` fail.
+    """
+    if not isinstance(state, Tensor) or state.dtype != torch.uint8:
+        raise TypeError(
+            f"Invalid {who} generator state: expected a uint8 tensor, got "
+            f"{getattr(state, 'dtype', type(state).__name__)}"
+        )
+    return state.detach().to("cpu")
 
 
 def kept_fraction(

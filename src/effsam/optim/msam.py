@@ -19,10 +19,12 @@ authors recompute them at θ after training; effsam does not).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
+from ._contract import resolve_base
 from .ascent import global_norm
 from .sharpness_aware import SharpnessAware
 
@@ -42,7 +44,8 @@ class MSAM(SharpnessAware):
 
     single_pass = True
 
-    def __init__(self, base: Optimizer, rho: float = 3.0, **kwargs) -> None:
+    def __init__(self, params: Any = None, rho: float = 3.0, *, base: Any = None, **kwargs) -> None:
+        base, kwargs = resolve_base(params, base, kwargs, type(self).__name__)
         for key in ("mask", "selection", "ascent"):
             if kwargs.get(key) is not None:
                 raise ValueError(f"MSAM takes no {key} policy: its ascent is the momentum")

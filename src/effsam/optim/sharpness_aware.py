@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import _contract
 from .ascent import L2Ascent, ascend_, global_norm, group_by_device_and_dtype
 from .masks import PerturbationMask, kept_fraction
 from .policy import AscentPolicy, MaskPolicy, SelectionPolicy
@@ -716,3 +717,8 @@ class SharpnessAware(Optimizer):
 def _copy_state(state: dict[str, Any]) -> dict[str, Any]:
     """A snapshot of a policy's state dict (tensors cloned)."""
     return {k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()}
+
+
+# torch.optim contract (hooks, step() without closure, pickling, defaults, compile, FSDP):
+# wrappers around the methods above, see _contract.py.
+_contract.install(SharpnessAware)

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from ..batching import batch_size
 from ._ranking import common_dtype, largest_indices, round_half_up, select_mask
 from .fisher import FISHER_MODES, empirical_fisher
-from .masks import PerturbationMask
+from .masks import PerturbationMask, cpu_generator_state
 
 __all__ = [
     "DynamicMask",
@@ -58,6 +58,34 @@ GROW_MODES = ("random", "gradient")
 
 
 # ---------------------------------------------------------------------- validation
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return hasattr(t, "device_mesh") and hasattr(t, "placements")
+
+
+def _full(t: Tensor) -> Tensor:
+    """The whole tensor of a DTensor shard (FSDP2: an all-gather), else the tensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _full_grad(p: Tensor) -> Tensor:
+    """``p``'s whole gradient (zeros if it has none), also for a DTensor parameter."""
+    if p.grad is None:
+        return torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+    return _full(p.grad)
+
+
+def _like_param(mask: Tensor, p: Tensor) -> Tensor:
+    """A full-size mask laid out like ``p``: for a DTensor parameter (FSDP2), this rank's
+    shard of it (every rank holds the same full mask, so no communication)."""
+    if _is_dtensor(p):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(mask, p.device_mesh, p.placements, src_data_rank=None)
+    return mask
+
+
 def _check_sparsity(sparsity: Any) -> float:
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
         raise TypeError(f"Invalid SSAM sparsity: {sparsity!r} (must be a number in [0, 1))")
@@ -229,8 +257,20 @@ class SparseMask(PerturbationMask):
         out: list[Tensor | None] = []
         for p in params:
             i = self._index[id(p)]
+            if self._all_true[i]:
+                out.append(None)
+                continue
             # the bool mask itself: multiplying by it promotes, no float copy is kept
-            out.append(None if self._all_true[i] else self._masks[i])
+            mask = self._masks[i]
+            if _is_dtensor(p):
+                # FSDP2: this rank's shard of the (same on every rank) full mask, rebuilt
+                # only when the mask changes
+                cache = self.__dict__.setdefault("_shards", {})
+                hit = cache.get(i)
+                if hit is None or hit[0] is not mask:
+                    hit = cache[i] = (mask, _like_param(mask.to(p.device), p))
+                mask = hit[1]
+            out.append(mask)
         return out
 
     # ---------------------------------------------------------------- state
@@ -574,7 +614,7 @@ class DynamicMask(SparseMask):
 
     def _restore(self, snap: dict[str, Any]) -> None:
         super()._restore(snap)
-        self.generator.set_state(snap["generator"].cpu())
+        self.generator.set_state(cpu_generator_state(snap["generator"], "SSAM-D"))
         self._pending = snap["pending"]
         self._next = snap.get("next_masks")
         self.last_drop_count = snap["last_drop_count"]
@@ -609,11 +649,7 @@ class DynamicMask(SparseMask):
         assert self._masks is not None and step is not None
         live = self._flat_mask()
         device = live.device
-        grads = [
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-            for p, pooled in zip(self._bound, self._pool)
-            if pooled
-        ]
+        grads = [_full_grad(p).reshape(-1) for p, pooled in zip(self._bound, self._pool) if pooled]
         dtype = common_dtype(grads)
         # one flat copy, made absolute in place (the refresh's memory is a few flat vectors)
         score = torch.cat([g.to(device=device, dtype=dtype) for g in grads]).abs_()

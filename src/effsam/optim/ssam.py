@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch.optim import Optimizer
-
+from ._contract import resolve_base
 from .sharpness_aware import SharpnessAware
 from .sparse import DynamicMask, FisherMask, SparseMask
 
@@ -46,7 +45,8 @@ class SSAM(SharpnessAware):
             effsam.sharpness_aware_step(model, opt, batch, loss_fn)
 
     Args:
-        base: the optimizer instance to wrap.
+        params: the optimizer instance to wrap, or the parameters (then ``base`` is the
+            optimizer class and the other keywords go to it, as for :class:`~effsam.SAM`).
         rho: ρ (authors: 0.1 for ResNet-18 on CIFAR-10).
         sparsity: s ∈ [0, 1), the fraction of elements NOT perturbed (authors: 0.5).
         mask: ``"fisher"`` (SSAM-F) or ``"dynamic"`` (SSAM-D).
@@ -69,9 +69,10 @@ class SSAM(SharpnessAware):
 
     def __init__(
         self,
-        base: Optimizer,
+        params: Any = None,
         rho: float = 0.1,
         *,
+        base: Any = None,
         sparsity: float = 0.5,
         mask: str = "fisher",
         update_interval: int = 390,
@@ -86,6 +87,7 @@ class SSAM(SharpnessAware):
         fisher_mode: str = "eval",
         **kwargs: Any,
     ) -> None:
+        base, kwargs = resolve_base(params, base, kwargs, type(self).__name__)
         if not isinstance(mask, str):
             raise TypeError(
                 f"Invalid SSAM mask: {mask!r} (a name, 'fisher' or 'dynamic'; to plug in a "

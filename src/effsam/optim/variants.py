@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from torch import Tensor
-from torch.optim import Optimizer
 
+from ._contract import resolve_base
 from .ascent import AdaptiveAscent, L2Ascent
 from .masks import RandomTensorSubset
 from .sds_variants import RandomSubset, mix_gradients
@@ -27,18 +28,27 @@ class SAM(SharpnessAware):
     ``adaptive_only``: the tensors T applies to (the others get T = 1). The ASAM authors'
     code makes only parameters named ``*weight*`` adaptive, with η = 0.01:
     ``ASAM(base, eta=0.01, adaptive_only=effsam.asam_reference_params(model))``.
+
+    Two ways to build it: around an optimizer instance, ``SAM(torch.optim.SGD(params,
+    lr=0.1), rho=0.05)``, or from the parameters, ``SAM(params, base=torch.optim.SGD,
+    lr=0.1, rho=0.05)`` — then every keyword the wrapper does not take (and everything in
+    ``base_kwargs={...}``) goes to the base class. The second form is for frameworks that
+    build the optimizer as ``cls(params, **kwargs)`` (the Hugging Face Trainer's
+    ``optimizer_cls_and_kwargs``, timm's factory, LightningCLI).
     """
 
     def __init__(
         self,
-        base: Optimizer,
+        params: Any = None,
         rho: float = 0.05,
         *,
+        base: Any = None,
         adaptive: bool = False,
         eta: float = 0.0,
         adaptive_only: Iterable[Tensor] | None = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
+        base, kwargs = resolve_base(params, base, kwargs, type(self).__name__)
         if adaptive_only is not None and not adaptive:
             raise ValueError("adaptive_only needs adaptive=True (it selects ASAM's tensors)")
         only = None if adaptive_only is None else list(adaptive_only)
@@ -47,18 +57,21 @@ class SAM(SharpnessAware):
 
 
 class ASAM(SAM):
-    """ASAM: SAM with the adaptive ascent; default ρ = 0.5."""
+    """ASAM: SAM with the adaptive ascent; default ρ = 0.5. Built like :class:`SAM`."""
 
     def __init__(
         self,
-        base: Optimizer,
+        params: Any = None,
         rho: float = 0.5,
         *,
+        base: Any = None,
         eta: float = 0.0,
         adaptive_only: Iterable[Tensor] | None = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(base, rho, adaptive=True, eta=eta, adaptive_only=adaptive_only, **kwargs)
+        super().__init__(
+            params, rho, base=base, adaptive=True, eta=eta, adaptive_only=adaptive_only, **kwargs
+        )
 
 
 class ESAM(SharpnessAware):
@@ -76,7 +89,8 @@ class ESAM(SharpnessAware):
     β = 1 gives SDS alone, γ = 1 gives SWP alone, both 1 is SAM.
 
     Args:
-        base: the optimizer instance to wrap.
+        params: the optimizer instance to wrap, or the parameters (then ``base`` is the
+            optimizer class and the other keywords go to it, as for :class:`SAM`).
         rho: ρ (paper: 0.05 ResNet-18, 0.1 WRN-28-10, 0.2 PyramidNet-110).
         beta: SWP keep probability in (0, 1].
         gamma: SDS selection ratio in (0, 1].
@@ -92,9 +106,10 @@ class ESAM(SharpnessAware):
 
     def __init__(
         self,
-        base: Optimizer,
+        params: Any = None,
         rho: float = 0.05,
         *,
+        base: Any = None,
         beta: float = 0.6,
         gamma: float = 0.5,
         seed: int = 0,
@@ -105,6 +120,7 @@ class ESAM(SharpnessAware):
         eta: float = 0.0,
         **kwargs,
     ) -> None:
+        base, kwargs = resolve_base(params, base, kwargs, type(self).__name__)
         if selection not in ESAM_SELECTIONS:
             raise ValueError(
                 f"Invalid ESAM selection: {selection!r} (choose from {sorted(ESAM_SELECTIONS)})"

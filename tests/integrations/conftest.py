@@ -1,0 +1,3 @@
+from integrations._torchvision import make_importable
+
+make_importable()
