@@ -66,7 +66,15 @@ def validate_optim(o: OptimConfig, where: str = "optim") -> None:
     for key, value in o.args.items():
         if key in _ARG_RANGES:
             why, ok = _ARG_RANGES[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                _fail(f"{where}.args.{key}", value, "must be a number")
+            if isinstance(value, float) and not math.isfinite(value):
+                _fail(
+                    f"{where}.args.{key}",
+                    value,
+                    f"must be finite and {why.removeprefix('must be ')}",
+                )
+            if not ok(value):
                 _fail(f"{where}.args.{key}", value, why)
     _dry_build(o, where)
 
@@ -152,6 +160,9 @@ def validate(cfg: Config, *, compare: bool = False) -> None:
         _integer("train.threads", t.threads, 1)
     _integer("train.timing_warmup_steps", t.timing_warmup_steps, 0)
     _integer("train.eval_every", t.eval_every, 1)
+    _number("train.max_skipped_fraction", t.max_skipped_fraction, 0.0)
+    if t.max_skipped_fraction > 1:
+        _fail("train.max_skipped_fraction", t.max_skipped_fraction, "must be in [0, 1]")
 
 
 def _validate_compare(cfg: Config) -> None:
