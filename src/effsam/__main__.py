@@ -7,7 +7,7 @@ saying what to install instead of an ImportError.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import sys
 from collections.abc import Sequence
 
@@ -17,7 +17,7 @@ TOOLKIT_MODULES = {"yaml": "PyYAML", "tqdm": "tqdm"}
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command; returns its exit status."""
-    missing = [pkg for mod, pkg in TOOLKIT_MODULES.items() if importlib.util.find_spec(mod) is None]
+    missing = [pkg for mod, pkg in TOOLKIT_MODULES.items() if not _importable(mod)]
     args = list(sys.argv[1:] if argv is None else argv)
     if missing and not any(a in ("--version", "-h", "--help") for a in args[:1]):
         print(
@@ -35,6 +35,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from effsam.train.cli import main as cli_main
 
     return cli_main(argv)
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

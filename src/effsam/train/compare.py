@@ -120,6 +120,7 @@ def run_compare(
             overwrite=overwrite,
             quiet=quiet,
             label=label,
+            threads_policy=f"the comparison's: {why_threads}",
         )
         runs.append(summary)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from .checkpoint import (
 )
 from .config import Config, ConfigError, dump_yaml
 from .epoch import evaluate, train_epoch
-from .preflight import preflight
+from .preflight import ToolkitWarning, preflight
 from .progress import RunProgress
 from .records import environment, summarize, write_json, write_metrics, write_text_atomic
 from .threads import resolve_threads
@@ -57,6 +58,7 @@ def train(
     quiet: bool = False,
     stop_after: int | None = None,
     label: str = "",
+    threads_policy: str | None = None,
 ) -> dict[str, Any]:
     """Trains one model as ``cfg`` says and returns the run's summary.
 
@@ -72,6 +74,8 @@ def train(
         stop_after: stop once this many epochs are done, leaving a resumable run (for jobs
             with a time limit; the LR schedule still spans ``train.epochs``).
         label: shown in front of the progress bar.
+        threads_policy: why ``train.threads`` has its value, for env.json (a comparison
+            decides the thread count once for all its runs).
 
     Raises:
         ConfigError: a bad config value, device, output folder or checkpoint (nothing done).
@@ -83,7 +87,9 @@ def train(
     threads = torch.get_num_threads()
     ctx = ddp.setup(cfg.train.device)
     try:
-        return _train(cfg, ctx, state, run_dir, resume, overwrite, quiet, stop_after, label)
+        return _train(
+            cfg, ctx, state, run_dir, resume, overwrite, quiet, stop_after, label, threads_policy
+        )
     finally:
         ddp.cleanup(ctx)
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
@@ -99,10 +105,12 @@ def _train(
     quiet: bool,
     stop_after: int | None,
     label: str,
+    threads_policy: str | None,
 ) -> dict[str, Any]:
     t = cfg.train
     device = ctx.device
     threads, why_threads = resolve_threads(t.threads)
+    why_threads = threads_policy or why_threads
     torch.set_num_threads(threads)
     run_dir = Path(run_dir) if run_dir is not None else Path(cfg.out_dir) / cfg.run_name()
     ckpt_path = run_dir / CHECKPOINT_NAME
@@ -130,6 +138,13 @@ def _train(
     ddp.barrier(ctx)
     if not ctx.is_main and cfg.data.download:
         data = _user_errors(load_data, cfg)
+    if cfg.data.train_subset is not None and cfg.data.train_subset < data.num_classes:
+        warnings.warn(
+            f"data.train_subset {cfg.data.train_subset} is smaller than the "
+            f"{data.num_classes} classes of {cfg.data.dataset}: some classes are not trained on",
+            ToolkitWarning,
+            stacklevel=3,
+        )
     train_loader, test_loader = make_loaders(cfg, data, ctx.rank, ctx.world_size, device)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
