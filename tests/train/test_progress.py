@@ -71,27 +71,49 @@ def test_format_duration():
 def test_the_thread_policy(monkeypatch):
     import effsam.train.threads as threads
 
-    assert resolve_threads(3) == (3, "train.threads")
-    monkeypatch.setattr(threads, "available_cores", lambda: 2)
-    monkeypatch.setattr(threads.torch, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(threads, "load_average", lambda: 0.2)
-    assert resolve_threads(None)[0] == 2  # an idle machine: every core
-    monkeypatch.setattr(threads, "load_average", lambda: 5.0)
-    n, why = resolve_threads(None)
-    assert n == 1 and "load average 5.0" in why  # a busy one: no thread waits for a core
+    assert resolve_threads(3, 10) == (3, "train.threads")  # given: always wins
+    assert resolve_threads(None, 24_058)[0] == 1  # a small model: one thread
+    monkeypatch.setattr(threads.torch, "get_num_threads", lambda: 7)
+    n, why = resolve_threads(None, 11_000_000)
+    assert n == 7 and "torch's default" in why  # a large one: torch's default
 
 
-def test_train_and_compare_follow_the_same_thread_policy(tmp_path, capsys, monkeypatch):
+def test_train_compare_and_analyze_follow_the_same_thread_policy(tmp_path, capsys):
     import json
 
-    import effsam.train.threads as threads
+    import torch
 
-    monkeypatch.setattr(threads, "load_average", lambda: 50.0)  # a very busy machine
-    args = [a for a in TINY_ARGS if a not in ("--threads", "1")]
+    from effsam.analysis import run as analysis_run
+
+    before = torch.get_num_threads()
+    args = [a for a in TINY_ARGS if a not in ("--threads", "1")]  # the policy decides
     assert main(["train", *args, "--epochs", "1", "--out", str(tmp_path), "--quiet"]) == 0
-    argv = ["compare", *args, "--epochs", "1", "--optimizers", "sgd", "--no-plot", "--quiet"]
-    assert main([*argv, "--out", str(tmp_path), "--name", "c"]) == 0
-    train_env = json.loads(next(tmp_path.glob("synthetic_*/env.json")).read_text())
-    run_env = json.loads((tmp_path / "c" / "runs" / "SGD_s0" / "env.json").read_text())
-    for env in (train_env, run_env):
-        assert env["torch_threads"] == 1 and "free cores" in env["threads_policy"]
+    argv = ["compare", *args, "--epochs", "1", "--optimizers", "sgd,sam", "--seeds", "0"]
+    assert main([*argv, "--no-plot", "--quiet", "--out", str(tmp_path), "--name", "c"]) == 0
+    envs = [
+        json.loads(next(tmp_path.glob("synthetic_*/env.json")).read_text()),
+        json.loads((tmp_path / "c" / "runs" / "SGD_s0" / "env.json").read_text()),
+        json.loads((tmp_path / "c" / "runs" / "SAM_s0" / "env.json").read_text()),
+    ]
+    for env in envs:
+        assert env["torch_threads"] == 1 and "under 1,000,000 weights" in env["threads_policy"]
+    assert json.loads((tmp_path / "c" / "env.json").read_text())["torch_threads"] == 1
+    seen = []
+    real = analysis_run.hessian_top_eigenvalue
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return real(*a, **k)
+
+    analysis_run.hessian_top_eigenvalue = spy
+    try:
+        assert (
+            main(["analyze", str(tmp_path / "c" / "runs" / "SAM_s0"), "--landscape", "none"]) == 0
+        )
+    finally:
+        analysis_run.hessian_top_eigenvalue = real
+    assert seen == [1]
+    err = capsys.readouterr().err  # analyze reports each stage as it starts, then its time
+    assert "effsam analyze: Hessian top eigenvalue on " in err
+    assert "effsam analyze: Hessian trace (10 Hutchinson samples)" in err and "  ... " in err
+    assert torch.get_num_threads() == before  # each command restores the process's setting

@@ -24,7 +24,7 @@ from effsam.train.distributed import resolve_device
 from effsam.train.preflight import check_device, check_out_dir
 from effsam.train.progress import format_duration
 from effsam.train.records import write_json
-from effsam.train.threads import resolve_threads
+from effsam.train.threads import set_threads
 
 from .evaluation import check_int, check_positive, eval_mode
 from .hessian import hessian_top_eigenvalue, hessian_trace_samples
@@ -109,7 +109,6 @@ def analyze_run(
     check_out_dir(out_dir if out_dir is not None else run_dir, "--out")
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(resolve_threads(cfg.train.threads)[0])
         return _analyze(
             cfg, run_dir, ckpt_path, batches, landscape, out_dir, iters, tol, samples, steps,
             span, seed, _Stages(quiet),
@@ -140,6 +139,7 @@ def _analyze(
         data = load_data(cfg)
         model = build_model(cfg, data.num_classes, data.train_x.shape[1]).to(device)
         model.load_state_dict(state["model"])
+        set_threads(cfg.train.threads, model)  # the toolkit's one policy
     except DatasetError:
         raise  # (a RuntimeError, but not a config problem)
     except (ValueError, TypeError, RuntimeError) as exc:

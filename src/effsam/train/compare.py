@@ -25,7 +25,6 @@ from .loop import train
 from .preflight import preflight
 from .records import environment, write_json, write_text_atomic
 from .report import aggregate, csv_table, markdown_table, plot_accuracy_speed
-from .threads import resolve_threads
 from .validate import compare_entries, compare_seeds
 
 #: ``effsam compare`` without ``--config``: the config defaults (digits, small CNN, SGD vs
@@ -78,10 +77,6 @@ def run_compare(
     root = Path(cfg.out_dir) / compare_name(cfg)
     if root.exists() and not root.is_dir():
         raise ConfigError(f"invalid comparison directory {str(root)!r} (it is a file)")
-    # one thread count for every run, decided once, so their speeds compare
-    threads, why_threads = resolve_threads(cfg.train.threads)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=threads))
-
     # every run is checked before the first one starts: a run directory that holds a run
     # (without --resume/--overwrite), a damaged checkpoint or a changed config stop it all
     plan: list[tuple[str, int, Config, Path, dict[str, Any] | None]] = []
@@ -101,8 +96,6 @@ def run_compare(
         raise ConfigError(f"cannot create the comparison directory {root}: {exc}") from exc
     write_text_atomic(root / "config.yaml", dump_yaml(cfg))
     env = environment(resolve_device(cfg.train.device), 1, cfg.train.amp, cfg.train.compile)
-    env["torch_threads"] = threads  # what each run sets for itself
-    env["threads_policy"] = why_threads
     write_json(root / "env.json", env)
 
     runs: list[dict[str, Any]] = []
@@ -120,9 +113,13 @@ def run_compare(
             overwrite=overwrite,
             quiet=quiet,
             label=label,
-            threads_policy=f"the comparison's: {why_threads}",
         )
         runs.append(summary)
+    # each run applies the thread policy to the same model, so they agree
+    threads = sorted({r["threads"] for r in runs if "threads" in r})
+    if threads:
+        env["torch_threads"] = threads[0] if len(threads) == 1 else threads
+        write_json(root / "env.json", env)
 
     rows = aggregate([(label, o.name) for label, o in entries], runs)
     title = describe_comparison(cfg, seeds)

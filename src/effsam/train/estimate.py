@@ -15,7 +15,7 @@ from .build import build_model, build_optimizer, load_data, make_loaders, make_l
 from .config import Config, ConfigError
 from .distributed import resolve_device
 from .progress import format_duration
-from .threads import resolve_threads
+from .threads import set_threads
 from .validate import compare_entries, compare_seeds
 
 
@@ -28,16 +28,14 @@ def estimate_duration(cfg: Config, *, compare: bool = False, steps: int = 3) -> 
         The figures leave out data loading, checkpointing and periodic costs such as SSAM's
         mask refreshes; on a shared machine they vary with the load.
     """
-    threads, _ = resolve_threads(cfg.train.threads)
     saved_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
     try:
-        return _estimate(cfg, compare, steps, threads)
+        return _estimate(cfg, compare, steps)
     finally:
         torch.set_num_threads(saved_threads)
 
 
-def _estimate(cfg: Config, compare: bool, steps: int, threads: int) -> dict[str, Any]:
+def _estimate(cfg: Config, compare: bool, steps: int) -> dict[str, Any]:
     device = resolve_device(cfg.train.device)
     data = load_data(cfg)
     train_loader, test_loader = make_loaders(cfg, data, 0, 1, device)
@@ -60,6 +58,7 @@ def _estimate(cfg: Config, compare: bool, steps: int, threads: int) -> dict[str,
         run_cfg = dataclasses.replace(cfg, optim=optim)
         torch.manual_seed(cfg.seed)
         model = build_model(run_cfg, data.num_classes, data.train_x.shape[1]).to(device)
+        threads, _ = set_threads(t.threads, model)  # as the run will
         optimizer = build_optimizer(run_cfg, model, steps_per_epoch)
         scaler = torch.amp.GradScaler(device.type, enabled=t.amp == "fp16")
         kwargs = {

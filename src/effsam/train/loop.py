@@ -41,7 +41,7 @@ from .epoch import evaluate, train_epoch
 from .preflight import ToolkitWarning, preflight
 from .progress import RunProgress
 from .records import environment, summarize, write_json, write_metrics, write_text_atomic
-from .threads import resolve_threads
+from .threads import set_threads
 
 
 class RunFailed(RuntimeError):
@@ -58,7 +58,6 @@ def train(
     quiet: bool = False,
     stop_after: int | None = None,
     label: str = "",
-    threads_policy: str | None = None,
 ) -> dict[str, Any]:
     """Trains one model as ``cfg`` says and returns the run's summary.
 
@@ -74,8 +73,6 @@ def train(
         stop_after: stop once this many epochs are done, leaving a resumable run (for jobs
             with a time limit; the LR schedule still spans ``train.epochs``).
         label: shown in front of the progress bar.
-        threads_policy: why ``train.threads`` has its value, for env.json (a comparison
-            decides the thread count once for all its runs).
 
     Raises:
         ConfigError: a bad config value, device, output folder or checkpoint (nothing done).
@@ -87,9 +84,7 @@ def train(
     threads = torch.get_num_threads()
     ctx = ddp.setup(cfg.train.device)
     try:
-        return _train(
-            cfg, ctx, state, run_dir, resume, overwrite, quiet, stop_after, label, threads_policy
-        )
+        return _train(cfg, ctx, state, run_dir, resume, overwrite, quiet, stop_after, label)
     finally:
         ddp.cleanup(ctx)
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
@@ -105,13 +100,9 @@ def _train(
     quiet: bool,
     stop_after: int | None,
     label: str,
-    threads_policy: str | None,
 ) -> dict[str, Any]:
     t = cfg.train
     device = ctx.device
-    threads, why_threads = resolve_threads(t.threads)
-    why_threads = threads_policy or why_threads
-    torch.set_num_threads(threads)
     run_dir = Path(run_dir) if run_dir is not None else Path(cfg.out_dir) / cfg.run_name()
     ckpt_path = run_dir / CHECKPOINT_NAME
     if resume and state is None and ctx.is_main and not quiet:
@@ -126,9 +117,6 @@ def _train(
             for old in (CHECKPOINT_NAME, "metrics.jsonl", "metrics.csv", "summary.json"):
                 (run_dir / old).unlink(missing_ok=True)
         write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
-        env = environment(device, ctx.world_size, t.amp, t.compile)
-        env["threads_policy"] = why_threads
-        write_json(run_dir / "env.json", env)
     ddp.barrier(ctx)
 
     # ---- data: rank 0 downloads first, the others read what it wrote
@@ -155,6 +143,11 @@ def _train(
 
     # ---- model, optimizer, schedule, loss
     model = _user_errors(build_model, cfg, data.num_classes, data.train_x.shape[1]).to(device)
+    threads, why_threads = set_threads(t.threads, model)
+    if ctx.is_main:
+        env = environment(device, ctx.world_size, t.amp, t.compile)
+        env["threads_policy"] = why_threads
+        write_json(run_dir / "env.json", env)
     optimizer = build_optimizer(cfg, model, steps_per_epoch)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=t.amp == "fp16")
@@ -199,6 +192,7 @@ def _train(
         "params": sum(p.numel() for p in model.parameters()),
         "world_size": ctx.world_size,
         "device": str(device),
+        "threads": threads,
     }
     step_kwargs = {
         "scaler": scaler if scaler.is_enabled() else None,
