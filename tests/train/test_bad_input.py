@@ -322,3 +322,25 @@ def test_a_dry_run_prints_an_estimate_and_writes_nothing(tmp_path, capsys):
     assert "# estimated duration on this machine" in out
     assert "18 steps × " in out and "× 2 seeds" in out and "#   total: about " in out
     assert not any(tmp_path.iterdir())
+
+
+def test_damaged_data_leave_no_run_directory_and_keep_an_overwritten_run(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "cifar-10-python.tar.gz").write_bytes(os.urandom(2048))  # there, but damaged
+    argv = ["train", "--dataset", "cifar10", "--data-dir", str(data), "--allow-unverified"]
+    argv += ["--out", str(tmp_path / "runs"), "--name", "r", "--quiet"]
+    code, _, err = run(argv, capsys)
+    assert code == 2 and "damaged" in err
+    clean(err)
+    assert not (tmp_path / "runs" / "r").exists()
+    # an existing run is not deleted by --overwrite when the new run's data fail to load
+    run_dir = _finished_run(tmp_path / "runs", capsys)
+    before = sorted(p.name for p in run_dir.iterdir())
+    code, _, err = run([*argv, "--overwrite"], capsys)
+    assert code == 2 and sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_augment_choices_do_not_show_none(capsys):
+    code, _, err = run(["train", "--augment", "foo", "--dry-run"], capsys)
+    assert code == 2 and "choose from none, flip, cifar" in err

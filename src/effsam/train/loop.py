@@ -107,18 +107,6 @@ def _train(
     ckpt_path = run_dir / CHECKPOINT_NAME
     if resume and state is None and ctx.is_main and not quiet:
         print(f"effsam: no checkpoint in {run_dir}; starting the run afresh", file=sys.stderr)
-    if ctx.is_main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:  # checked before; the file system changed since
-            raise ConfigError(f"cannot create the run directory {run_dir}: {exc}") from exc
-        if overwrite and not resume:
-            # a later --resume must not pick up the replaced run's state
-            for old in (CHECKPOINT_NAME, "metrics.jsonl", "metrics.csv", "summary.json"):
-                (run_dir / old).unlink(missing_ok=True)
-        write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
-    ddp.barrier(ctx)
-
     # ---- data: rank 0 downloads first, the others read what it wrote
     _seed_everything(cfg.seed)
     if ctx.is_main or not cfg.data.download:
@@ -133,6 +121,20 @@ def _train(
             ToolkitWarning,
             stacklevel=3,
         )
+    # ---- the run directory, once the data have loaded: bad data leave nothing behind, and
+    # an --overwrite'd run is kept until then
+    if ctx.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # checked before; the file system changed since
+            raise ConfigError(f"cannot create the run directory {run_dir}: {exc}") from exc
+        if overwrite and not resume:
+            # a later --resume must not pick up the replaced run's state
+            for old in (CHECKPOINT_NAME, "metrics.jsonl", "metrics.csv", "summary.json"):
+                (run_dir / old).unlink(missing_ok=True)
+        write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
+    ddp.barrier(ctx)
+
     train_loader, test_loader = make_loaders(cfg, data, ctx.rank, ctx.world_size, device)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:

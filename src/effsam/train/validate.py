@@ -36,7 +36,7 @@ def _fail(key: str, value: Any, why: str) -> None:
 
 def _choice(key: str, value: Any, choices: Any, what: str) -> None:
     if value not in choices:
-        shown = ", ".join(str(c) for c in choices)
+        shown = ", ".join(str(c) for c in choices if c is not None)  # None: the default
         raise ConfigError(f"unknown {what} {value!r} for {key}; choose from {shown}")
 
 
