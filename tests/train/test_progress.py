@@ -117,3 +117,12 @@ def test_train_compare_and_analyze_follow_the_same_thread_policy(tmp_path, capsy
     assert "effsam analyze: Hessian top eigenvalue on " in err
     assert "effsam analyze: Hessian trace (10 Hutchinson samples)" in err and "  ... " in err
     assert torch.get_num_threads() == before  # each command restores the process's setting
+
+
+def test_compare_announces_each_run_with_the_time_left(tmp_path, capsys):
+    argv = ["compare", *TINY_ARGS, "--epochs", "1", "--optimizers", "sgd,sam", "--seeds", "0"]
+    assert main([*argv, "--no-plot", "--out", str(tmp_path)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert lines[0] == "[1/2] SGD (seed 0)"
+    assert lines[1].startswith("[2/2] SAM (seed 0); about ")
+    assert lines[1].endswith(" left for the comparison")

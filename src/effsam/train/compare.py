@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from .config import Config, ConfigError, dump_yaml, load_config, to_dict
 from .distributed import resolve_device
 from .loop import train
 from .preflight import preflight
+from .progress import format_duration
 from .records import environment, write_json, write_text_atomic
 from .report import aggregate, csv_table, markdown_table, plot_accuracy_speed
 from .validate import compare_entries, compare_seeds
@@ -100,12 +102,19 @@ def run_compare(
 
     runs: list[dict[str, Any]] = []
     total = len(plan)
+    trained = 0
+    started = time.perf_counter()
     for i, (label, seed, run_cfg, run_dir, done) in enumerate(plan):
         if done is not None:
             runs.append(done)
             continue
         if not quiet:
-            print(f"[{i + 1}/{total}] {label} (seed {seed})", flush=True)
+            left = sum(1 for p in plan[i:] if p[4] is None)
+            eta = ""
+            if trained:  # the runs differ in cost per step, but not by more than ~2x
+                per_run = (time.perf_counter() - started) / trained
+                eta = f"; about {format_duration(per_run * left)} left for the comparison"
+            print(f"[{i + 1}/{total}] {label} (seed {seed}){eta}", flush=True)
         summary = train(
             run_cfg,
             run_dir=run_dir,
@@ -115,6 +124,7 @@ def run_compare(
             label=label,
         )
         runs.append(summary)
+        trained += 1
     # each run applies the thread policy to the same model, so they agree
     threads = sorted({r["threads"] for r in runs if "threads" in r})
     if threads:
