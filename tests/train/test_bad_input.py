@@ -344,3 +344,23 @@ def test_damaged_data_leave_no_run_directory_and_keep_an_overwritten_run(tmp_pat
 def test_augment_choices_do_not_show_none(capsys):
     code, _, err = run(["train", "--augment", "foo", "--dry-run"], capsys)
     assert code == 2 and "choose from none, flip, cifar" in err
+
+
+def test_a_compare_dry_run_checks_its_run_directories(tmp_path, capsys):
+    argv = ["compare", *TINY_ARGS, "--epochs", "1", "--optimizers", "sgd,sam", "--seeds", "0"]
+    argv += ["--out", str(tmp_path), "--name", "c", "--no-plot", "--quiet"]
+    assert run(argv, capsys)[0] == 0
+    code, out, err = run([*argv, "--dry-run"], capsys)
+    assert code == 2 and "already holds a run" in err and out == ""
+    # with --resume, a damaged summary or checkpoint of a run is reported, not a traceback
+    (tmp_path / "c" / "runs" / "SGD_s0" / "summary.json").write_text("{not json")
+    ckpt = tmp_path / "c" / "runs" / "SAM_s0" / "checkpoint.pt"
+    for dry in ([], ["--dry-run"]):
+        code, _, err = run([*argv, "--resume", *dry], capsys)
+        assert code == 2 and "SGD_s0: its summary.json or config.yaml cannot be read" in err
+        clean(err)
+    (tmp_path / "c" / "runs" / "SGD_s0" / "summary.json").unlink()
+    ckpt.write_bytes(b"")
+    (tmp_path / "c" / "runs" / "SAM_s0" / "summary.json").unlink()
+    code, _, err = run([*argv, "--resume", "--dry-run"], capsys)
+    assert code == 2 and f"checkpoint {ckpt} is empty" in err

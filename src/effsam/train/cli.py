@@ -347,9 +347,13 @@ def _dry_run(args: argparse.Namespace, cfg: Config) -> int:
     from .preflight import preflight
 
     compare = args.command == "compare"
-    resume = bool(args.resume) if compare else args.resume is not None
-    run_dir = None if compare or not args.resume else Path(args.resume)
-    preflight(cfg, compare=compare, run_dir=run_dir, resume=resume, overwrite=args.overwrite)
+    if compare:
+        from .compare import plan_compare
+
+        plan_compare(cfg, resume=args.resume, overwrite=args.overwrite)
+    else:
+        run_dir = Path(args.resume) if args.resume else None
+        preflight(cfg, run_dir=run_dir, resume=args.resume is not None, overwrite=args.overwrite)
     print(dump_yaml(cfg), end="", flush=True)
     print(format_estimate(estimate_duration(cfg, compare=compare)), end="")
     return 0

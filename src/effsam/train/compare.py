@@ -57,6 +57,35 @@ def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or "run"
 
 
+#: One run of a comparison: label, seed, config, directory, and its summary if finished.
+PlannedRun = tuple[str, int, Config, Path, "dict[str, Any] | None"]
+
+
+def plan_compare(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> list[PlannedRun]:
+    """Every check of a comparison before its first run, and its runs in order.
+
+    On top of :func:`~effsam.train.preflight.preflight`: each run directory must not hold
+    a run (without ``resume`` or ``overwrite``), and with ``resume`` a finished run must
+    have the same config and an unfinished one a checkpoint that loads and matches. Used
+    by :func:`run_compare` and by ``effsam compare --dry-run``; writes nothing.
+    """
+    preflight(cfg, compare=True)
+    root = Path(cfg.out_dir) / compare_name(cfg)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"invalid comparison directory {str(root)!r} (it is a file)")
+    plan: list[PlannedRun] = []
+    for seed in compare_seeds(cfg):
+        for label, optim in compare_entries(cfg):
+            run_name = f"{_slug(label)}_s{seed}"
+            run_cfg = dataclasses.replace(cfg, name=run_name, seed=seed, optim=optim)
+            run_dir = root / "runs" / run_name
+            done = _finished_summary(run_dir, run_cfg) if resume else None
+            if done is None:
+                resume_state(run_cfg, run_dir, resume, overwrite)
+            plan.append((label, seed, run_cfg, run_dir, done))
+    return plan
+
+
 def run_compare(
     cfg: Config,
     *,
@@ -73,25 +102,10 @@ def run_compare(
     Returns:
         ``{"rows": [...], "runs": [...], "dir": str, "markdown": str}``.
     """
-    preflight(cfg, compare=True)
+    plan = plan_compare(cfg, resume=resume, overwrite=overwrite)
     entries = compare_entries(cfg)
     seeds = compare_seeds(cfg)
     root = Path(cfg.out_dir) / compare_name(cfg)
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"invalid comparison directory {str(root)!r} (it is a file)")
-    # every run is checked before the first one starts: a run directory that holds a run
-    # (without --resume/--overwrite), a damaged checkpoint or a changed config stop it all
-    plan: list[tuple[str, int, Config, Path, dict[str, Any] | None]] = []
-    for seed in seeds:
-        for label, optim in entries:
-            run_name = f"{_slug(label)}_s{seed}"
-            run_cfg = dataclasses.replace(cfg, name=run_name, seed=seed, optim=optim)
-            run_dir = root / "runs" / run_name
-            done = _finished_summary(run_dir, run_cfg) if resume else None
-            if done is None:
-                resume_state(run_cfg, run_dir, resume, overwrite)
-            plan.append((label, seed, run_cfg, run_dir, done))
-
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -173,10 +187,18 @@ def _finished_summary(run_dir: Path, cfg: Config) -> dict[str, Any] | None:
     path = run_dir / "summary.json"
     if not path.exists():
         return None
-    summary = json.loads(path.read_text())
-    if not summary.get("finished"):
-        return None
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    try:
+        summary = json.loads(path.read_text())
+        if not summary.get("finished"):
+            return None
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, ValueError, AttributeError, yaml.YAMLError) as exc:
+        raise ConfigError(
+            f"cannot reuse the run {run_dir}: its summary.json or config.yaml cannot be read "
+            f"({type(exc).__name__}: {exc}); use --overwrite to train it again"
+        ) from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"cannot reuse the run {run_dir}: its config.yaml is not a mapping")
     changed = changed_keys(saved, to_dict(cfg)) - RESUMABLE_CHANGES
     if changed:
         raise ConfigError(
