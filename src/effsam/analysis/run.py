@@ -203,7 +203,11 @@ def _analyze(
         stage(f"{landscape.upper()} loss landscape ({points} points)")
         surface = compute(model, batch, loss_fn, span=span, seed=seed, **grid)
         result["landscape"] = surface.to_dict()
-        title = f"{run_dir.name}: {cfg.optim.name}, epoch {result['epoch']}"
+        model_name = cfg.model.name + (f" ×{cfg.model.width:g}" if cfg.model.width != 1 else "")
+        title = (
+            f"{run_dir.name}: {cfg.optim.name}, epoch {result['epoch']}/{cfg.train.epochs}\n"
+            f"{cfg.data.dataset}, {model_name}; loss on {n:,} training images"
+        )
         plot_landscape(surface, out / "landscape.png", title=title)
     write_json(out / "analysis.json", result)
     stage(None)
