@@ -54,6 +54,7 @@ def _row(label: str, name: str, acc: float, rate: float) -> dict:
         "acc_std": 0.004,
         "images_per_s": rate,
         "images_per_s_std": 150.0,
+        "seeds": 3,
     }
 
 
@@ -84,7 +85,10 @@ def test_the_plot_has_a_legend_and_labels_that_do_not_overlap(tmp_path):
         for b in boxes[i + 1 :]:
             assert _overlap(a, b) == 0
         assert _overlap(a, ax.get_legend().get_window_extent(renderer)) == 0
-    assert ax.get_xlabel().startswith("training images/s")
+    assert ax.get_xlabel() == "training images/s (median over seeds)"
+    assert ax.get_ylabel() == "test accuracy (%, mean ± std over seeds)"
+    single = accuracy_speed_figure([{**r, "seeds": 1, "acc_std": None} for r in rows])
+    assert single.axes[0].get_ylabel() == "test accuracy (%)"
     assert ax.get_title() == "digits, small_cnn, 10 epochs"
     plot_accuracy_speed(rows, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -177,8 +177,9 @@ def accuracy_speed_figure(rows: Sequence[dict[str, Any]], title: str = "") -> An
     from matplotlib.ticker import FuncFormatter
 
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
-    ax.set_xlabel("training images/s (median over seeds)")
-    ax.set_ylabel("test accuracy (%, mean ± std over seeds)")
+    several = any((r.get("seeds") or 1) > 1 for r in rows)
+    ax.set_xlabel("training images/s" + (" (median over seeds)" if several else ""))
+    ax.set_ylabel("test accuracy (%" + (", mean ± std over seeds)" if several else ")"))
     ax.set_title(title or "test accuracy against training speed", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.margins(0.2)
