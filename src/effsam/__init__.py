@@ -34,7 +34,7 @@ from .optim import (
 )
 from .step import StepResult, sharpness_aware_step
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ASAM",

@@ -39,12 +39,9 @@ def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
     if dev.type == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(dev)
         info["cuda"] = torch.version.cuda
-    try:
-        from importlib.metadata import version
+    from effsam import __version__
 
-        info["effsam"] = version("effsam")
-    except Exception:  # not installed as a distribution (e.g. run from a source tree)
-        info["effsam"] = "source"
+    info["effsam"] = __version__  # the imported copy's, installed or a source tree
     return info
 
 

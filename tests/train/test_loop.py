@@ -140,7 +140,11 @@ def test_step_options_are_passed_through(tiny):
 
 
 def test_fp16_uses_a_grad_scaler_saved_in_the_checkpoint(tiny, tmp_path):
-    train(tiny(optim__name="esam", name="r", train__epochs=1, train__amp="fp16"), quiet=True)
+    from effsam.train.preflight import ToolkitWarning
+
+    with pytest.warns(ToolkitWarning, match="use --amp bf16") as caught:  # on a CPU
+        train(tiny(optim__name="esam", name="r", train__epochs=1, train__amp="fp16"), quiet=True)
+    assert caught[0].filename == __file__  # the warning points at the caller
     scaler = load_checkpoint(tmp_path / "r" / "checkpoint.pt")["scaler"]
     assert "scale" in scaler and scaler["scale"] > 0
 

@@ -44,3 +44,74 @@ def test_speed_is_the_median_over_seeds_so_one_disturbed_run_does_not_move_it():
 def test_runs_without_a_measured_speed_give_no_rate():
     (row,) = aggregate([("SGD", "sgd")], [_run("SGD", 0.5, None)])
     assert row["images_per_s"] is None and row["speed_vs_sam"] is None
+
+
+def _row(label: str, name: str, acc: float, rate: float) -> dict:
+    return {
+        "label": label,
+        "optimizer": name,
+        "acc_mean": acc,
+        "acc_std": 0.004,
+        "images_per_s": rate,
+        "images_per_s_std": 150.0,
+        "seeds": 3,
+    }
+
+
+def test_the_plot_has_a_legend_and_labels_that_do_not_overlap(tmp_path):
+    from effsam.train.report import _overlap, accuracy_speed_figure, plot_accuracy_speed
+
+    # SAM and ESAM almost on the same spot, as in the default digits demo
+    rows = [
+        _row("SGD", "sgd", 0.9815, 16605),
+        _row("SAM", "sam", 0.9843, 8338),
+        _row("ESAM", "esam", 0.9843, 8165),
+        _row("SSAM-F", "ssam-f", 0.9841, 8300),
+    ]
+    fig = accuracy_speed_figure(rows, "digits, small_cnn, 10 epochs")
+    ax = fig.axes[0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == [
+        "SGD: 98.15 ± 0.40 %, 16,605 img/s",
+        "SAM: 98.43 ± 0.40 %, 8,338 img/s",
+        "ESAM: 98.43 ± 0.40 %, 8,165 img/s",
+        "SSAM-F: 98.41 ± 0.40 %, 8,300 img/s",
+    ]
+    renderer = fig.canvas.get_renderer()
+    labels = {t.get_text(): t.get_window_extent(renderer) for t in ax.texts}
+    assert sorted(labels) == ["ESAM", "SAM", "SGD", "SSAM-F"]
+    boxes = list(labels.values())
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert _overlap(a, b) == 0
+        assert _overlap(a, ax.get_legend().get_window_extent(renderer)) == 0
+    assert ax.get_xlabel() == "training images/s (median over seeds)"
+    assert ax.get_ylabel() == "test accuracy (%, mean ± std over seeds)"
+    single = accuracy_speed_figure([{**r, "seeds": 1, "acc_std": None} for r in rows])
+    assert single.axes[0].get_ylabel() == "test accuracy (%)"
+    assert ax.get_title() == "digits, small_cnn, 10 epochs"
+    plot_accuracy_speed(rows, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_title_says_what_was_run():
+    from effsam.train.compare import describe_comparison
+    from effsam.train.config import load_config
+
+    cfg = load_config(
+        None,
+        {
+            "data.dataset": "cifar10",
+            "data.train_subset": 1000,
+            "model.name": "resnet18",
+            "model.width": 0.125,
+            "train.epochs": 1,
+        },
+    )
+    assert describe_comparison(cfg, [0]) == (
+        "cifar10 (1,000-image subset), resnet18 at width 0.125, 1 epoch, batch 128, seed 0"
+    )
+    cfg = load_config(None, {"train.epochs": 10})
+    assert describe_comparison(cfg, [0, 1, 2]) == (
+        "digits, small_cnn, 10 epochs, batch 128, seeds 0, 1, 2"
+    )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,10 @@ from effsam.train.build import build_model, load_data, make_loaders, make_loss_f
 from effsam.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from effsam.train.config import Config, ConfigError, load_config
 from effsam.train.distributed import resolve_device
+from effsam.train.preflight import check_device, check_out_dir
+from effsam.train.progress import format_duration
 from effsam.train.records import write_json
+from effsam.train.threads import set_threads
 
 from .evaluation import check_int, check_positive, eval_mode
 from .hessian import hessian_top_eigenvalue, hessian_trace_samples
@@ -44,6 +49,7 @@ def analyze_run(
     steps: int | None = None,
     span: float = 1.0,
     seed: int = 0,
+    quiet: bool = True,
 ) -> dict[str, Any]:
     """Measures the sharpness of a run's checkpointed model and writes the results.
 
@@ -67,6 +73,8 @@ def analyze_run(
         steps: Landscape grid points per axis (default 21 in 1D, 11 in 2D).
         span: Landscape half-width, in filter norms.
         seed: Seed of the random vectors and directions.
+        quiet: No progress lines (on stderr: one as each stage starts, with its time when
+            it ends).
 
     Returns:
         What ``analysis.json`` holds.
@@ -96,13 +104,14 @@ def analyze_run(
             f"{run_dir} has no {CHECKPOINT_NAME} (was it trained with --no-checkpoint?)"
         )
     cfg = load_config(config_path)
+    check_device(cfg.train.device)
+    # where the results go is checked before minutes of Hessian products, not after
+    check_out_dir(out_dir if out_dir is not None else run_dir, "--out")
     threads = torch.get_num_threads()
     try:
-        if cfg.train.threads is not None:
-            torch.set_num_threads(cfg.train.threads)
         return _analyze(
             cfg, run_dir, ckpt_path, batches, landscape, out_dir, iters, tol, samples, steps,
-            span, seed,
+            span, seed, _Stages(quiet),
         )  # fmt: skip
     finally:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
@@ -121,13 +130,16 @@ def _analyze(
     steps: int | None,
     span: float,
     seed: int,
+    stage: _Stages,
 ) -> dict[str, Any]:
     device = resolve_device(cfg.train.device)
-    state = load_checkpoint(ckpt_path)
+    stage(f"loading {run_dir}: {cfg.model.name} on {cfg.data.dataset}")
+    state = load_checkpoint(ckpt_path, ("epoch", "model"))
     try:
         data = load_data(cfg)
         model = build_model(cfg, data.num_classes, data.train_x.shape[1]).to(device)
         model.load_state_dict(state["model"])
+        set_threads(cfg.train.threads, model)  # the toolkit's one policy
     except DatasetError:
         raise  # (a RuntimeError, but not a config problem)
     except (ValueError, TypeError, RuntimeError) as exc:
@@ -150,7 +162,10 @@ def _analyze(
         losses, logits = loss_fn(model, batch)
         loss = float(losses.mean())
         accuracy = float((logits.argmax(1) == batch[1]).double().mean())
+    n = int(batch[1].numel())
+    stage(f"Hessian top eigenvalue on {n:,} images (power iteration, up to {iters} steps)")
     top = hessian_top_eigenvalue(model, batch, loss_fn, iters=iters, tol=tol, seed=seed)
+    stage(f"Hessian trace ({samples} Hutchinson samples)")
     traces = hessian_trace_samples(model, batch, loss_fn, samples=samples, seed=seed)
     stderr = float(traces.std() / math.sqrt(samples)) if samples > 1 else None
 
@@ -184,9 +199,35 @@ def _analyze(
     if landscape != "none":
         compute = loss_landscape_1d if landscape == "1d" else loss_landscape_2d
         grid = {} if steps is None else {"steps": steps}
+        points = (steps or 21) if landscape == "1d" else (steps or 11) ** 2
+        stage(f"{landscape.upper()} loss landscape ({points} points)")
         surface = compute(model, batch, loss_fn, span=span, seed=seed, **grid)
         result["landscape"] = surface.to_dict()
-        title = f"{run_dir.name}: {cfg.optim.name}, epoch {result['epoch']}"
+        model_name = cfg.model.name + (f" ×{cfg.model.width:g}" if cfg.model.width != 1 else "")
+        title = (
+            f"{run_dir.name}: {cfg.optim.name}, epoch {result['epoch']}/{cfg.train.epochs}\n"
+            f"{cfg.data.dataset}, {model_name}; loss on {n:,} training images"
+        )
         plot_landscape(surface, out / "landscape.png", title=title)
     write_json(out / "analysis.json", result)
+    stage(None)
     return result
+
+
+class _Stages:
+    """One stderr line as each stage starts, and its duration once the next one starts."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.start = time.perf_counter()
+        self.name: str | None = None
+
+    def __call__(self, name: str | None) -> None:
+        if self.quiet:
+            return
+        now = time.perf_counter()
+        if self.name is not None:
+            print(f"  ... {format_duration(now - self.start)}", file=sys.stderr, flush=True)
+        self.name, self.start = name, now
+        if name is not None:
+            print(f"effsam analyze: {name}", file=sys.stderr, flush=True)

@@ -1,5 +1,7 @@
 """The toolkit: config, training loop, checkpoints, comparisons and the ``effsam`` command.
 
+It needs the ``toolkit`` extra (PyYAML, tqdm, scikit-learn, matplotlib).
+
 Example:
     >>> from effsam.train import load_config, train, run_compare
     >>> cfg = load_config("configs/esam/cifar10_resnet18_esam.yaml", {"train.epochs": 1})
@@ -8,7 +10,17 @@ Example:
 
 from .compare import run_compare
 from .config import Config, ConfigError, load_config
-from .loop import train
+from .loop import RunFailed, train
+from .preflight import preflight
 from .validate import validate
 
-__all__ = ["Config", "ConfigError", "load_config", "run_compare", "train", "validate"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "RunFailed",
+    "load_config",
+    "preflight",
+    "run_compare",
+    "train",
+    "validate",
+]

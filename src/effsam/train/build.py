@@ -91,6 +91,11 @@ def build_model(cfg: Config, num_classes: int, in_channels: int) -> nn.Module:
 def optimizer_args(o: OptimConfig, steps_per_epoch: int, epochs: int, seed: int) -> dict[str, Any]:
     """The wrapper arguments with the run-dependent ones filled in when not given.
 
+    This is the one place where a run's facts reach the optimizer: an optimizer (or policy)
+    registered with one of these keyword arguments gets it from here, in every run, the
+    dry-run estimate and the validation's dry build. An optimizer that needs the run's
+    total number of optimizer steps takes ``total_steps``.
+
     * ``total_steps`` (SSAM-D's drop-rate schedule): epochs × steps per epoch;
     * ``update_interval`` (SSAM's mask refresh): one epoch, the SSAM authors' setting;
     * ``seed`` (ESAM's SWP mask generator): the run's seed, so seeds differ in masks too.

@@ -7,7 +7,10 @@ loads with ``torch.load(..., weights_only=True)``: no pickled code runs on load.
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,17 @@ from . import distributed as ddp
 from .config import Config, ConfigError, to_dict
 
 CHECKPOINT_NAME = "checkpoint.pt"
+
+#: What every toolkit checkpoint holds (see :func:`checkpoint_state`).
+CHECKPOINT_KEYS = ("epoch", "config", "model", "optimizer", "scheduler", "scaler", "metrics", "rng")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint cannot be read (empty, truncated, not a checkpoint) or does not fit the run."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (full disk, lost permissions); the previous one is intact."""
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -37,10 +51,26 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        # torch.save reports a full disk as a RuntimeError ("unexpected pos ...")
+        raise CheckpointWriteError(_write_failure(path, exc)) from exc
     finally:
         if tmp.exists():
             tmp.unlink()
     _fsync_dir(path.parent)
+
+
+def _write_failure(path: Path, exc: BaseException) -> str:
+    try:
+        free = shutil.disk_usage(path.parent).free
+        space = f"{free / 2**20:,.1f} MiB free on that file system"
+    except OSError:
+        space = "free space unknown"
+    previous = "the previous checkpoint is intact" if path.exists() else "no earlier checkpoint"
+    return (
+        f"cannot write the checkpoint {path} ({space}; the disk may be full): {exc}. "
+        f"Nothing was lost: {previous}; free space and continue with --resume"
+    )
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -57,9 +87,56 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Loads a checkpoint onto the CPU with ``weights_only=True``."""
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+def load_checkpoint(path: str | Path, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Loads a checkpoint onto the CPU with ``weights_only=True``.
+
+    Args:
+        path: the file.
+        keys: entries the checkpoint must hold (a run's: :data:`CHECKPOINT_KEYS`).
+
+    Raises:
+        CheckpointError: naming the file and what is wrong with it (missing, empty,
+            truncated, not a checkpoint, or holding objects other than tensors and plain
+            containers, which are refused rather than unpickled).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} not found") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read the checkpoint {path}: {exc.strerror or exc}") from None
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory, not a file")
+    if size == 0:
+        raise CheckpointError(
+            f"checkpoint {path} is empty (0 bytes): it was not written completely. Delete it "
+            "to start the run afresh, or restore a copy"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's message suggests weights_only=False, i.e. running the file's pickled code:
+        # never the right fix for a file that should hold tensors only
+        raise CheckpointError(
+            f"checkpoint {path} is not an effsam checkpoint: it is damaged, or it holds "
+            "objects other than tensors and plain containers, which are not loaded for safety"
+        ) from None
+    except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} ({size:,} bytes) cannot be read: it is truncated or damaged "
+            f"({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
+    missing = [k for k in keys if k not in state] if isinstance(state, dict) else None
+    if missing is None or missing:
+        what = f"lacks {', '.join(missing)}" if missing else f"holds a {type(state).__name__}"
+        raise CheckpointError(f"checkpoint {path} is not an effsam run checkpoint: it {what}")
+    return state
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else "no details"
 
 
 def rng_state() -> dict[str, Any]:
@@ -108,6 +185,7 @@ RESUMABLE_CHANGES = {
     "train.threads",
     "train.compile",
     "train.timing_warmup_steps",
+    "train.max_skipped_fraction",
     "compare.optimizers",  # a comparison may grow; each run's own settings are in optim
     "compare.seeds",
 }
@@ -164,7 +242,9 @@ def resume_state(
         return None
     if not ckpt.exists():
         return None
-    state = load_checkpoint(ckpt)
+    state = load_checkpoint(ckpt, CHECKPOINT_KEYS)
+    if not isinstance(state["config"], dict):
+        raise CheckpointError(f"checkpoint {ckpt} is not an effsam run checkpoint: bad config")
     changed = changed_keys(state["config"], to_dict(cfg)) - RESUMABLE_CHANGES
     if changed:
         raise ConfigError(

@@ -8,12 +8,15 @@ defaults, ``--config FILE``, explicit flags, ``--set key=value`` (any key, e.g.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .config import Config, ConfigError, dump_yaml, load_config
+if TYPE_CHECKING:
+    from .config import Config
 
 # (flag, config key, type or "flag", help); type "flag" is a store_true switch
 _COMMON_FLAGS: list[tuple[str, str, Any, str]] = [
@@ -49,7 +52,13 @@ _COMMON_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--sync-ascent", "train.sync_ascent", "flag", "data parallel: all-reduce pass 1"),
     ("--compile", "train.compile", "flag", "torch.compile the model"),
     ("--device", "train.device", str, "auto, cpu, cuda, cuda:N"),
-    ("--threads", "train.threads", int, "torch CPU threads"),
+    ("--threads", "train.threads", int, "torch CPU threads (default: one per free core)"),
+    (
+        "--max-skipped",
+        "train.max_skipped_fraction",
+        float,
+        "stop a run once more than this fraction of its steps were skipped (default 0.1)",
+    ),
     ("--name", "name", str, "run (or comparison) directory name"),
     ("--out", "out_dir", str, "parent directory of runs (default ./runs)"),
 ]
@@ -111,7 +120,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="start afresh over an existing run")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.add_argument(
-        "--dry-run", action="store_true", help="print the resolved config, validate it and exit"
+        "--dry-run",
+        action="store_true",
+        help="validate everything, print the resolved config and an estimate of the duration "
+        "from a few timed steps, and exit (writes nothing)",
     )
 
 
@@ -122,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train with SGD, SAM, ESAM, SSAM and compare their accuracy and speed.",
         epilog=_PRECEDENCE,
     )
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser(
         "compare",
@@ -129,8 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train several optimizers on the same budget and print a table",
         description="Train several optimizers (default SGD, SAM, ESAM) on the same data, model, "
         "seeds and budget; write a table (Markdown, CSV), a JSON summary and a plot. Without "
-        "--config: scikit-learn's digits, a small CNN, 10 epochs, seeds 0,1,2 (one CPU "
-        "thread for this tiny model unless --threads is given).",
+        "--config: scikit-learn's digits, a small CNN, 10 epochs, seeds 0,1,2.",
     )
     _add_common(c)
     c.add_argument(
@@ -178,12 +190,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--landscape", choices=("1d", "2d", "none"), default="1d", help="default 1d")
     a.add_argument("--out", type=Path, default=None, metavar="DIR", help="default RUN_DIR")
+    a.add_argument("--quiet", action="store_true", help="no progress lines")
     sub.add_parser("list", help="list data sets, models, optimizers and configs")
     return parser
 
 
+def _version() -> str:
+    import platform
+
+    from effsam import __version__
+
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError:  # pragma: no cover - torch is a dependency
+        torch_version = "missing"
+    return f"effsam {__version__} (torch {torch_version}, Python {platform.python_version()})"
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """The resolved config: defaults ← --config ← flags ← --set."""
+    from .config import load_config
+    from .configs import find_config
+
     overrides = {
         key: value
         for key, value in vars(args).items()
@@ -192,7 +222,16 @@ def config_from_args(args: argparse.Namespace) -> Config:
     config_path = args.config
     resume_dir = getattr(args, "resume", None)
     if config_path is None and isinstance(resume_dir, str) and resume_dir:
-        config_path = Path(resume_dir) / "config.yaml"
+        from .config import ConfigError
+
+        run_dir = Path(resume_dir)
+        if not run_dir.is_dir():
+            raise ConfigError(f"--resume {resume_dir}: run directory not found")
+        config_path = run_dir / "config.yaml"
+        if not config_path.is_file():
+            raise ConfigError(f"--resume {resume_dir}: not a run directory (no config.yaml)")
+    elif config_path is not None:
+        config_path = find_config(config_path)
     if args.command == "compare" and config_path is None:
         from .compare import builtin_compare_config
 
@@ -212,13 +251,17 @@ def _cmd_list() -> int:
         spec = get_spec(name)
         defaults = ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
         print(f"  {name:<13} {spec.description}{f'  ({defaults})' if defaults else ''}")
-    configs = Path("configs")
-    if configs.is_dir():
-        print("configs (here, in configs/):")
-        for folder in sorted(p for p in configs.iterdir() if p.is_dir() and p.name[0] != "_"):
+    from .configs import packaged_configs
+
+    for title, root in (("here, in configs/", Path("configs")), ("shipped", packaged_configs())):
+        if root is None or not root.is_dir():
+            continue
+        print(f"configs ({title}; pass --config configs/<folder>/<name>.yaml):")
+        for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name[0] != "_"):
             names = sorted(f.stem for f in folder.glob("*.yaml") if not f.name.startswith("_"))
             if names:
                 print(f"  {folder.name}/: {', '.join(names)}")
+        break  # the local folder, else the copy shipped with the package
     return 0
 
 
@@ -226,8 +269,6 @@ def _cmd_train(args: argparse.Namespace, cfg: Config) -> int:
     from .loop import train
 
     run_dir = Path(args.resume) if args.resume else None
-    if args.stop_after is not None and args.stop_after < 1:
-        raise ConfigError(f"invalid --stop-after: {args.stop_after} (must be >= 1)")
     s = train(
         cfg,
         run_dir=run_dir,
@@ -239,9 +280,13 @@ def _cmd_train(args: argparse.Namespace, cfg: Config) -> int:
     if s.get("world_size", 1) > 1 and _rank() != 0:
         return 0
     state = "finished" if s["finished"] else f"stopped after epoch {s['completed_epochs']}"
+    skipped = f", {s['skipped_steps']} of {s['steps']} steps skipped" if s["skipped_steps"] else ""
+    rate = _rate(s["images_per_s"])
+    if s["images_per_s"] is None:
+        rate += f" (too few steps to time: the first {cfg.train.timing_warmup_steps} are warm-up)"
     print(
         f"{s['name']}: {state}; test accuracy {_percent(s['final_test_acc'])} "
-        f"(best {_percent(s['best_test_acc'])}), {_rate(s['images_per_s'])} images/s"
+        f"(best {_percent(s['best_test_acc'])}), {rate} images/s{skipped}"
     )
     return 0
 
@@ -276,7 +321,13 @@ def _cmd_compare(args: argparse.Namespace, cfg: Config) -> int:
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from effsam.analysis.run import analyze_run
 
-    r = analyze_run(args.run_dir, batches=args.batches, landscape=args.landscape, out_dir=args.out)
+    r = analyze_run(
+        args.run_dir,
+        batches=args.batches,
+        landscape=args.landscape,
+        out_dir=args.out,
+        quiet=args.quiet,
+    )
     trace = f"{r['hessian_trace']:.4g}"
     if r["hessian_trace_stderr"] is not None:
         trace += f" ± {r['hessian_trace_stderr']:.2g}"
@@ -290,30 +341,83 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``effsam`` and ``python -m effsam``; returns the exit status."""
-    from effsam.data import DatasetError
+def _dry_run(args: argparse.Namespace, cfg: Config) -> int:
+    from .config import dump_yaml
+    from .estimate import estimate_duration, format_estimate
+    from .preflight import preflight
 
+    compare = args.command == "compare"
+    if compare:
+        from .compare import plan_compare
+
+        plan_compare(cfg, resume=args.resume, overwrite=args.overwrite)
+    else:
+        run_dir = Path(args.resume) if args.resume else None
+        preflight(cfg, run_dir=run_dir, resume=args.resume is not None, overwrite=args.overwrite)
+    print(dump_yaml(cfg), end="", flush=True)
+    print(format_estimate(estimate_duration(cfg, compare=compare)), end="")
+    return 0
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None, *, command=""):
+    """Toolkit warnings as one clean line; others as Python shows them."""
+    from .preflight import ToolkitWarning
+
+    if issubclass(category, ToolkitWarning):
+        print(f"effsam {command}: warning: {message}", file=sys.stderr)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``effsam`` and ``python -m effsam``; returns the exit status.
+
+    Exit status: 0 done; 2 bad input (a config value, device, output folder, data or
+    checkpoint: nothing was trained); 1 a run failed (it diverged, or its files could not
+    be written; the last checkpoint is intact); 130 interrupted.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        return _main(args)
+    except BrokenPipeError:
+        # the reader went away (effsam list | head): not an error of ours; keep Python from
+        # complaining again while it flushes stdout at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+def _main(args: argparse.Namespace) -> int:
+    from effsam.data import DatasetError
+
+    from .config import ConfigError
+    from .loop import RunFailed
+
     if args.command == "list":
         return _cmd_list()
+    previous = warnings.showwarning
+    warnings.showwarning = lambda *a, **k: _show_warning(*a, **k, command=args.command)
     try:
         if args.command == "analyze":
             return _cmd_analyze(args)
+        if getattr(args, "stop_after", None) is not None and args.stop_after < 1:
+            raise ConfigError(f"invalid --stop-after: {args.stop_after} (must be >= 1)")
         cfg = config_from_args(args)
         if args.dry_run:
-            from .validate import validate
-
-            validate(cfg, compare=args.command == "compare")
-            print(dump_yaml(cfg), end="")
-            return 0
+            return _dry_run(args, cfg)
         if args.command == "compare":
             return _cmd_compare(args, cfg)
         return _cmd_train(args, cfg)
     except (ConfigError, DatasetError) as exc:
         print(f"effsam {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RunFailed as exc:
+        print(f"effsam {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         if args.command == "analyze":  # writes nothing until it has finished
             print("effsam analyze: interrupted", file=sys.stderr)
@@ -324,6 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":

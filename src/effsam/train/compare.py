@@ -13,18 +13,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .checkpoint import RESUMABLE_CHANGES, changed_keys
+from .checkpoint import RESUMABLE_CHANGES, changed_keys, resume_state
 from .config import Config, ConfigError, dump_yaml, load_config, to_dict
 from .distributed import resolve_device
 from .loop import train
+from .preflight import preflight
+from .progress import format_duration
 from .records import environment, write_json, write_text_atomic
 from .report import aggregate, csv_table, markdown_table, plot_accuracy_speed
-from .validate import compare_entries, compare_seeds, validate
+from .validate import compare_entries, compare_seeds
 
 #: ``effsam compare`` without ``--config``: the config defaults (digits, small CNN, SGD vs
 #: SAM vs ESAM) plus these values.
@@ -39,14 +42,10 @@ def builtin_compare_config(
 ) -> Config:
     """The config of ``effsam compare`` without ``--config``, with flags and ``--set`` applied.
 
-    The demo model is so small that a second CPU thread costs more in synchronisation than
-    it gains (and suffers most on a busy machine), so digits + small_cnn runs on one thread
-    unless ``train.threads`` is given; any other data set or model keeps torch's default.
+    Threads follow the toolkit's one policy (:mod:`effsam.train.threads`), as in
+    ``effsam train``.
     """
-    cfg = load_config(None, overrides, assignments, base=DEFAULT_COMPARE)
-    if cfg.train.threads is None and (cfg.data.dataset, cfg.model.name) == ("digits", "small_cnn"):
-        cfg.train.threads = 1
-    return cfg
+    return load_config(None, overrides, assignments, base=DEFAULT_COMPARE)
 
 
 def compare_name(cfg: Config) -> str:
@@ -56,6 +55,35 @@ def compare_name(cfg: Config) -> str:
 
 def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or "run"
+
+
+#: One run of a comparison: label, seed, config, directory, and its summary if finished.
+PlannedRun = tuple[str, int, Config, Path, "dict[str, Any] | None"]
+
+
+def plan_compare(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> list[PlannedRun]:
+    """Every check of a comparison before its first run, and its runs in order.
+
+    On top of :func:`~effsam.train.preflight.preflight`: each run directory must not hold
+    a run (without ``resume`` or ``overwrite``), and with ``resume`` a finished run must
+    have the same config and an unfinished one a checkpoint that loads and matches. Used
+    by :func:`run_compare` and by ``effsam compare --dry-run``; writes nothing.
+    """
+    preflight(cfg, compare=True)
+    root = Path(cfg.out_dir) / compare_name(cfg)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"invalid comparison directory {str(root)!r} (it is a file)")
+    plan: list[PlannedRun] = []
+    for seed in compare_seeds(cfg):
+        for label, optim in compare_entries(cfg):
+            run_name = f"{_slug(label)}_s{seed}"
+            run_cfg = dataclasses.replace(cfg, name=run_name, seed=seed, optim=optim)
+            run_dir = root / "runs" / run_name
+            done = _finished_summary(run_dir, run_cfg) if resume else None
+            if done is None:
+                resume_state(run_cfg, run_dir, resume, overwrite)
+            plan.append((label, seed, run_cfg, run_dir, done))
+    return plan
 
 
 def run_compare(
@@ -74,45 +102,51 @@ def run_compare(
     Returns:
         ``{"rows": [...], "runs": [...], "dir": str, "markdown": str}``.
     """
-    validate(cfg, compare=True)
+    plan = plan_compare(cfg, resume=resume, overwrite=overwrite)
     entries = compare_entries(cfg)
     seeds = compare_seeds(cfg)
     root = Path(cfg.out_dir) / compare_name(cfg)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the comparison directory {root}: {exc}") from exc
     write_text_atomic(root / "config.yaml", dump_yaml(cfg))
     env = environment(resolve_device(cfg.train.device), 1, cfg.train.amp, cfg.train.compile)
-    if cfg.train.threads is not None:
-        env["torch_threads"] = cfg.train.threads  # what each run sets for itself
     write_json(root / "env.json", env)
 
     runs: list[dict[str, Any]] = []
-    total = len(entries) * len(seeds)
-    for seed in seeds:
-        for label, optim in entries:
-            run_name = f"{_slug(label)}_s{seed}"
-            run_cfg = dataclasses.replace(cfg, name=run_name, seed=seed, optim=optim)
-            run_dir = root / "runs" / run_name
-            done = _finished_summary(run_dir, run_cfg) if resume else None
-            if done is not None:
-                runs.append(done)
-                continue
-            if not quiet:
-                print(f"[{len(runs) + 1}/{total}] {label} (seed {seed})", flush=True)
-            summary = train(
-                run_cfg,
-                run_dir=run_dir,
-                resume=resume,
-                overwrite=overwrite,
-                quiet=quiet,
-                label=label,
-            )
-            runs.append(summary)
+    total = len(plan)
+    trained = 0
+    started = time.perf_counter()
+    for i, (label, seed, run_cfg, run_dir, done) in enumerate(plan):
+        if done is not None:
+            runs.append(done)
+            continue
+        if not quiet:
+            left = sum(1 for p in plan[i:] if p[4] is None)
+            eta = ""
+            if trained:  # the runs differ in cost per step, but not by more than ~2x
+                per_run = (time.perf_counter() - started) / trained
+                eta = f"; about {format_duration(per_run * left)} left for the comparison"
+            print(f"[{i + 1}/{total}] {label} (seed {seed}){eta}", flush=True)
+        summary = train(
+            run_cfg,
+            run_dir=run_dir,
+            resume=resume,
+            overwrite=overwrite,
+            quiet=quiet,
+            label=label,
+        )
+        runs.append(summary)
+        trained += 1
+    # each run applies the thread policy to the same model, so they agree
+    threads = sorted({r["threads"] for r in runs if "threads" in r})
+    if threads:
+        env["torch_threads"] = threads[0] if len(threads) == 1 else threads
+        write_json(root / "env.json", env)
 
     rows = aggregate([(label, o.name) for label, o in entries], runs)
-    title = (
-        f"{cfg.data.dataset}, {cfg.model.name}, {cfg.train.epochs} epochs, "
-        f"batch {cfg.data.batch_size}, seeds {', '.join(map(str, seeds))}"
-    )
+    title = describe_comparison(cfg, seeds)
     md = markdown_table(rows, title)
     note = (
         "\nAccuracy: final test accuracy (mean ± std over seeds). Images/s: training steps "
@@ -130,15 +164,41 @@ def run_compare(
     return {"rows": rows, "runs": runs, "dir": str(root), "markdown": md}
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def describe_comparison(cfg: Config, seeds: list[int]) -> str:
+    """What a comparison ran, for the table's and the plot's title, e.g.
+    ``cifar10 (1,000-image subset), resnet18 at width 0.125, 1 epoch, batch 128, seed 0``."""
+    d, m = cfg.data, cfg.model
+    data = d.dataset
+    if d.train_subset is not None:
+        data += f" ({d.train_subset:,}-image subset)"
+    model = m.name if m.width == 1 else f"{m.name} at width {m.width:g}"
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
+    return (
+        f"{data}, {model}, {_plural(cfg.train.epochs, 'epoch')}, batch {d.batch_size}, {seed_text}"
+    )
+
+
 def _finished_summary(run_dir: Path, cfg: Config) -> dict[str, Any] | None:
     """The summary of a finished run of exactly this config (None: train or continue it)."""
     path = run_dir / "summary.json"
     if not path.exists():
         return None
-    summary = json.loads(path.read_text())
-    if not summary.get("finished"):
-        return None
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    try:
+        summary = json.loads(path.read_text())
+        if not summary.get("finished"):
+            return None
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, ValueError, AttributeError, yaml.YAMLError) as exc:
+        raise ConfigError(
+            f"cannot reuse the run {run_dir}: its summary.json or config.yaml cannot be read "
+            f"({type(exc).__name__}: {exc}); use --overwrite to train it again"
+        ) from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"cannot reuse the run {run_dir}: its config.yaml is not a mapping")
     changed = changed_keys(saved, to_dict(cfg)) - RESUMABLE_CHANGES
     if changed:
         raise ConfigError(

@@ -84,10 +84,11 @@ class TrainConfig:
     sync_ascent: bool = False  # data parallel: all-reduce the pass-1 gradient
     compile: bool = False
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", …
-    threads: int | None = None  # torch.set_num_threads; None leaves torch's default
+    threads: int | None = None  # torch.set_num_threads; None: one per free core (threads.py)
     timing_warmup_steps: int = 2  # steps at the start of each process left out of images/s
     eval_every: int = 1  # evaluate every N epochs (and always after the last one)
     sds_diagnostics: int = 0  # ESAM's selection diagnostics every N steps (0: off)
+    max_skipped_fraction: float = 0.1  # stop (exit 1) once more of the steps so far skip
 
 
 @dataclass

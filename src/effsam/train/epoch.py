@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ from torch.nn import functional as F
 from effsam.step import sharpness_aware_step
 
 from . import distributed as ddp
+from .progress import RunProgress
 
 
 def train_epoch(
@@ -23,11 +25,9 @@ def train_epoch(
     loss_fn: Any,
     step_kwargs: dict[str, Any],
     epoch: int,
-    epochs: int,
     untimed: int,
     ctx: ddp.DistContext,
-    quiet: bool,
-    label: str,
+    progress: RunProgress,
     diagnostics: Any = None,
 ) -> tuple[dict[str, Any], int]:
     """One pass over this worker's shard of the training set.
@@ -38,19 +38,19 @@ def train_epoch(
         loader: this worker's ``BatchLoader``.
         loss_fn: per-sample losses and logits, for :func:`effsam.sharpness_aware_step`.
         step_kwargs: the step's options (scaler, autocast, accumulation, clipping, …).
-        epoch, epochs: this epoch (0-based) and the total, for the progress bar.
+        epoch: this epoch (0-based).
         untimed: steps still to leave out of the timing (process warm-up).
         ctx: the worker's place in the process group.
-        quiet: no progress bar.
-        label: shown in front of the progress bar.
+        progress: the run's progress display (quiet on workers other than rank 0).
         diagnostics: an :class:`effsam.analysis.sds.SDSDiagnostics` (or None), probed and
             fed outside the timed step.
+
+    Non-finite steps are counted in the record's ``skipped_steps`` rather than warned
+    about one by one (the loop reports them per epoch and stops a run that skips too many).
 
     Returns:
         The epoch's record, summed over all workers, and the remaining ``untimed`` count.
     """
-    from tqdm.auto import tqdm
-
     net.train()
     loader.set_epoch(epoch)
     device = ctx.device
@@ -60,23 +60,23 @@ def train_epoch(
     kept_sum = 0.0
     train_time = 0.0
     rates: list[float] = []  # per timed step, for a median robust to busy machines
-    desc = f"{label + ' ' if label else ''}epoch {epoch + 1}/{epochs}"
-    # disable=None: no bar when stderr is not a terminal (logs stay readable)
-    bar = tqdm(
-        total=len(loader),
-        desc=desc,
-        leave=False,
-        disable=True if quiet else None,
-        dynamic_ncols=True,
-    )
-    refresh = max(1, len(loader) // 20)
+
+    def postfix() -> str:
+        rate = f"{timed_images / train_time:.0f}" if train_time > 0 else "-"
+        return (
+            f"loss {float(on_device[0]) / max(seen, 1):.3f}, "
+            f"acc {100 * float(on_device[1]) / max(seen, 1):.1f}%, {rate} img/s"
+        )
+
     ids = loader.indices() if diagnostics is not None else None
     for i, (x, y) in enumerate(loader):
         if diagnostics is not None and diagnostics.due(i):
             diagnostics.probe(net, (x, y), loss_fn)
         _sync(device)  # time the step alone: the batch was built before this point
         start = time.perf_counter()
-        res = sharpness_aware_step(net, optimizer, (x, y), loss_fn, **step_kwargs)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_SKIP_WARNING, category=RuntimeWarning)
+            res = sharpness_aware_step(net, optimizer, (x, y), loss_fn, **step_kwargs)
         scheduler.step()
         _sync(device)
         elapsed = time.perf_counter() - start
@@ -100,14 +100,7 @@ def train_epoch(
         sa_steps += int(res.sharpness_aware)
         if res.kept_fraction is not None:
             kept_sum += res.kept_fraction.elements
-        bar.update(1)
-        if not bar.disable and ((i + 1) % refresh == 0 or i + 1 == len(loader)):
-            bar.set_postfix(
-                loss=f"{float(on_device[0]) / seen:.3f}",
-                acc=f"{100 * float(on_device[1]) / seen:.1f}",
-                img_s=f"{timed_images / train_time:.0f}" if train_time > 0 else "-",
-            )
-    bar.close()
+        progress.step(postfix)
     steps = len(loader)
     tracks_kept = getattr(optimizer, "last_kept", None) is not None
     # one reduction of the sums and one of the time per epoch: totals over all workers
@@ -148,19 +141,30 @@ def train_epoch(
     return record, untimed
 
 
+#: The wrappers' per-step warning about a skipped step (counted in the record instead).
+_SKIP_WARNING = "effsam: non-finite gradient norm"
+
+
 def world_size_rate(rates: list[float], world_size: int) -> float | None:
     """This worker's median per-step images/s, times the number of workers."""
     return float(np.median(rates)) * world_size if rates else None
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, amp: str, ctx: ddp.DistContext) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module,
+    loader: Any,
+    amp: str,
+    ctx: ddp.DistContext,
+    progress: RunProgress | None = None,
+) -> tuple[float, float]:
     """Test loss and accuracy over this worker's share, summed over workers once."""
     model.eval()
     device = ctx.device
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    for x, y in loader:
+    batches = loader if progress is None else progress.evaluating(loader, len(loader))
+    for x, y in batches:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(x)
         sums[0] += F.cross_entropy(logits.float(), y, reduction="sum").double()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +31,24 @@ from .build import (
 )
 from .checkpoint import (
     CHECKPOINT_NAME,
+    CheckpointError,
+    CheckpointWriteError,
     checkpoint_state,
     gather_rng,
-    resume_state,
     save_checkpoint,
     set_rng_state,
 )
 from .config import Config, ConfigError, dump_yaml
 from .epoch import evaluate, train_epoch
+from .preflight import ToolkitWarning, preflight
+from .progress import RunProgress
 from .records import environment, summarize, write_json, write_metrics, write_text_atomic
-from .validate import validate
+from .threads import set_threads
+
+
+class RunFailed(RuntimeError):
+    """A run stopped because its result cannot be trusted (e.g. most steps were skipped as
+    non-finite) or its files cannot be written. The last checkpoint is intact."""
 
 
 def train(
@@ -54,8 +63,11 @@ def train(
 ) -> dict[str, Any]:
     """Trains one model as ``cfg`` says and returns the run's summary.
 
+    Every check (config, device, output folder, data files, the checkpoint to resume) is
+    made before anything is loaded or written: see :func:`effsam.train.preflight.preflight`.
+
     Args:
-        cfg: the run's config (validated here before anything is loaded).
+        cfg: the run's config.
         run_dir: where the run's files go (default ``out_dir/run_name``).
         resume: continue from the run directory's checkpoint, if there is one.
         overwrite: start afresh even if the run directory holds a run.
@@ -63,12 +75,18 @@ def train(
         stop_after: stop once this many epochs are done, leaving a resumable run (for jobs
             with a time limit; the LR schedule still spans ``train.epochs``).
         label: shown in front of the progress bar.
+
+    Raises:
+        ConfigError: a bad config value, device, output folder or checkpoint (nothing done).
+        effsam.data.DatasetError: the data are missing or damaged (nothing trained).
+        RunFailed: more than ``train.max_skipped_fraction`` of the steps were skipped as
+            non-finite, or a checkpoint could not be written; the last checkpoint is intact.
     """
-    validate(cfg)
+    state = preflight(cfg, run_dir=run_dir, resume=resume, overwrite=overwrite)
     threads = torch.get_num_threads()
     ctx = ddp.setup(cfg.train.device)
     try:
-        return _train(cfg, ctx, run_dir, resume, overwrite, quiet, stop_after, label)
+        return _train(cfg, ctx, state, run_dir, resume, overwrite, quiet, stop_after, label)
     finally:
         ddp.cleanup(ctx)
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
@@ -77,6 +95,7 @@ def train(
 def _train(
     cfg: Config,
     ctx: ddp.DistContext,
+    state: dict[str, Any] | None,
     run_dir: str | Path | None,
     resume: bool,
     overwrite: bool,
@@ -86,24 +105,10 @@ def _train(
 ) -> dict[str, Any]:
     t = cfg.train
     device = ctx.device
-    if t.threads is not None:
-        torch.set_num_threads(t.threads)
     run_dir = Path(run_dir) if run_dir is not None else Path(cfg.out_dir) / cfg.run_name()
     ckpt_path = run_dir / CHECKPOINT_NAME
-    state = resume_state(cfg, run_dir, resume, overwrite)
     if resume and state is None and ctx.is_main and not quiet:
         print(f"effsam: no checkpoint in {run_dir}; starting the run afresh", file=sys.stderr)
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if overwrite and not resume:
-            # a later --resume must not pick up the replaced run's state
-            for old in (CHECKPOINT_NAME, "metrics.jsonl", "metrics.csv", "summary.json"):
-                (run_dir / old).unlink(missing_ok=True)
-        write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
-        env = environment(device, ctx.world_size, t.amp, t.compile)
-        write_json(run_dir / "env.json", env)
-    ddp.barrier(ctx)
-
     # ---- data: rank 0 downloads first, the others read what it wrote
     _seed_everything(cfg.seed)
     if ctx.is_main or not cfg.data.download:
@@ -111,6 +116,27 @@ def _train(
     ddp.barrier(ctx)
     if not ctx.is_main and cfg.data.download:
         data = _user_errors(load_data, cfg)
+    if cfg.data.train_subset is not None and cfg.data.train_subset < data.num_classes:
+        warnings.warn(
+            f"data.train_subset {cfg.data.train_subset} is smaller than the "
+            f"{data.num_classes} classes of {cfg.data.dataset}: some classes are not trained on",
+            ToolkitWarning,
+            stacklevel=3,
+        )
+    # ---- the run directory, once the data have loaded: bad data leave nothing behind, and
+    # an --overwrite'd run is kept until then
+    if ctx.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # checked before; the file system changed since
+            raise ConfigError(f"cannot create the run directory {run_dir}: {exc}") from exc
+        if overwrite and not resume:
+            # a later --resume must not pick up the replaced run's state
+            for old in (CHECKPOINT_NAME, "metrics.jsonl", "metrics.csv", "summary.json"):
+                (run_dir / old).unlink(missing_ok=True)
+        write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
+    ddp.barrier(ctx)
+
     train_loader, test_loader = make_loaders(cfg, data, ctx.rank, ctx.world_size, device)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
@@ -121,6 +147,11 @@ def _train(
 
     # ---- model, optimizer, schedule, loss
     model = _user_errors(build_model, cfg, data.num_classes, data.train_x.shape[1]).to(device)
+    threads, why_threads = set_threads(t.threads, model)
+    if ctx.is_main:
+        env = environment(device, ctx.world_size, t.amp, t.compile)
+        env["threads_policy"] = why_threads
+        write_json(run_dir / "env.json", env)
     optimizer = build_optimizer(cfg, model, steps_per_epoch)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=t.amp == "fp16")
@@ -130,14 +161,22 @@ def _train(
     metrics: list[dict[str, Any]] = []
     start_epoch = 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        metrics = list(state["metrics"])
-        start_epoch = int(state["epoch"])
-        rngs = state["rng"]
-        set_rng_state(rngs[ctx.rank] if len(rngs) == ctx.world_size else rngs[0])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            metrics = list(state["metrics"])
+            start_epoch = int(state["epoch"])
+            rngs = state["rng"]
+            set_rng_state(rngs[ctx.rank] if len(rngs) == ctx.world_size else rngs[0])
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+            # a checkpoint whose config was edited, or one from another optimizer or model
+            raise CheckpointError(
+                f"checkpoint {ckpt_path} does not fit this run's model and optimizer "
+                f"({cfg.model.name}, {cfg.optim.name}): {type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else 'no details'}"
+            ) from None
 
     net: nn.Module = model
     if t.compile:
@@ -157,6 +196,7 @@ def _train(
         "params": sum(p.numel() for p in model.parameters()),
         "world_size": ctx.world_size,
         "device": str(device),
+        "threads": threads,
     }
     step_kwargs = {
         "scaler": scaler if scaler.is_enabled() else None,
@@ -165,70 +205,158 @@ def _train(
         "clip_grad_norm": t.clip_grad_norm,
         "sync_ascent": t.sync_ascent,
     }
-    diagnostics = None
-    selects = isinstance(optimizer, SharpnessAware) and optimizer.selection.needs_per_sample
-    if t.sds_diagnostics and selects and ctx.world_size > 1:
-        raise ConfigError("train.sds_diagnostics works in a single process only")
-    if t.sds_diagnostics and not selects and ctx.is_main and not quiet:
-        print(
-            f"effsam: {cfg.optim.name} selects no samples: no SDS diagnostics for this run",
-            file=sys.stderr,
-        )
-    if t.sds_diagnostics and selects:
-        from effsam.analysis.sds import SDSDiagnostics
-
-        diagnostics = SDSDiagnostics(
-            data.train_x.shape[0],
-            optimizer.selection.gamma,
-            optimizer.defaults["rho"],
-            t.sds_diagnostics,
-            seed=cfg.seed,
-        )
+    diagnostics = _sds_diagnostics(cfg, optimizer, data, ctx, quiet)
     untimed = t.timing_warmup_steps  # the first steps of a process pay one-off costs
     last_epoch = t.epochs if stop_after is None else min(t.epochs, stop_after)
-
-    for epoch in range(start_epoch, last_epoch):
-        epoch_start = time.perf_counter()
-        record, untimed = train_epoch(
-            net, optimizer, scheduler, train_loader, loss_fn, step_kwargs,
-            epoch, t.epochs, untimed, ctx, quiet or not ctx.is_main, label, diagnostics,
-        )  # fmt: skip
-        eval_start = time.perf_counter()
-        test_loss = test_acc = None
-        if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
-            ddp.broadcast_buffers(model, ctx)  # every worker evaluates the checkpointed model
-            test_loss, test_acc = evaluate(eval_net, test_loader, t.amp, ctx)
-        record.update(
-            epoch=epoch + 1,
-            test_loss=test_loss,
-            test_acc=test_acc,
-            eval_time_s=time.perf_counter() - eval_start,
-            epoch_time_s=time.perf_counter() - epoch_start,
+    progress = RunProgress(
+        (last_epoch - start_epoch) * steps_per_epoch, quiet=quiet or not ctx.is_main, label=label
+    )
+    progress.write(
+        f"{label + ': ' if label else ''}{run_dir}: {cfg.model.name} "
+        f"({info['params']:,} parameters) on {cfg.data.dataset} ({len(data.train_y):,} training, "
+        f"{len(data.test_y):,} test images), {cfg.optim.name}, {t.epochs} epochs of "
+        f"{steps_per_epoch} steps, {device}"
+        + (f" × {ctx.world_size} workers" if ctx.world_size > 1 else "")
+        + f", {threads} thread{'s' if threads != 1 else ''}"
+    )
+    if state is not None:
+        progress.write(
+            f"{label + ': ' if label else ''}resumed from epoch {start_epoch} of {t.epochs} "
+            f"({ckpt_path})"
         )
-        metrics.append(record)
-        if diagnostics is not None:
-            from effsam.analysis.sds import plot_records, write_record
 
-            write_record(run_dir, epoch + 1, diagnostics.end_epoch())
-            plot_records(run_dir, f"{label or cfg.optim.name}, seed {cfg.seed}: SDS diagnostics")
-        rngs = gather_rng(ctx)  # collective: every worker's generators
-        if ctx.is_main:
-            if cfg.checkpoint:
-                save_checkpoint(
-                    ckpt_path,
-                    checkpoint_state(cfg, model, optimizer, scheduler, scaler, metrics, rngs),
+    try:
+        for epoch in range(start_epoch, last_epoch):
+            epoch_start = time.perf_counter()
+            progress.epoch(epoch + 1, t.epochs)
+            record, untimed = train_epoch(
+                net, optimizer, scheduler, train_loader, loss_fn, step_kwargs, epoch, untimed,
+                ctx, progress, diagnostics,
+            )  # fmt: skip
+            eval_start = time.perf_counter()
+            test_loss = test_acc = None
+            if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
+                ddp.broadcast_buffers(model, ctx)  # every worker evaluates the checkpointed model
+                test_loss, test_acc = evaluate(eval_net, test_loader, t.amp, ctx, progress)
+            record.update(
+                epoch=epoch + 1,
+                test_loss=test_loss,
+                test_acc=test_acc,
+                eval_time_s=time.perf_counter() - eval_start,
+                epoch_time_s=time.perf_counter() - epoch_start,
+            )
+            metrics.append(record)
+            if diagnostics is not None:
+                from effsam.analysis.sds import plot_records, write_record
+
+                write_record(run_dir, epoch + 1, diagnostics.end_epoch())
+                plot_records(
+                    run_dir, f"{label or cfg.optim.name}, seed {cfg.seed}: SDS diagnostics"
                 )
-            write_metrics(run_dir, metrics)
-            write_json(run_dir / "summary.json", summarize(metrics, info, t.epochs))
-            if not quiet:
-                _print_epoch(record, t.epochs, label)
-        ddp.barrier(ctx)
+            rngs = gather_rng(ctx)  # collective: every worker's generators
+            failure = _too_many_skipped(metrics, t.max_skipped_fraction, t.epochs)
+            summary = summarize(metrics, info, t.epochs)
+            if failure:
+                summary["failed"] = failure
+            if ctx.is_main:
+                ckpt = (
+                    checkpoint_state(cfg, model, optimizer, scheduler, scaler, metrics, rngs)
+                    if cfg.checkpoint
+                    else None
+                )
+                _write_epoch(run_dir, ckpt_path, ckpt, summary, metrics)
+                progress.write(_epoch_line(record, t.epochs, label))
+            ddp.barrier(ctx)
+            if failure:
+                raise RunFailed(f"{run_dir.name}: {failure}")
+    finally:
+        progress.close()
 
     summary = summarize(metrics, info, t.epochs)
     if ctx.is_main:
+        _write_files(run_dir, lambda: (write_metrics(run_dir, metrics),
+                                       write_json(run_dir / "summary.json", summary)))  # fmt: skip
+    return summary
+
+
+def _too_many_skipped(metrics: list[dict[str, Any]], limit: float, epochs: int) -> str | None:
+    """Why the run must stop (more than ``limit`` of its steps so far skipped), or None.
+
+    A few skips are tolerated whatever the fraction: an fp16 GradScaler skips its first
+    steps while it finds its scale.
+    """
+    skipped = sum(m.get("skipped_steps") or 0 for m in metrics)
+    steps = sum(m.get("steps") or 0 for m in metrics)
+    if skipped <= SKIP_GRACE or skipped <= limit * steps:
+        return None
+    return (
+        f"{skipped} of the {steps} training steps so far ({100 * skipped / steps:.0f}%) were "
+        f"skipped for non-finite gradients: the run diverged (is optim.lr too high?) and was "
+        f"stopped after epoch {len(metrics)} of {epochs}; the "
+        f"limit is train.max_skipped_fraction = {limit:g} (--max-skipped)"
+    )
+
+
+#: Skipped steps that never end a run, whatever their fraction (fp16 loss-scale search).
+SKIP_GRACE = 3
+
+
+def _write_epoch(
+    run_dir: Path,
+    ckpt_path: Path,
+    state: dict[str, Any] | None,
+    summary: dict[str, Any],
+    metrics: list[dict[str, Any]],
+) -> None:
+    """The checkpoint first, then metrics and summary: a failure leaves the last set whole."""
+
+    def write() -> None:
+        if state is not None:
+            save_checkpoint(ckpt_path, state)
         write_metrics(run_dir, metrics)
         write_json(run_dir / "summary.json", summary)
-    return summary
+
+    _write_files(run_dir, write)
+
+
+def _write_files(run_dir: Path, write: Any) -> None:
+    try:
+        write()
+    except CheckpointWriteError as exc:
+        raise RunFailed(str(exc)) from None
+    except OSError as exc:
+        raise RunFailed(
+            f"cannot write the run's files in {run_dir}: {exc.strerror or exc} "
+            f"({exc.filename or run_dir}); the last checkpoint is intact, continue with --resume"
+        ) from None
+
+
+def _sds_diagnostics(cfg: Config, optimizer: Any, data: Any, ctx: Any, quiet: bool) -> Any:
+    """ESAM's selection diagnostics (``train.sds_diagnostics``) for an optimizer that
+    selects samples; None otherwise (with a note, so that a comparison of several
+    optimizers can switch them on for the ones that select)."""
+    every = cfg.train.sds_diagnostics
+    if not every:
+        return None
+    selects = isinstance(optimizer, SharpnessAware) and optimizer.selection.needs_per_sample
+    if not selects:
+        if ctx.is_main and not quiet:
+            print(
+                f"effsam: {cfg.optim.name} selects no samples: no SDS diagnostics for this run",
+                file=sys.stderr,
+            )
+        return None
+    if ctx.world_size > 1:
+        raise ConfigError("train.sds_diagnostics works in a single process only")
+    from effsam.analysis.sds import SDSDiagnostics
+
+    return SDSDiagnostics(
+        data.train_x.shape[0],
+        optimizer.selection.gamma,
+        optimizer.defaults["rho"],
+        every,
+        seed=cfg.seed,
+    )
 
 
 def _user_errors(fn: Any, *args: Any) -> Any:
@@ -245,18 +373,22 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _print_epoch(record: dict[str, Any], epochs: int, label: str) -> None:
-    from tqdm.auto import tqdm
+def _loss(x: float) -> str:
+    return f"{x:.4f}" if abs(x) < 1e4 else f"{x:.3g}"
 
+
+def _epoch_line(record: dict[str, Any], epochs: int, label: str) -> str:
     ips = record["images_per_s"]
-    tqdm.write(
+    skipped = record["skipped_steps"]
+    return (
         f"{label + '  ' if label else ''}epoch {record['epoch']:>3}/{epochs}  "
-        f"lr {record['lr']:.4g}  train loss {record['train_loss']:.4f} "
+        f"lr {record['lr']:.4g}  train loss {_loss(record['train_loss'])} "
         f"acc {100 * record['train_acc']:.2f}%  "
         + (
-            f"test loss {record['test_loss']:.4f} acc {100 * record['test_acc']:.2f}%  "
+            f"test loss {_loss(record['test_loss'])} acc {100 * record['test_acc']:.2f}%  "
             if record["test_acc"] is not None
             else ""
         )
         + f"{'-' if ips is None else f'{ips:,.0f}'} img/s"
+        + (f"  ({skipped} of {record['steps']} steps skipped)" if skipped else "")
     )

@@ -52,8 +52,11 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Writes ``text`` via a temporary file and a rename, so readers never see half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # left only when writing failed
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -125,33 +125,112 @@ def csv_table(rows: Sequence[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def plot_accuracy_speed(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> None:
-    """Test accuracy against training images/s, one labelled point per optimizer (with
-    error bars over seeds): the ESAM paper's Figure 1."""
-    import matplotlib
+#: Marker per row, in table order (colours follow matplotlib's default cycle).
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 
-    matplotlib.use("Agg")  # files only: no display needed, works on headless machines
-    import matplotlib.pyplot as plt
+#: Where a point's label may go, in points from the point: (dx, dy, horizontal alignment).
+_LABEL_SPOTS = (
+    (7, 5, "left"),
+    (7, -13, "left"),
+    (-7, 5, "right"),
+    (-7, -13, "right"),
+    (0, 9, "center"),
+    (0, -19, "center"),
+    (12, -4, "left"),
+    (-12, -4, "right"),
+)
 
-    fig, ax = plt.subplots(figsize=(5.5, 4.0), dpi=120)
-    for r in rows:
+
+def accuracy_speed_figure(rows: Sequence[dict[str, Any]], title: str = "") -> Any:
+    """Test accuracy against training images/s, one point per optimizer with error bars over
+    seeds (the ESAM paper's Figure 1), as a matplotlib ``Figure``.
+
+    Each optimizer has its own colour and marker and a legend entry with its numbers; the
+    labels next to the points are placed where they overlap neither each other nor the
+    markers (points that almost coincide, as SAM and ESAM often do on a small model, get
+    their labels on opposite sides).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.6), dpi=120)
+    FigureCanvasAgg(fig)  # off-screen: no display, pyplot's state left alone
+    ax = fig.add_subplot()
+    points = []
+    for i, r in enumerate(rows):
         if r["acc_mean"] is None or r["images_per_s"] is None:
             continue
         x, y = r["images_per_s"], 100 * r["acc_mean"]
+        acc = _acc(r)
         ax.errorbar(
             x,
             y,
             xerr=r["images_per_s_std"] or 0.0,
             yerr=100 * (r["acc_std"] or 0.0),
-            fmt="o",
+            fmt=_MARKERS[i % len(_MARKERS)],
+            color=f"C{i % 10}",
+            markersize=7,
             capsize=3,
+            label=f"{r['label']}: {acc} %, {_rate(x)} img/s",
         )
-        ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
-    ax.set_xlabel("training images/s")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title or "accuracy vs. training speed", fontsize=10)
+        points.append((r["label"], x, y, f"C{i % 10}"))
+    from matplotlib.ticker import FuncFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    several = any((r.get("seeds") or 1) > 1 for r in rows)
+    ax.set_xlabel("training images/s" + (" (median over seeds)" if several else ""))
+    ax.set_ylabel("test accuracy (%" + (", mean ± std over seeds)" if several else ")"))
+    ax.set_title(title or "test accuracy against training speed", fontsize=9)
     ax.grid(True, alpha=0.3)
-    ax.margins(0.15)
+    ax.margins(0.2)
+    if points:
+        ax.legend(fontsize=8, loc="best", framealpha=0.9)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _place_labels(fig, ax, points)
+    return fig
+
+
+def _place_labels(fig: Any, ax: Any, points: list[tuple[str, float, float, str]]) -> None:
+    """Annotates each point at the first spot that overlaps no placed label, no marker, the
+    legend or the axes' edge (else the spot with the least overlap)."""
+    from matplotlib.transforms import Bbox
+
+    renderer = fig.canvas.get_renderer()
+    to_px = fig.dpi / 72.0
+    markers = [ax.transData.transform((x, y)) for _, x, y, _ in points]
+    pad = 6 * to_px
+    taken = [Bbox.from_extents(px - pad, py - pad, px + pad, py + pad) for px, py in markers]
+    legend = ax.get_legend()
+    if legend is not None:
+        taken.append(legend.get_window_extent(renderer))
+    frame = ax.get_window_extent(renderer)
+    for label, x, y, color in points:
+        best = None
+        for dx, dy, ha in _LABEL_SPOTS:
+            text = ax.annotate(
+                label, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha,
+                fontsize=9, color=color, fontweight="bold",
+            )  # fmt: skip
+            box = text.get_window_extent(renderer)
+            cost = sum(_overlap(box, other) for other in taken)
+            cost += box.width * box.height - _overlap(box, frame)  # outside the axes
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, text, box)
+            else:
+                text.remove()
+            if cost == 0:
+                break
+        taken.append(best[2])
+
+
+def _overlap(a: Any, b: Any) -> float:
+    w = min(a.x1, b.x1) - max(a.x0, b.x0)
+    h = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+def plot_accuracy_speed(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """Writes :func:`accuracy_speed_figure` to ``path`` (PNG, PDF, SVG, … by extension)."""
+    accuracy_speed_figure(rows, title).savefig(path)

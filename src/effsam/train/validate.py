@@ -36,7 +36,7 @@ def _fail(key: str, value: Any, why: str) -> None:
 
 def _choice(key: str, value: Any, choices: Any, what: str) -> None:
     if value not in choices:
-        shown = ", ".join(str(c) for c in choices)
+        shown = ", ".join(str(c) for c in choices if c is not None)  # None: the default
         raise ConfigError(f"unknown {what} {value!r} for {key}; choose from {shown}")
 
 
@@ -66,7 +66,15 @@ def validate_optim(o: OptimConfig, where: str = "optim") -> None:
     for key, value in o.args.items():
         if key in _ARG_RANGES:
             why, ok = _ARG_RANGES[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                _fail(f"{where}.args.{key}", value, "must be a number")
+            if isinstance(value, float) and not math.isfinite(value):
+                _fail(
+                    f"{where}.args.{key}",
+                    value,
+                    f"must be finite and {why.removeprefix('must be ')}",
+                )
+            if not ok(value):
                 _fail(f"{where}.args.{key}", value, why)
     _dry_build(o, where)
 
@@ -155,6 +163,9 @@ def validate(cfg: Config, *, compare: bool = False) -> None:
     _integer("train.sds_diagnostics", t.sds_diagnostics, 0)
     if t.sds_diagnostics and t.accumulation_steps > 1:
         _fail("train.sds_diagnostics", t.sds_diagnostics, "needs train.accumulation_steps 1")
+    _number("train.max_skipped_fraction", t.max_skipped_fraction, 0.0)
+    if t.max_skipped_fraction > 1:
+        _fail("train.max_skipped_fraction", t.max_skipped_fraction, "must be in [0, 1]")
 
 
 def _validate_compare(cfg: Config) -> None:

@@ -1,0 +1,366 @@
+"""Bad input a new user meets: each class gets a clear message and an exit status, never a
+traceback, and nothing already written is lost."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+import yaml
+
+from effsam.train import checkpoint as ck
+from effsam.train.cli import main
+from train.tiny_runs import TINY_ARGS
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def clean(err: str) -> None:
+    assert "Traceback" not in err
+    assert "weights_only" not in err  # never suggest unsafe loading
+
+
+# ---------------------------------------------------------------- device
+needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+
+
+@needs_no_cuda
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+@pytest.mark.parametrize("command", ["train", "compare"])
+@pytest.mark.parametrize("dry", [False, True])
+def test_a_missing_cuda_device_is_a_config_error(tmp_path, capsys, device, command, dry):
+    argv = [command, *TINY_ARGS, "--device", device, "--out", str(tmp_path / "o"), "--quiet"]
+    code, _, err = run(argv + (["--dry-run"] if dry else []), capsys)
+    assert code == 2
+    assert f"invalid train.device: '{device}'" in err and "CUDA" in err
+    clean(err)
+    assert not (tmp_path / "o").exists()  # checked before anything is written
+
+
+# ---------------------------------------------------------------- output folder
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_an_output_folder_that_is_a_file(tmp_path, capsys, command):
+    target = tmp_path / "file"
+    target.write_text("x")
+    for out, why in ((target, "is a file"), (target / "sub", "which is a file")):
+        code, _, err = run([command, *TINY_ARGS, "--out", str(out), "--quiet"], capsys)
+        assert code == 2 and f"invalid out_dir: '{out}'" in err and why in err
+        clean(err)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_an_output_folder_that_cannot_be_created(capsys):
+    code, _, err = run(["train", *TINY_ARGS, "--out", "/proc/effsam_runs", "--quiet"], capsys)
+    assert code == 2 and "invalid out_dir: '/proc/effsam_runs'" in err
+    clean(err)
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+@pytest.mark.parametrize("dry", [False, True])
+@pytest.mark.parametrize(
+    "code_, text", [(errno.EROFS, "read-only file system"), (errno.EACCES, "not writable")]
+)
+def test_an_unwritable_output_folder(tmp_path, capsys, monkeypatch, command, dry, code_, text):
+    # (the tests may run as root, for whom permission bits do not apply: simulate the refusal)
+    real = tempfile.mkstemp
+
+    def refuse(*args, **kwargs):
+        if str(kwargs.get("dir", "")).startswith(str(tmp_path)):
+            raise OSError(code_, os.strerror(code_))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    argv = [command, *TINY_ARGS, "--out", str(tmp_path), "--quiet"]
+    code, _, err = run(argv + (["--dry-run"] if dry else []), capsys)
+    assert code == 2 and f"invalid out_dir: '{tmp_path}'" in err and text in err
+    clean(err)
+    assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- data
+@pytest.mark.parametrize("dataset", ["cifar10", "imagefolder"])
+def test_a_dry_run_checks_that_the_data_exist(tmp_path, capsys, dataset):
+    argv = ["train", "--dataset", dataset, "--data-dir", str(tmp_path / "none"), "--dry-run"]
+    code, out, err = run([*argv, "--out", str(tmp_path / "runs")], capsys)
+    assert code == 2 and str(tmp_path / "none") in err and out == ""
+    clean(err)
+
+
+def test_a_train_subset_smaller_than_the_classes_warns(tmp_path, capsys):
+    argv = ["train", "--train-subset", "5", "--epochs", "1", "--out", str(tmp_path), "--quiet"]
+    code, _, err = run(argv, capsys)
+    assert code == 0
+    assert "warning: data.train_subset 5 is smaller than the 10 classes" in err
+
+
+# ---------------------------------------------------------------- precision
+def test_fp16_on_the_cpu_warns_and_suggests_bf16(tmp_path, capsys):
+    code, _, err = run(["train", *TINY_ARGS, "--amp", "fp16", "--dry-run"], capsys)
+    assert code == 0
+    assert "effsam train: warning: train.amp 'fp16' on the CPU" in err and "bf16" in err
+    code, _, err = run(["train", *TINY_ARGS, "--amp", "bf16", "--dry-run"], capsys)
+    assert code == 0 and "warning" not in err
+
+
+# ---------------------------------------------------------------- divergence
+def test_a_run_that_skips_most_steps_fails_with_exit_1(tmp_path, capsys):
+    argv = ["train", *TINY_ARGS, "--lr", "1e6", "--out", str(tmp_path), "--name", "d"]
+    code, out, err = run([*argv, "--quiet"], capsys)
+    assert code == 1
+    assert "were skipped for non-finite gradients: the run diverged" in err
+    assert "train.max_skipped_fraction = 0.1" in err and "finished" not in out
+    clean(err)
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert summary["skipped_steps"] > 3 and "diverged" in summary["failed"]
+    done = summary["completed_epochs"]
+    assert done < 3 and not summary["finished"]  # stopped early, at an epoch's end
+    assert ck.load_checkpoint(tmp_path / "d" / "checkpoint.pt")["epoch"] == done
+    # the limit is configurable: 1 allows every step to be skipped
+    code, out, err = run([*argv, "--overwrite", "--max-skipped", "1", "--quiet"], capsys)
+    assert code == 0 and "d: finished" in out and "steps skipped" in out
+
+
+def test_skipped_steps_do_not_warn_once_per_step(tmp_path, capsys, recwarn):
+    argv = ["train", *TINY_ARGS, "--lr", "1e6", "--max-skipped", "1", "--out", str(tmp_path)]
+    code, out, _ = run(argv, capsys)
+    assert code == 0
+    assert not [w for w in recwarn if "non-finite gradient norm" in str(w.message)]
+    assert "steps skipped)" in out  # counted in the epoch line instead
+
+
+def test_max_skipped_is_validated(capsys):
+    code, _, err = run(["train", "--max-skipped", "1.5", "--dry-run"], capsys)
+    assert code == 2 and "invalid train.max_skipped_fraction: 1.5" in err
+
+
+def test_too_few_steps_to_time_is_explained(tmp_path, capsys):
+    argv = ["train", *TINY_ARGS, "--batch-size", "1000", "--epochs", "1", "--out", str(tmp_path)]
+    code, out, _ = run([*argv, "--quiet"], capsys)
+    assert code == 0 and "too few steps to time" in out
+
+
+# ---------------------------------------------------------------- checkpoints
+def _finished_run(tmp_path, capsys, name="r"):
+    argv = ["train", *TINY_ARGS, "--epochs", "2", "--stop-after", "1", "--quiet"]
+    code, _, err = run([*argv, "--out", str(tmp_path), "--name", name], capsys)
+    assert code == 0, err
+    return tmp_path / name
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda b: b"", "is empty (0 bytes)"),
+        (lambda b: b[: len(b) // 2], "cannot be read: it is truncated or damaged"),
+        (lambda b: os.urandom(4096), "damaged"),
+        (lambda b: b"not a checkpoint\n" * 40, "damaged"),
+    ],
+    ids=["empty", "truncated", "garbage", "text"],
+)
+@pytest.mark.parametrize("dry", [False, True])
+def test_a_damaged_checkpoint_on_resume(tmp_path, capsys, damage, message, dry):
+    run_dir = _finished_run(tmp_path, capsys)
+    ckpt = run_dir / "checkpoint.pt"
+    ckpt.write_bytes(damage(ckpt.read_bytes()))
+    before = ckpt.read_bytes()
+    argv = ["train", "--resume", str(run_dir), "--quiet"] + (["--dry-run"] if dry else [])
+    code, _, err = run(argv, capsys)
+    assert code == 2 and str(ckpt) in err and message in err
+    clean(err)
+    assert ckpt.read_bytes() == before  # left as it was
+
+
+def test_a_checkpoint_of_unsafe_objects_is_refused_without_loading_it(tmp_path, capsys):
+    run_dir = _finished_run(tmp_path, capsys)
+    torch.save({"epoch": 1, "payload": tempfile.TemporaryDirectory}, run_dir / "checkpoint.pt")
+    code, _, err = run(["train", "--resume", str(run_dir), "--quiet"], capsys)
+    assert code == 2 and "not loaded for safety" in err
+    clean(err)
+
+
+def test_a_checkpoint_of_another_optimizer_is_a_clear_error(tmp_path, capsys):
+    run_dir = _finished_run(tmp_path, capsys)
+    ckpt = run_dir / "checkpoint.pt"
+    state = ck.load_checkpoint(ckpt)
+    state["optimizer"] = {"state": {}, "param_groups": []}  # from a different optimizer
+    ck.save_checkpoint(ckpt, state)
+    code, _, err = run(["train", "--resume", str(run_dir), "--quiet"], capsys)
+    assert code == 2 and "does not fit this run's model and optimizer" in err
+    clean(err)
+
+
+def test_resume_of_a_missing_run_directory(tmp_path, capsys):
+    code, _, err = run(["train", "--resume", str(tmp_path / "nope")], capsys)
+    assert code == 2 and "run directory not found" in err
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    run_dir = _finished_run(tmp_path, capsys)
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    metrics_before = (run_dir / "metrics.jsonl").read_text()
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04" + b"\0" * 100)  # part of the file, then the device is full
+        raise RuntimeError("[enforce fail at inline_container.cc:783] . unexpected pos 107008")
+
+    monkeypatch.setattr(ck.torch, "save", full_disk)
+    code, _, err = run(["train", "--resume", str(run_dir), "--quiet"], capsys)
+    monkeypatch.setattr(ck.torch, "save", real_save)
+    assert code == 1
+    assert "cannot write the checkpoint" in err and "the disk may be full" in err
+    assert "the previous checkpoint is intact" in err and "--resume" in err
+    clean(err)
+    assert (run_dir / "checkpoint.pt").read_bytes() == before
+    assert (run_dir / "metrics.jsonl").read_text() == metrics_before
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []
+    # once there is space again, the run continues from the intact checkpoint
+    code, out, err = run(["train", "--resume", str(run_dir), "--quiet"], capsys)
+    assert code == 0 and "r: finished" in out, err
+
+
+# ---------------------------------------------------------------- compare
+def test_a_second_compare_stops_before_announcing_a_run(tmp_path, capsys):
+    argv = ["compare", *TINY_ARGS, "--epochs", "1", "--optimizers", "sgd,sam", "--seeds", "0"]
+    argv += ["--out", str(tmp_path), "--name", "c", "--no-plot"]
+    assert run([*argv, "--quiet"], capsys)[0] == 0
+    code, out, err = run(argv, capsys)
+    assert code == 2 and "already holds a run" in err and "[1/" not in out
+
+
+def test_a_shared_arg_that_is_not_a_number(capsys):
+    code, _, err = run(["train", "--set", "optim.args.rho=[1, 2]", "--dry-run"], capsys)
+    assert code == 2 and "invalid optim.args.rho: [1, 2] (must be a number)" in err
+    code, _, err = run(["train", "--rho", "nan", "--dry-run"], capsys)
+    assert code == 2 and "invalid optim.args.rho: nan (must be finite and >= 0)" in err
+
+
+# ---------------------------------------------------------------- analyze
+def test_analyze_a_damaged_checkpoint(tmp_path, capsys):
+    run_dir = _finished_run(tmp_path, capsys)
+    ckpt = run_dir / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    code, _, err = run(["analyze", str(run_dir)], capsys)
+    assert code == 2 and str(ckpt) in err and "truncated" in err
+    clean(err)
+
+
+def test_analyze_checks_out_before_computing(tmp_path, capsys, monkeypatch):
+    import effsam.analysis.run as analysis_run
+
+    run_dir = _finished_run(tmp_path, capsys)
+    target = tmp_path / "file"
+    target.write_text("x")
+
+    def never(*args, **kwargs):
+        raise AssertionError("computed before checking --out")
+
+    monkeypatch.setattr(analysis_run, "hessian_top_eigenvalue", never)
+    code, _, err = run(["analyze", str(run_dir), "--out", str(target / "sub")], capsys)
+    assert code == 2 and f"invalid --out: '{target / 'sub'}'" in err
+    clean(err)
+
+
+# ---------------------------------------------------------------- the command itself
+def test_list_into_a_closed_pipe():
+    proc = subprocess.run(
+        f"{sys.executable} -m effsam list | head -n 1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert proc.stdout.startswith("data sets:")
+    assert "BrokenPipeError" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_without_the_toolkit_extra_the_command_says_what_to_install():
+    code = (
+        "import sys; sys.modules['yaml'] = None\n"  # as if PyYAML were not installed
+        "from effsam.__main__ import main\n"
+        "sys.exit(main(sys.argv[1:]))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for argv, status in ((["compare"], 2), (["--version"], 0)):
+        proc = subprocess.run(
+            [sys.executable, "-c", code, *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+        assert proc.returncode == status, proc.stderr
+        assert "pip install 'effsam[toolkit]'" in proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_version(capsys):
+    import effsam
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith(f"effsam {effsam.__version__} (torch ")
+
+
+def test_a_dry_run_prints_an_estimate_and_writes_nothing(tmp_path, capsys):
+    argv = ["compare", *TINY_ARGS, "--optimizers", "sgd,esam", "--seeds", "0,1"]
+    code, out, err = run([*argv, "--out", str(tmp_path), "--dry-run"], capsys)
+    assert code == 0, err
+    assert yaml.safe_load(out)["compare"]["optimizers"] == ["sgd", "esam"]  # still YAML
+    assert "# estimated duration on this machine" in out
+    assert "18 steps × " in out and "× 2 seeds" in out and "#   total: about " in out
+    assert not any(tmp_path.iterdir())
+
+
+def test_damaged_data_leave_no_run_directory_and_keep_an_overwritten_run(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "cifar-10-python.tar.gz").write_bytes(os.urandom(2048))  # there, but damaged
+    argv = ["train", "--dataset", "cifar10", "--data-dir", str(data), "--allow-unverified"]
+    argv += ["--out", str(tmp_path / "runs"), "--name", "r", "--quiet"]
+    code, _, err = run(argv, capsys)
+    assert code == 2 and "damaged" in err
+    clean(err)
+    assert not (tmp_path / "runs" / "r").exists()
+    # an existing run is not deleted by --overwrite when the new run's data fail to load
+    run_dir = _finished_run(tmp_path / "runs", capsys)
+    before = sorted(p.name for p in run_dir.iterdir())
+    code, _, err = run([*argv, "--overwrite"], capsys)
+    assert code == 2 and sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_augment_choices_do_not_show_none(capsys):
+    code, _, err = run(["train", "--augment", "foo", "--dry-run"], capsys)
+    assert code == 2 and "choose from none, flip, cifar" in err
+
+
+def test_a_compare_dry_run_checks_its_run_directories(tmp_path, capsys):
+    argv = ["compare", *TINY_ARGS, "--epochs", "1", "--optimizers", "sgd,sam", "--seeds", "0"]
+    argv += ["--out", str(tmp_path), "--name", "c", "--no-plot", "--quiet"]
+    assert run(argv, capsys)[0] == 0
+    code, out, err = run([*argv, "--dry-run"], capsys)
+    assert code == 2 and "already holds a run" in err and out == ""
+    # with --resume, a damaged summary or checkpoint of a run is reported, not a traceback
+    (tmp_path / "c" / "runs" / "SGD_s0" / "summary.json").write_text("{not json")
+    ckpt = tmp_path / "c" / "runs" / "SAM_s0" / "checkpoint.pt"
+    for dry in ([], ["--dry-run"]):
+        code, _, err = run([*argv, "--resume", *dry], capsys)
+        assert code == 2 and "SGD_s0: its summary.json or config.yaml cannot be read" in err
+        clean(err)
+    (tmp_path / "c" / "runs" / "SGD_s0" / "summary.json").unlink()
+    ckpt.write_bytes(b"")
+    (tmp_path / "c" / "runs" / "SAM_s0" / "summary.json").unlink()
+    code, _, err = run([*argv, "--resume", "--dry-run"], capsys)
+    assert code == 2 and f"checkpoint {ckpt} is empty" in err
