@@ -45,7 +45,10 @@ SMOKE = (
     "--set data.synthetic_train=64 --set data.synthetic_test=32 "
     "--set train.timing_warmup_steps=1 --set train.eval_every=1"
 ).split()
-SMOKE_METHODS = ["sgd", "sam", "sam-late", "looksam", "esam", "esam-random"]
+SMOKE_METHODS = [
+    "sgd", "sam", "sam-late", "sam-interval", "rst", "ae-sam", "looksam", "msam", "ksam",
+    "esam", "esam-mix", "esam-random",
+]  # fmt: skip
 
 #: Methods the equal-time stage gives SAM's training time (SGD, and every method cheaper
 #: than SAM by at least a quarter); the others cost about as much as SAM already.

@@ -35,7 +35,8 @@ def test_frontier_smoke_writes_table_verdicts_and_plot(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
     md = next((tmp_path / "out").glob("frontier-smoke-*.md")).read_text()
-    for label in ("SGD", "SAM", "SAM-LATE", "LOOKSAM", "ESAM", "ESAM-RANDOM"):
+    for label in ("SGD", "SAM", "SAM-LATE", "SAM-INTERVAL", "RST", "AE-SAM", "LOOKSAM", "MSAM",
+                  "KSAM", "ESAM", "ESAM-MIX", "ESAM-RANDOM"):  # fmt: skip
         assert f"| {label} | 2 | 2 |" in md, label
     assert "target 1" in md and "target 2" in md and "Target 3 (diagnosis)" in md
     assert next((tmp_path / "out").glob("frontier-smoke-*.png")).stat().st_size > 10_000

@@ -513,3 +513,54 @@ def test_an_aborted_step_rolls_the_schedule_back():
         effsam.sharpness_aware_step(model, opt, _batches(1)[0], bad)
     assert opt.schedule.t == state["t"]
     assert torch.equal(opt.schedule.generator.get_state(), state["generator"])
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+
+
+# (K-SAM, like SDS, ranks within each micro-batch under accumulation: another algorithm,
+# documented in docs/algorithms.md)
+@pytest.mark.parametrize("name", ["sam-interval", "looksam", "msam", "rst", "ae-sam"])
+def test_accumulation_is_the_same_step(name):
+    kw = {"every": 2} if name == "sam-interval" else {"k": 2} if name == "looksam" else {}
+    out = []
+    for accumulation in (1, 3):
+        model = _mlp()
+        opt = _make(name, model, rho=0.3, **kw)
+        for b in _batches(4):
+            effsam.sharpness_aware_step(
+                model, opt, b, per_sample_ce, accumulation_steps=accumulation
+            )
+        out.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_a_grad_scaler_on_plain_and_sharpness_aware_steps():
+    batches = _batches(4)
+    runs = []
+    for use_scaler in (False, True):
+        model = _mlp()
+        opt = _make("sam-interval", model, every=2, rho=0.3)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4) if use_scaler else None
+        for b in batches:
+            effsam.sharpness_aware_step(model, opt, b, per_sample_ce, scaler=scaler)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):  # a power-of-two scale is exact: the same weights
+        assert torch.equal(a, b)
+    # an overflow on a plain step: nothing moves, the scale backs off
+    model = _mlp()
+    opt = _make("sam-interval", model, every=2, rho=0.3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def overflowing(m, b):
+        return per_sample_ce(m, b) * torch.tensor(float("inf"), dtype=torch.float64)
+
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        res = effsam.sharpness_aware_step(model, opt, batches[0], overflowing, scaler=scaler)
+    assert res.skipped and not res.sharpness_aware
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert scaler.get_scale() == 2.0**3

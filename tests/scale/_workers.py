@@ -28,7 +28,7 @@ def _save(out: str, rank: int, obj: Any) -> None:
 
 #: The default-run scenarios: one spawn runs them all (starting two interpreters costs
 #: more than the scenarios themselves), each writing to its own sub-directory.
-SUITE_STEPS = {"sam_modes": 3, "esam_swp_sds": 5, "own_loop": 3}
+SUITE_STEPS = {"sam_modes": 3, "esam_swp_sds": 5, "own_loop": 3, "schedules": 4}
 
 
 def suite(rank: int, world: int, out: str) -> None:
@@ -37,6 +37,7 @@ def suite(rank: int, world: int, out: str) -> None:
         ("esam_swp_sds", esam_swp_sds, (SUITE_STEPS["esam_swp_sds"],)),
         ("amp_overflow_one_rank", amp_overflow_one_rank, ()),
         ("own_loop", own_loop, (SUITE_STEPS["own_loop"],)),
+        ("schedules", schedules, (SUITE_STEPS["schedules"],)),
         ("sync_ascent_missing_grad", sync_ascent_missing_grad, ()),
         # Last: it ends in an (expected) error on every rank.
         ("mismatched_settings", mismatched_settings, ()),
@@ -114,6 +115,27 @@ def esam_swp_sds(rank: int, world: int, out: str, steps: int) -> None:
         log[-1]["weights"] = weights_of(model)
     generator = opt.state_dict()["effsam"]["mask"]["generator"]
     _save(out, rank, {"log": log, "generator": generator})
+
+
+def schedules(rank: int, world: int, out: str, steps: int) -> None:
+    """sam-interval (every 2nd step) and AE-SAM under DDP: the decisions and the weights
+    after every step (a plain step's pass 1 must be all-reduced; AE-SAM must decide alike
+    on every rank although each rank's pass 1 is local)."""
+    results = {}
+    for name, kwargs in (
+        ("sam-interval", {"every": 2}),
+        ("ae-sam", {"total_steps": steps, "lambda1": 3.0, "lambda2": 3.0}),
+    ):
+        model = mlp(0)
+        ddp = DDP(model)
+        opt = effsam.create_optimizer(model, name, lr=LR, momentum=MOMENTUM, rho=RHO, **kwargs)
+        decisions, weights = [], []
+        for step in range(steps):
+            res = effsam.sharpness_aware_step(ddp, opt, local_batch(step, rank), ce)
+            decisions.append(res.sharpness_aware)
+            weights.append(weights_of(model))
+        results[name] = {"decisions": decisions, "weights": weights}
+    _save(out, rank, results)
 
 
 def own_loop(rank: int, world: int, out: str, steps: int) -> None:

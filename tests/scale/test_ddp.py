@@ -241,3 +241,41 @@ def test_esam_bn_accumulation_clipping_scaler_under_ddp_options(tmp_path: Path) 
             assert a["selected"] == b["selected"] == [6] * steps
     for r in range(WORLD):
         assert "static_graph" in (ranks[r]["static_graph"] or ""), r
+
+
+def test_schedules_decide_alike_on_every_rank_and_plain_steps_are_all_reduced(
+    suite: Path,
+) -> None:
+    """sam-interval and AE-SAM under DDP, against the by-hand run: a plain step is SGD on
+    the gradient of both ranks' batches; a sharpness-aware one is m-sharpness; AE-SAM
+    decides from the mean over ranks of the local ‖g‖² (its recurrence written out, with
+    λ1 = λ2 = 3 so that both branches occur within a few steps)."""
+    steps = _workers.SUITE_STEPS["schedules"]
+    ranks = _load(suite / "schedules")
+    for name in ("sam-interval", "ae-sam"):
+        model = mlp(0)
+        w = weights_of(model)
+        opt = SGDMomentum()
+        mu = var = 0.0
+        expected = []
+        for step in range(steps):
+            batches = [local_batch(step, r) for r in range(WORLD)]
+            local = [grad(model, w, b) for b in batches]
+            if name == "sam-interval":
+                aware = (step + 1) % 2 == 0
+            else:
+                x = sum(float(sum((g**2).sum() for g in lg.values())) for lg in local) / WORLD
+                mu = 0.9 * mu + 0.1 * x
+                var = 0.9 * var + 0.1 * (x - mu) ** 2
+                aware = x >= mu + 3.0 * var**0.5  # λ1 = λ2 = 3
+            if aware:
+                eps = [ascent(g, RHO) for g in local]
+                g2 = mean([grad(model, add(w, e), b) for e, b in zip(eps, batches)])
+            else:
+                g2 = mean(local)
+            w = opt.step(w, g2)
+            expected.append(aware)
+            for r in range(WORLD):
+                assert ranks[r][name]["decisions"][step] == aware, (name, step, r)
+                assert_close(ranks[r][name]["weights"][step], w)
+        assert any(expected) and not all(expected), name  # both branches were exercised
