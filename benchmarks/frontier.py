@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import statistics
 import subprocess
@@ -56,6 +57,10 @@ CHEAP = 0.75  # training time at most this share of SAM's
 
 #: ESAM's diagnosis: the paper's selection, its random control and the clean-gradient mix.
 DIAGNOSIS = ("esam", "esam-random", "esam-mix")
+
+#: Methods whose steps are plain or sharpness-aware: their speed is priced from the run's
+#: own share of sharpness-aware steps and the side-by-side cost of a plain and a SAM step.
+SCHEDULED = ("sam-interval", "sam-late", "rst", "ae-sam", "looksam")
 
 
 # ----------------------------------------------------------------------------- running
@@ -179,6 +184,25 @@ def paired(row: dict[str, Any], ref: dict[str, Any]) -> list[float] | None:
     return [100 * (row["by_seed"][s] - ref["by_seed"][s]) for s in seeds]
 
 
+def apply_speeds(rows: list[dict[str, Any]], throughput: dict[str, Any] | None) -> None:
+    """``speed``: the speed against SAM measured side by side (benchmarks/throughput.py on
+    the protocol's model and batch, interleaved rounds in one process), which the verdicts
+    use. The accuracy runs' own images/s stay in the table, but runs that follow one
+    another on a shared machine see different loads, so their ratios are not comparable.
+    A scheduled method's speed is 1 / (q + (1 − q) t_SGD / t_SAM) with q its own measured
+    share of sharpness-aware steps."""
+    vs = {r["variant"]: r for r in (throughput or {}).get("rows", [])}
+    sgd, sam = vs.get("sgd"), vs.get("sam")
+    for r in rows:
+        r["speed"] = None
+        name = r["optimizer"]
+        if name in SCHEDULED and sgd and sam and r["sa_share"] is not None:
+            q = r["sa_share"]
+            r["speed"] = 1.0 / (q + (1 - q) * sgd["step_ms"] / sam["step_ms"])
+        elif name in vs and vs[name].get("vs_sam"):
+            r["speed"] = vs[name]["vs_sam"]
+
+
 def keeps_sam_accuracy(row: dict[str, Any], sam: dict[str, Any]) -> bool:
     """The issue's rule: the mean within SAM's seed std, and paired deltas not all negative."""
     if row["acc"] is None or sam["acc"] is None or not row["paired"]:
@@ -197,7 +221,8 @@ def _pct(x: float | None, digits: int = 2) -> str:
 def table(rows: list[dict[str, Any]]) -> list[str]:
     out = [
         "| method | epochs | seeds | test acc. (%) | Δ vs SAM, paired by seed | train acc. (%) "
-        "| train time (s) | images/s | vs SAM | sharpness-aware steps |",
+        "| train time (s), as run | images/s, as run | speed vs SAM, side by side "
+        "| sharpness-aware steps |",
         "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -205,7 +230,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
         pairs = "–" if not r["paired"] else ", ".join(f"{d:+.2f}" for d in r["paired"])
         time_s = "–" if r["time_s"] is None else f"{r['time_s']:.0f} ± {r['time_std'] or 0:.0f}"
         ips = "–" if r["images_per_s"] is None else f"{r['images_per_s']:,.0f}"
-        speed = "–" if r["speed_vs_sam"] is None else f"{r['speed_vs_sam']:.2f}"
+        speed = "–" if r.get("speed") is None else f"{r['speed']:.2f}"
         share = "–" if r["sa_share"] is None else f"{100 * r['sa_share']:.0f}%"
         out.append(
             f"| {r['label']} | {r['epochs']} | {len(r['seeds'])} | {acc} | {pairs} | "
@@ -232,7 +257,7 @@ def verdicts(rows: list[dict[str, Any]], equal: list[dict[str, Any]]) -> list[st
         if r is sam or r["optimizer"] == "sgd" or r["acc"] is None:
             continue
         delta = 100 * (r["acc"] - sam["acc"])
-        speed = r["speed_vs_sam"]
+        speed = r.get("speed")
         keeps = keeps_sam_accuracy(r, sam)
         if keeps:
             keepers.append(r)
@@ -240,7 +265,7 @@ def verdicts(rows: list[dict[str, Any]], equal: list[dict[str, Any]]) -> list[st
             f"{r['label']}: {delta:+.2f} points vs SAM (SAM's seed std "
             f"{100 * (sam['acc_std'] or 0):.2f}; paired {', '.join(f'{x:+.2f}' for x in r['paired'] or [])})"
             f" -> {'keeps SAM accuracy' if keeps else 'does NOT keep SAM accuracy'}"
-            + (f", at {speed:.2f}x SAM's images/s" if speed else "")
+            + (f", at {speed:.2f}x SAM's speed (side by side)" if speed else "")
             + (
                 f"; {100 * r['sa_share']:.0f}% of steps sharpness-aware"
                 if r["sa_share"] is not None
@@ -253,15 +278,15 @@ def verdicts(rows: list[dict[str, Any]], equal: list[dict[str, Any]]) -> list[st
 
 def targets(rows, keepers, equal, sam) -> list[str]:
     out = []
-    fast = [r for r in keepers if (r["speed_vs_sam"] or 0) >= 1.5]
+    fast = [r for r in keepers if (r.get("speed") or 0) >= 1.5]
     if fast:
-        best = max(fast, key=lambda r: r["speed_vs_sam"])
+        best = max(fast, key=lambda r: r["speed"])
         out.append(
             f"PASS target 1: {', '.join(r['label'] for r in fast)} keep SAM's accuracy at >= 1.5x "
-            f"SAM's images/s (fastest: {best['label']}, {best['speed_vs_sam']:.2f}x)."
+            f"SAM's speed (fastest: {best['label']}, {best['speed']:.2f}x)."
         )
     else:
-        out.append("FAIL target 1: no method keeps SAM's accuracy at >= 1.5x SAM's images/s.")
+        out.append("FAIL target 1: no method keeps SAM's accuracy at >= 1.5x SAM's speed.")
     late = next((r for r in rows if r["optimizer"] == "sam-late"), None)
     if late is None:
         out.append("FAIL target 2: the late-SAM schedule has not finished.")
@@ -319,6 +344,11 @@ def diagnosis(by: dict[str, dict[str, Any]], sam: dict[str, Any]) -> str:
     return text
 
 
+def newest(paths: Any) -> Path | None:
+    found = sorted(paths, key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
 def plot(rows: list[dict[str, Any]], equal: list[dict[str, Any]], path: Path, title: str) -> None:
     """Test accuracy against training wall-clock, error bars over seeds, labels that do not
     overlap, the Pareto front (no other point both faster and more accurate)."""
@@ -327,16 +357,23 @@ def plot(rows: list[dict[str, Any]], equal: list[dict[str, Any]], path: Path, ti
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [(r, "protocol") for r in rows if r["acc"] is not None and r["time_s"]]
-    pts += [(r, "equal") for r in equal if r["acc"] is not None and r["time_s"]]
+    sam = next((r for r in rows if r["optimizer"] == "sam"), None)
+    side = sam is not None and all(r.get("speed") for r in rows + equal if r["acc"] is not None)
+    for r in rows + equal:
+        # with side-by-side speeds: SAM's training time over the method's speed (one load
+        # for every method); otherwise the time as run
+        epochs_share = r["epochs"] / sam["epochs"] if sam else 1.0
+        r["x"] = sam["time_s"] * epochs_share / r["speed"] if side else r["time_s"]
+    pts = [(r, "protocol") for r in rows if r["acc"] is not None and r["x"]]
+    pts += [(r, "equal") for r in equal if r["acc"] is not None and r["x"]]
     if not pts:
         return
     fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
     for r, stage in pts:
         ax.errorbar(
-            r["time_s"],
+            r["x"],
             100 * r["acc"],
-            xerr=r["time_std"] or 0,
+            xerr=0 if side else (r["time_std"] or 0),
             yerr=100 * (r["acc_std"] or 0),
             fmt="o" if stage == "protocol" else "s",
             color="tab:blue" if stage == "protocol" else "tab:orange",
@@ -346,7 +383,7 @@ def plot(rows: list[dict[str, Any]], equal: list[dict[str, Any]], path: Path, ti
         )
     front = pareto([r for r, _ in pts])
     ax.plot(
-        [r["time_s"] for r in front],
+        [r["x"] for r in front],
         [100 * r["acc"] for r in front],
         "--",
         color="tab:green",
@@ -357,12 +394,16 @@ def plot(rows: list[dict[str, Any]], equal: list[dict[str, Any]], path: Path, ti
     ax.plot([], [], "o", color="tab:blue", label=f"{rows[0]['epochs'] if rows else ''} epochs")
     if equal:
         ax.plot([], [], "s", color="tab:orange", label="given SAM's training time")
-    ax.set_xlabel("training wall-clock per run (s; evaluation excluded)")
+    ax.set_xlabel(
+        "training time per run (s): SAM's, divided by the speed measured side by side"
+        if side
+        else "training wall-clock per run, as run (s; evaluation excluded)"
+    )
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    labels = [(r["label"], r["time_s"], 100 * r["acc"]) for r, _ in pts]
+    labels = [(r["label"], r["x"], 100 * r["acc"]) for r, _ in pts]
     place_labels(ax, fig, labels)
     fig.tight_layout()
     fig.savefig(path)
@@ -371,7 +412,7 @@ def plot(rows: list[dict[str, Any]], equal: list[dict[str, Any]], path: Path, ti
 
 def pareto(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     front, best = [], -math.inf
-    for r in sorted(rows, key=lambda r: (r["time_s"], -r["acc"])):
+    for r in sorted(rows, key=lambda r: (r.get("x", r["time_s"]), -r["acc"])):
         if r["acc"] > best:
             front.append(r)
             best = r["acc"]
@@ -431,7 +472,7 @@ def equal_time_plan(rows: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
     for r in rows:
         if r["optimizer"] == "sam" or not r["time_s"]:
             continue
-        share = r["time_s"] / sam["time_s"]
+        share = 1.0 / r["speed"] if r.get("speed") else r["time_s"] / sam["time_s"]
         if share <= CHEAP:
             plan.append(
                 (r["optimizer"], r["label"], max(r["epochs"] + 1, round(r["epochs"] / share)))
@@ -488,6 +529,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true", help="no training: report what finished")
     p.add_argument("--smoke", action="store_true", help="synthetic data, tiny model")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--speeds",
+        type=Path,
+        default=None,
+        help="throughput JSON of the protocol's model (default: benchmarks/results/"
+        "throughput-cifar_cnn-w1-b128-*1t*.json, the newest)",
+    )
     args = p.parse_args(argv)
     if args.jobs < 1 or args.threads < 1:
         print("frontier: --jobs and --threads must be >= 1", file=sys.stderr)
@@ -503,6 +551,11 @@ def main(argv: list[str] | None = None) -> int:
             return code
     order = method_order(args.smoke)
     rows = rows_of([r for r in collect(work) if r["stage"] == "protocol"], order)
+    speeds_file = args.speeds or newest(RESULTS.glob("throughput-cifar_cnn-w1-b128-*1t*.json"))
+    throughput = None
+    if speeds_file is not None and speeds_file.exists() and not args.smoke:
+        throughput = json.loads(speeds_file.read_text())
+    apply_speeds(rows, throughput)
     if args.equal_time and not args.report_only:
         code = run_equal_time(args, work, rows)
         if code:
@@ -511,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in equal_runs:
         r["label"] = f"{r['label']} @{r['epochs']} ep"
     equal = rows_of(equal_runs, order)
+    apply_speeds(equal, throughput)
     sam = next((r for r in rows if r["optimizer"] == "sam"), None)
     if sam is not None:
         for r in equal:  # equal-time rows compare with SAM at the protocol's epochs
@@ -534,6 +588,16 @@ def main(argv: list[str] | None = None) -> int:
         f"Date: {env['date']}  ",
         f"Environment: torch {env['torch']}, {env['cpu']}, {args.threads} thread(s) per run, "
         f"{args.jobs} run(s) at a time  ",
+        "Speeds: "
+        + (
+            f"side by side from `{os.path.relpath(speeds_file, ROOT)}` (interleaved rounds "
+            "in one process on the protocol's model and batch); scheduled methods priced at "
+            "their own share of sharpness-aware steps"
+            if throughput is not None
+            else "none measured side by side (run benchmarks/throughput.py --model cifar_cnn "
+            "--threads 1 first)"
+        )
+        + "  ",
         "",
         "## At equal epochs",
         "",

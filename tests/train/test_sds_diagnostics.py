@@ -66,7 +66,18 @@ def test_coverage_counts_and_the_misclassified_share():
     diag.record(torch.tensor([3, 4, 5]), torch.tensor([1, 2]), torch.tensor([False, False, True]))
     rec = diag.end_epoch()
     # selected: 0, 4, 5; never selected: 1, 2, 3 (of which 1 and 3 misclassified)
-    assert rec["never_selected"] == 0.5
+    assert rec["never_selected"] == 0.5 and rec["never_selected_so_far"] == 0.5
     assert rec["misclassified_never_selected"] == 2 / 3
     assert rec["misclassified_all"] == 3 / 6
     assert rec["selection_histogram"] == [3, 3]
+
+
+def test_coverage_over_the_run_accumulates_across_epochs():
+    diag = SDSDiagnostics(num_train=4, gamma=0.5, rho=0.1, every=1)
+    ids = torch.arange(4)
+    diag.record(ids, torch.tensor([0, 1]), torch.ones(4, dtype=torch.bool))
+    assert diag.end_epoch()["never_selected_so_far"] == 0.5
+    diag.record(ids, torch.tensor([1, 2]), torch.ones(4, dtype=torch.bool))
+    rec = diag.end_epoch()
+    assert rec["never_selected"] == 0.5  # this epoch: 0 and 3
+    assert rec["never_selected_so_far"] == 0.25  # over both: only 3

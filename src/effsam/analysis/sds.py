@@ -77,6 +77,9 @@ class SDSDiagnostics:
         self.rho = float(rho)
         self.every = every
         self.generator = torch.Generator().manual_seed(seed)
+        # over the whole run: seen, and selected at least once
+        self.ever_seen = torch.zeros(num_train, dtype=torch.bool)
+        self.ever_selected = torch.zeros(num_train, dtype=torch.bool)
         self.start_epoch()
 
     def start_epoch(self) -> None:
@@ -136,6 +139,8 @@ class SDSDiagnostics:
         self.wrong[ids] = ~correct.cpu()
         chosen = ids if selected is None else ids[selected.cpu()]
         self.counts[chosen] += 1
+        self.ever_seen[ids] = True
+        self.ever_selected[chosen] = True
 
     def end_epoch(self) -> dict[str, Any]:
         """The epoch's means and coverage; starts the next epoch."""
@@ -154,6 +159,15 @@ class SDSDiagnostics:
         n_never = int(never.sum())
         out["misclassified_never_selected"] = (
             int((wrong & never).sum()) / n_never if n_never else None
+        )
+        # a sample visited once an epoch is selected 0 or 1 times in it; over the run so
+        # far the question is whether some samples are never selected at all
+        never_run = self.ever_seen & ~self.ever_selected
+        n_ever = int(self.ever_seen.sum())
+        out["never_selected_so_far"] = int(never_run.sum()) / n_ever if n_ever else None
+        n_never_run = int(never_run.sum())
+        out["misclassified_never_selected_so_far"] = (
+            int((self.wrong & never_run).sum()) / n_never_run if n_never_run else None
         )
         hist = torch.bincount(self.counts[seen], minlength=1)
         out["selection_histogram"] = hist.tolist()
@@ -210,13 +224,22 @@ def plot_records(run_dir: str | Path, title: str = "") -> Path | None:
     ax.legend(fontsize=8)
     ax = axes[2]
     ax.plot(
-        ep, [100 * (r.get("never_selected") or 0) for r in recs], marker=".", label="never selected"
+        ep,
+        [100 * (r.get("never_selected") or 0) for r in recs],
+        marker=".",
+        label="not selected this epoch",
+    )
+    ax.plot(
+        ep,
+        [100 * (r.get("never_selected_so_far") or 0) for r in recs],
+        marker=".",
+        label="never selected since the start",
     )
     ax.plot(
         ep,
         [100 * (r.get("misclassified_never_selected") or 0) for r in recs],
         marker=".",
-        label="misclassified, among never selected",
+        label="misclassified, among those not selected",
     )
     ax.plot(
         ep,

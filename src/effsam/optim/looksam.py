@@ -29,8 +29,12 @@ from .sharpness_aware import SharpnessAware
 
 
 def _dot(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
+    """Σ ⟨x, y⟩ over the tensors, accumulated in float64 (one temporary per tensor at a
+    time, in the tensors' own dtype)."""
     device = xs[0].device
-    return torch.stack([(x.double() * y.double()).sum().to(device) for x, y in zip(xs, ys)]).sum()
+    return torch.stack(
+        [torch.mul(x, y).sum(dtype=torch.float64).to(device) for x, y in zip(xs, ys)]
+    ).sum()
 
 
 class LookSAM(SharpnessAware):
@@ -75,11 +79,17 @@ class LookSAM(SharpnessAware):
 
     @torch.no_grad()
     def _on_ascent(self, params: list[Tensor], grads: list[Tensor]) -> None:
-        # Keep g for the projection after pass 2, in the buffer g_v will occupy.
+        # Keep g for the projection after pass 2, in the buffer g_v occupies (reused).
+        kept = {id(p) for p in params}
         for p in self.params:
-            self.state[p].pop("looksam_gv", None)
+            if id(p) not in kept:
+                self.state[p].pop("looksam_gv", None)
         for p, g in zip(params, grads):
-            self.state[p]["looksam_gv"] = g.detach().clone()
+            buf = self._gv(p)
+            if buf is None or buf.shape != g.shape or buf.dtype != g.dtype:
+                self.state[p]["looksam_gv"] = g.detach().clone()
+            else:
+                buf.copy_(g)
 
     @torch.no_grad()
     def _before_descent(self) -> None:
@@ -110,9 +120,9 @@ class LookSAM(SharpnessAware):
         v_norm = _dot(vs, vs).sqrt()
         if float(v_norm) == 0.0:
             return
-        coef = self.alpha * g_norm / v_norm
+        coef = float(self.alpha * g_norm / v_norm)
         for g, v in pairs:
-            g.add_(v * coef.to(g.device, g.dtype))
+            g.add_(v, alpha=coef)
 
     def _extra_state(self) -> dict[str, Any]:
         return {"looksam_gv": [self._gv(p) for p in self.params]}
