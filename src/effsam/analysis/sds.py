@@ -223,30 +223,13 @@ def plot_records(run_dir: str | Path, title: str = "") -> Path | None:
     ax.set_xlabel("epoch")
     ax.legend(fontsize=8)
     ax = axes[2]
-    ax.plot(
-        ep,
-        [100 * (r.get("never_selected") or 0) for r in recs],
-        marker=".",
-        label="not selected this epoch",
-    )
-    ax.plot(
-        ep,
-        [100 * (r.get("never_selected_so_far") or 0) for r in recs],
-        marker=".",
-        label="never selected since the start",
-    )
-    ax.plot(
-        ep,
-        [100 * (r.get("misclassified_never_selected") or 0) for r in recs],
-        marker=".",
-        label="misclassified, among those not selected",
-    )
-    ax.plot(
-        ep,
-        [100 * (r.get("misclassified_all") or 0) for r in recs],
-        marker=".",
-        label="misclassified, all",
-    )
+    for key, label in (
+        ("never_selected", "not selected this epoch"),
+        ("never_selected_so_far", "never selected since the start"),
+        ("misclassified_never_selected", "misclassified, among those not selected"),
+        ("misclassified_all", "misclassified, all"),
+    ):
+        ax.plot(ep, [100 * (r.get(key) or 0) for r in recs], marker=".", label=label)
     ax.set_title("per-sample coverage of the selection")
     ax.set_xlabel("epoch")
     ax.set_ylabel("% of training samples")

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .policy import Policy
+from .policy import Policy, seeded_generator
 
 
 def _check_int(value: Any, name: str, low: int) -> int:
@@ -181,11 +181,8 @@ class Randomized(EveryStep):
         self.total_steps = (
             None if total_steps is None else _check_int(total_steps, "total_steps", 1)
         )
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"Invalid RST seed: {seed!r} (must be an int)")
+        self.generator = seeded_generator(seed, "RST")
         self.seed = seed
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(seed)
 
     @property
     def needs_total_steps(self) -> bool:  # type: ignore[override]

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .policy import seeded_generator
 from .selection import TopSharpness
 
 
@@ -33,11 +34,8 @@ class RandomSubset(TopSharpness):
 
     def __init__(self, gamma: float, seed: int = 0) -> None:
         super().__init__(gamma)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"Invalid random-selection seed: {seed!r} (must be an int)")
+        self.generator = seeded_generator(seed, "random-selection")
         self.seed = seed
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(seed)
 
     @property
     def needs_perturbed_loss(self) -> bool:  # type: ignore[override]
