@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -175,8 +175,9 @@ def sharpness_aware_step(
         optimizer: a :class:`SharpnessAware` optimizer, or any ``torch.optim`` optimizer
             (then: one forward/backward and a step).
         batch: a tensor, tuple/list or dict of tensors, all indexed on dim 0.
-        loss_fn: ``loss_fn(model, batch)`` → per-sample losses of shape [b] (a scalar is
-            an error, for every optimizer), or ``(losses, aux)``.
+        loss_fn: ``loss_fn(model, batch)`` → per-sample losses of shape [b], or
+            ``(losses, aux)``. A scalar is taken as the batch's loss only where nothing
+            needs per-sample losses (no sample selection, no accumulation).
         scaler: a ``torch.amp.GradScaler`` for fp16.
         autocast: ``"bf16"``, ``"fp16"`` or ``None``.
         accumulation_steps: split the batch into this many micro-batches per pass.
@@ -187,153 +188,264 @@ def sharpness_aware_step(
     Returns:
         A :class:`StepResult`.
     """
-    if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
-        raise ValueError(
-            f"Invalid accumulation_steps: {accumulation_steps!r} (must be an int >= 1)"
-        )
-    if clip_grad_norm is not None and not (clip_grad_norm > 0):
-        raise ValueError(f"Invalid clip_grad_norm: {clip_grad_norm!r} (must be > 0)")
-    amp_dtype = _autocast_dtype(autocast)
-    use_scaler = scaler is not None and scaler.is_enabled()
-    sam = isinstance(optimizer, SharpnessAware)
-    if use_scaler and sam and not optimizer.check_finite:
-        raise ValueError("a GradScaler needs the optimizer's check_finite=True")
-    b = batch_size(batch)
-    if b == 0:
-        raise ValueError("sharpness_aware_step got an empty batch (0 samples)")
-    micro = split_batch(batch, accumulation_steps) if accumulation_steps > 1 else [batch]
-    ddp = find_ddp(model)
-    if ddp is not None:
-        if getattr(ddp, "static_graph", False) and (sam or accumulation_steps > 1):
-            # DDP's static-graph mode asserts inside its reducer on a no_sync backward in
-            # its first iteration, and SWP changes the set of used tensors every step.
-            raise ValueError(
-                "DistributedDataParallel(static_graph=True) cannot run pass 1 (or "
-                "accumulation micro-batches) under no_sync: build the DDP model without "
-                "static_graph"
-            )
-        check_ddp_settings(optimizer, step_settings(optimizer, sync_ascent, accumulation_steps))
-    device_type = next((p.device.type for p in model.parameters()), "cpu")
-    per_sample = sam and optimizer.selection.needs_per_sample
-
-    def forward(mb: Any) -> tuple[Tensor, Any]:
-        with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = loss_fn(model, mb)
-        return _split_loss(out, batch_size(mb), per_sample, accumulation_steps > 1)
-
-    def backward(loss: Tensor) -> None:
-        (scaler.scale(loss) if use_scaler else loss).backward()
-
+    step = _Step.prepare(
+        model, optimizer, batch, loss_fn, scaler, autocast, accumulation_steps, clip_grad_norm,
+        sync_ascent,
+    )  # fmt: skip
     bn_start = snapshot_bn(model)
-    refreshed = False
     try:
-        if sam and optimizer.mask_refresh_due():
-            refreshed = optimizer.refresh_mask(unwrap_model(model), batch, loss_fn)
-        optimizer.zero_grad(set_to_none=True)
-        # ---- the schedule: sharpness-aware (True), plain (False) or after pass 1 (None)
-        decision = optimizer.begin_step() if sam else False
-        two_pass = sam and decision is not False and not optimizer.single_pass
-        # ---- K-SAM: a no-grad forward ranks the samples, both passes see the top k
-        pre_loss = pre_aux = None
-        if sam and decision is not False and _preselects(optimizer):
-            micro, pre_loss, pre_aux = _preselect(optimizer, micro, forward, b)
-            restore_bn(bn_start)  # the ranking forward must not move BN statistics
-        b_run = sum(batch_size(mb) for mb in micro)
-        # ---- pass 1: local to this worker unless sync_ascent (then reduced by hand below)
-        local = ddp is not None and (two_pass or accumulation_steps > 1)
-        first_pass = optimizer.first_pass() if sam else contextlib.nullcontext()
-        losses_1: list[Tensor] = []
-        total = torch.zeros((), device=next(iter(model.parameters())).device)
-        aux = None
-        with first_pass:
-            for i, mb in enumerate(micro):
-                last = i == len(micro) - 1
-                sync = not two_pass and last
-                with ddp.no_sync() if local and not sync else contextlib.nullcontext():
-                    losses, aux_i = forward(mb)
-                    loss = _mean(losses) * (batch_size(mb) / b_run)
-                    backward(loss)
-                losses_1.append(losses.detach())
-                total = total + loss.detach()
-                aux = aux_i if len(micro) == 1 else _merge_aux(aux, aux_i)
-        if pre_loss is not None:
-            total, aux = pre_loss, pre_aux  # the step reports the whole batch
-        if sam and optimizer.pass1_keep is not None and not all(optimizer.pass1_keep):
-            _warn_if_compiled(model, optimizer)
-        if not sam:
-            return _plain_step(
-                optimizer, model, scaler if use_scaler else None, clip_grad_norm, total, b, aux
-            )
+        step.refresh_mask()
+        decision = step.decide()  # sharpness-aware (True), plain (False), after pass 1 (None)
+        step.preselect(decision, bn_start)  # K-SAM: both passes on the top k
+        step.pass1(decision)
+        if not step.sam:
+            return step.plain_optimizer_step()
         if decision is None:
-            # AE-SAM: decided from pass 1's gradient norm; under m-sharpness from the mean
-            # over workers of the local ‖g‖², so that every worker takes the same branch.
-            decision = optimizer.decide_after_pass1(_grad_sq_norm(optimizer, ddp, scaler))
-            if not decision and ddp is not None:
-                sync_ascent_grads(optimizer)  # pass 1 was local: reduce it by hand
-        if not decision or optimizer.single_pass:
-            ok = _scheduled_plain_step(optimizer, scaler if use_scaler else None, clip_grad_norm)
-            aware = bool(optimizer.last_step_sharpness_aware)  # MSAM: its one pass moved θ
-            return StepResult(total, b, b_run, None, not ok, refreshed, aux, aware)
-        if ddp is not None and sync_ascent:
-            sync_ascent_grads(optimizer)
-        if use_scaler:
-            scaler.unscale_(optimizer)  # pass 1, keyed by the wrapper
+            decision = step.decide_after_pass1()  # AE-SAM
+        if not decision or step.optimizer.single_pass:
+            return step.plain_scheduled_step()
+        skipped = step.ascend()
+        if skipped is not None:
+            return skipped
+        selected = step.pass2()
+        return step.descend(selected)
+    except BaseException:
+        step.rollback(bn_start)
+        raise
+
+
+@dataclass
+class _Step:
+    """One call of :func:`sharpness_aware_step`: its inputs, and what the phases leave for
+    the next (the pass-1 losses, the reported loss and aux, the poison flag)."""
+
+    model: nn.Module
+    optimizer: Any
+    batch: Any
+    loss_fn: LossFn
+    scaler: torch.amp.GradScaler | None  # None unless enabled
+    amp_dtype: torch.dtype | None
+    accumulation_steps: int
+    clip_grad_norm: float | None
+    sync_ascent: bool
+    sam: bool
+    b: int
+    micro: list[Any]
+    ddp: Any
+    device_type: str
+    refreshed: bool = False
+    b_run: int = 0
+    losses_1: list[Tensor] = field(default_factory=list)
+    total: Tensor | None = None
+    aux: Any = None
+    poison: bool = False
+
+    @classmethod
+    def prepare(
+        cls,
+        model: nn.Module,
+        optimizer: Any,
+        batch: Any,
+        loss_fn: LossFn,
+        scaler: torch.amp.GradScaler | None,
+        autocast: Any,
+        accumulation_steps: int,
+        clip_grad_norm: float | None,
+        sync_ascent: bool,
+    ) -> _Step:
+        """Validate the arguments (nothing has changed yet) and build the context."""
+        if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+            raise ValueError(
+                f"Invalid accumulation_steps: {accumulation_steps!r} (must be an int >= 1)"
+            )
+        if clip_grad_norm is not None and not (clip_grad_norm > 0):
+            raise ValueError(f"Invalid clip_grad_norm: {clip_grad_norm!r} (must be > 0)")
+        amp_dtype = _autocast_dtype(autocast)
+        use_scaler = scaler is not None and scaler.is_enabled()
+        sam = isinstance(optimizer, SharpnessAware)
+        if use_scaler and sam and not optimizer.check_finite:
+            raise ValueError("a GradScaler needs the optimizer's check_finite=True")
+        b = batch_size(batch)
+        if b == 0:
+            raise ValueError("sharpness_aware_step got an empty batch (0 samples)")
+        micro = split_batch(batch, accumulation_steps) if accumulation_steps > 1 else [batch]
+        ddp = find_ddp(model)
+        if ddp is not None:
+            if getattr(ddp, "static_graph", False) and (sam or accumulation_steps > 1):
+                # DDP's static-graph mode asserts inside its reducer on a no_sync backward
+                # in its first iteration, and SWP changes the set of used tensors every step.
+                raise ValueError(
+                    "DistributedDataParallel(static_graph=True) cannot run pass 1 (or "
+                    "accumulation micro-batches) under no_sync: build the DDP model without "
+                    "static_graph"
+                )
+            settings = step_settings(optimizer, sync_ascent, accumulation_steps)
+            check_ddp_settings(optimizer, settings)
+        device_type = next((p.device.type for p in model.parameters()), "cpu")
+        return cls(
+            model, optimizer, batch, loss_fn, scaler if use_scaler else None, amp_dtype,
+            accumulation_steps, clip_grad_norm, sync_ascent, sam, b, micro, ddp, device_type,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ passes
+    def forward(self, mb: Any) -> tuple[Tensor, Any]:
+        dtype = self.amp_dtype
+        with torch.autocast(self.device_type, dtype=dtype, enabled=dtype is not None):
+            out = self.loss_fn(self.model, mb)
+        per_sample = self.sam and self.optimizer.selection.needs_per_sample
+        return _split_loss(out, batch_size(mb), per_sample, self.accumulation_steps > 1)
+
+    def backward(self, loss: Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def no_sync(self, local: bool) -> Any:
+        return self.ddp.no_sync() if self.ddp is not None and local else contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ phases
+    def refresh_mask(self) -> None:
+        if self.sam and self.optimizer.mask_refresh_due():
+            model = unwrap_model(self.model)
+            self.refreshed = self.optimizer.refresh_mask(model, self.batch, self.loss_fn)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def decide(self) -> bool | None:
+        return self.optimizer.begin_step() if self.sam else False
+
+    def preselect(self, decision: bool | None, bn_start: Any) -> None:
+        """K-SAM: a no-grad forward ranks each micro-batch, both passes see its top k (the
+        step reports the whole batch's loss and aux)."""
+        if self.sam and decision is not False and _preselects(self.optimizer):
+            self.micro, self.total, self.aux = _preselect(
+                self.optimizer, self.micro, self.forward, self.b
+            )
+            restore_bn(bn_start)  # the ranking forward must not move BN statistics
+        self.b_run = sum(batch_size(mb) for mb in self.micro)
+
+    def pass1(self, decision: bool | None) -> None:
+        """Pass 1 at θ: local to this worker (no_sync, forward AND backward) when a second
+        pass may follow (m-sharpness; sync_ascent reduces it by hand later) or between
+        accumulation micro-batches; synced on the last micro-batch of a one-pass step."""
+        opt = self.optimizer
+        two_pass = self.sam and decision is not False and not opt.single_pass
+        total = torch.zeros((), device=next(iter(self.model.parameters())).device)
+        aux = None
+        with opt.first_pass() if self.sam else contextlib.nullcontext():
+            for i, mb in enumerate(self.micro):
+                last = i == len(self.micro) - 1
+                with self.no_sync(two_pass or not last):
+                    losses, aux_i = self.forward(mb)
+                    loss = _mean(losses) * (batch_size(mb) / self.b_run)
+                    self.backward(loss)
+                self.losses_1.append(losses.detach())
+                total = total + loss.detach()
+                aux = aux_i if len(self.micro) == 1 else _merge_aux(aux, aux_i)
+        if self.total is None:  # (K-SAM has set the whole batch's already)
+            self.total, self.aux = total, aux
+        if self.sam and opt.pass1_keep is not None and not all(opt.pass1_keep):
+            _warn_if_compiled(self.model, opt)
+
+    def plain_optimizer_step(self) -> StepResult:
+        return _plain_step(
+            self.optimizer, self.model, self.scaler, self.clip_grad_norm, self.total, self.b,
+            self.aux,
+        )  # fmt: skip
+
+    def decide_after_pass1(self) -> bool:
+        """AE-SAM: from pass 1's gradient norm; under m-sharpness from the mean over workers
+        of the local ‖g‖², so that every worker takes the same branch."""
+        opt = self.optimizer
+        decision = opt.decide_after_pass1(_grad_sq_norm(opt, self.ddp, self.scaler))
+        if not decision and self.ddp is not None:
+            sync_ascent_grads(opt)  # pass 1 was local: reduce it by hand
+        return decision
+
+    def plain_scheduled_step(self) -> StepResult:
+        ok = _scheduled_plain_step(self.optimizer, self.scaler, self.clip_grad_norm)
+        aware = bool(self.optimizer.last_step_sharpness_aware)  # MSAM: its one pass moved θ
+        return StepResult(
+            self.total, self.b, self.b_run, None, not ok, self.refreshed, self.aux, aware
+        )
+
+    def ascend(self) -> StepResult | None:
+        """θ ← θ + ε; a StepResult if the step ends here (a non-finite pass 1)."""
+        opt = self.optimizer
+        if self.ddp is not None and self.sync_ascent:
+            sync_ascent_grads(opt)
+        if self.scaler is not None:
+            self.scaler.unscale_(opt)  # pass 1, keyed by the wrapper
+        if opt.first_step(zero_grad=True):
+            return None
         # A non-finite pass 1 skips the step. Under m-sharpness only this worker may know:
         # returning early would leave the others waiting in pass 2's all-reduce (and in
         # DDP's buffer broadcasts). So this worker runs pass 2 anyway, at θ, with a NaN
         # loss; the all-reduce hands the NaN to every worker and all of them skip (and
         # back their scalers off) together. With sync_ascent or one process everyone
         # already saw the same gradient, and stopping here is safe.
-        poison = False
-        if not optimizer.first_step(zero_grad=True):
-            if ddp is None or sync_ascent:
-                optimizer.second_step()  # restores nothing, counts the skip
-                if use_scaler:
-                    scaler.update()
-                return StepResult(total, b, 0, optimizer.last_kept, True, refreshed, aux, True)
-            poison = True
-        # ---- pass 2 at θ + ε, BN statistics kept as pass 1 left them
-        bn_after_pass1 = snapshot_bn(model)
+        if self.ddp is None or self.sync_ascent:
+            opt.second_step()  # restores nothing, counts the skip
+            if self.scaler is not None:
+                self.scaler.update()
+            return StepResult(
+                self.total, self.b, 0, opt.last_kept, True, self.refreshed, self.aux, True
+            )
+        self.poison = True
+        return None
+
+    def pass2(self) -> int:
+        """Pass 2 at θ + ε (SDS: on the selected samples), BN statistics kept as pass 1
+        left them. Returns the number of samples it used."""
+        opt = self.optimizer
+        bn_after_pass1 = snapshot_bn(self.model)
         selected = 0
-        sds = optimizer.selection.needs_per_sample and not _preselects(optimizer)
+        sds = opt.selection.needs_per_sample and not _preselects(opt)
         try:
-            for i, mb in enumerate(micro):
-                last = i == len(micro) - 1
+            for i, mb in enumerate(self.micro):
                 sub = mb
                 if sds:
                     after = None
-                    if optimizer.selection.needs_perturbed_loss:
+                    if opt.selection.needs_perturbed_loss:
                         with torch.no_grad():
-                            after, _ = forward(mb)
-                    idx = optimizer.select(losses_1[i], after)
+                            after, _ = self.forward(mb)
+                    idx = opt.select(self.losses_1[i], after)
                     if idx is not None:
                         sub = index_batch(mb, idx)
-                with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
-                    losses, _ = forward(sub)
-                    loss = _mean(losses) * (batch_size(mb) / b_run)
-                    backward(loss * float("nan") if poison else loss)
+                with self.no_sync(i < len(self.micro) - 1):
+                    losses, _ = self.forward(sub)
+                    loss = _mean(losses) * (batch_size(mb) / self.b_run)
+                    self.backward(loss * float("nan") if self.poison else loss)
                 selected += batch_size(sub)
         finally:
             restore_bn(bn_after_pass1)
-        if use_scaler:
-            scaler.unscale_(optimizer.base)  # pass 2, keyed by the base optimizer
-        if clip_grad_norm is not None:
+        return selected
+
+    def descend(self, selected: int) -> StepResult:
+        """θ restored, the final gradient unscaled and clipped, the base optimizer steps."""
+        opt = self.optimizer
+        if self.scaler is not None:
+            self.scaler.unscale_(opt.base)  # pass 2, keyed by the base optimizer
+        if self.clip_grad_norm is not None:
             # After unscaling and DDP's all-reduce: the final gradient, the same on every
             # worker. (Clipping pass 1 would do nothing: the ascent normalises it away.)
-            torch.nn.utils.clip_grad_norm_(optimizer.params, clip_grad_norm)
-        ok = optimizer.second_step()
-        if use_scaler:
-            scaler.update()  # backs off if either pass recorded an overflow
-        return StepResult(total, b, selected, optimizer.last_kept, not ok, refreshed, aux, True)
-    except BaseException:
+            torch.nn.utils.clip_grad_norm_(opt.params, self.clip_grad_norm)
+        ok = opt.second_step()
+        if self.scaler is not None:
+            self.scaler.update()  # backs off if either pass recorded an overflow
+        return StepResult(
+            self.total, self.b, selected, opt.last_kept, not ok, self.refreshed, self.aux, True
+        )
+
+    def rollback(self, bn_start: Any) -> None:
+        """A failure part-way: weights, BN buffers, optimizer state and the scaler as they
+        were before the step."""
         restore_bn(bn_start)
-        if sam:
-            optimizer.abort_step()
+        if self.sam:
+            self.optimizer.abort_step()
         else:
-            optimizer.zero_grad(set_to_none=True)
-        if use_scaler:
-            _reset_scaler(scaler, optimizer, getattr(optimizer, "base", optimizer))
-        raise
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            _reset_scaler(
+                self.scaler, self.optimizer, getattr(self.optimizer, "base", self.optimizer)
+            )
 
 
 def _preselects(optimizer: SharpnessAware) -> bool:
