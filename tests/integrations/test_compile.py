@@ -20,6 +20,12 @@ def _make(kind, model):
         return effsam.ASAM(base, rho=1.0)
     if kind == "esam_swp":
         return effsam.ESAM(base, rho=RHO, beta=0.5, gamma=1.0, seed=1)
+    if kind == "sam_interval":  # plain and sharpness-aware steps alternate
+        return effsam.SAM(base, rho=RHO, schedule=effsam.Interval(2))
+    if kind == "looksam":
+        return effsam.LookSAM(base, rho=RHO, k=2)
+    if kind == "msam":
+        return effsam.MSAM(base, rho=RHO)
     return effsam.ESAM(base, rho=RHO, beta=0.5, gamma=0.5, seed=1)  # SWP + SDS
 
 
@@ -53,6 +59,10 @@ def _train(kind, drive, backend, steps=4):
         ("asam", "closure"),
         ("esam_swp", "closure"),
         ("esam_sds", "sharpness_aware_step"),
+        ("sam_interval", "closure"),
+        ("sam_interval", "sharpness_aware_step"),
+        ("looksam", "sharpness_aware_step"),
+        ("msam", "closure"),
     ],
 )
 def test_compiled_whole_step_equals_eager(kind, drive):
