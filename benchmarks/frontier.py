@@ -167,11 +167,6 @@ def rows_of(runs: list[dict[str, Any]], order: list[str] | None = None) -> list[
         )
     sam = next((r for r in rows if r["optimizer"] == "sam"), None)
     for r in rows:
-        r["speed_vs_sam"] = (
-            r["images_per_s"] / sam["images_per_s"]
-            if sam and sam["images_per_s"] and r["images_per_s"]
-            else None
-        )
         r["paired"] = paired(r, sam) if sam is not None and r is not sam else None
     return rows
 
@@ -577,8 +572,6 @@ def main(argv: list[str] | None = None) -> int:
     if sam is not None:
         for r in equal:  # equal-time rows compare with SAM at the protocol's epochs
             r["paired"] = paired(r, sam)
-            ips = r["images_per_s"]
-            r["speed_vs_sam"] = ips / sam["images_per_s"] if ips and sam["images_per_s"] else None
     env = environment("cpu")
     env["torch_threads"] = args.threads  # what each run used (the file name says so)
     command = "python benchmarks/frontier.py " + " ".join(

@@ -229,7 +229,8 @@ def plot_records(run_dir: str | Path, title: str = "") -> Path | None:
         ("misclassified_never_selected", "misclassified, among those not selected"),
         ("misclassified_all", "misclassified, all"),
     ):
-        ax.plot(ep, [100 * (r.get(key) or 0) for r in recs], marker=".", label=label)
+        if any(key in r for r in recs):  # (records written before a field existed)
+            ax.plot(ep, [100 * (r.get(key) or 0) for r in recs], marker=".", label=label)
     ax.set_title("per-sample coverage of the selection")
     ax.set_xlabel("epoch")
     ax.set_ylabel("% of training samples")

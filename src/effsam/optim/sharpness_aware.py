@@ -300,11 +300,6 @@ class SharpnessAware(Optimizer):
         single-pass method's moved point (MSAM) is its pass 1, not a perturbed pass 2."""
         return (bool(self._perturbed) and not self.single_pass) or self._pass1_skipped
 
-    @property
-    def plain_step_pending(self) -> bool:
-        """True after a :meth:`first_step` that decided on a plain base step."""
-        return self._plain is not None
-
     # ------------------------------------------------------------------ the steps
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> bool:
