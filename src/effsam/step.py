@@ -416,6 +416,10 @@ class _Step:
                 selected += batch_size(sub)
         finally:
             restore_bn(bn_after_pass1)
+        if sds and selected < self.b_run:
+            # the share selected over the whole batch (ESAM-mix's weight), not the last
+            # micro-batch's
+            opt.selection.last_fraction = selected / self.b_run
         return selected
 
     def descend(self, selected: int) -> StepResult:

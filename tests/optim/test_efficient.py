@@ -564,3 +564,24 @@ def test_a_grad_scaler_on_plain_and_sharpness_aware_steps():
     assert res.skipped and not res.sharpness_aware
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert scaler.get_scale() == 2.0**3
+
+
+@pytest.mark.parametrize("key", ["mask", "selection", "schedule"])
+def test_looksam_refuses_policies_its_projection_cannot_use(key):
+    model = tiny_bn_net()
+    policy = {
+        "mask": effsam.RandomTensorSubset(0.5),
+        "selection": effsam.TopSharpness(0.5),
+        "schedule": Interval(3),
+    }[key]
+    with pytest.raises(ValueError, match=f"LookSAM sets its own {key}"):
+        effsam.LookSAM(torch.optim.SGD(model.parameters(), lr=LR), **{key: policy})
+
+
+def test_esam_mix_weight_is_the_share_selected_over_the_whole_batch():
+    model = tiny_bn_net()
+    opt = _make("esam-mix", model, beta=1.0, gamma=0.5, rho=0.3)
+    # micro-batches of 5, 4, 4 (13 samples): k = 3, 2, 2 -> 7 of 13
+    x, y = tiny_data(seed=9, n=13)
+    effsam.sharpness_aware_step(model, opt, (x, y), per_sample_ce, accumulation_steps=3)
+    assert opt.selection.last_fraction == 7 / 13
