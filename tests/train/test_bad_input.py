@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -150,6 +151,10 @@ def test_too_few_steps_to_time_is_explained(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- checkpoints
+#: random.Random(2).randbytes(4096) makes torch's weights-only unpickler raise IndexError
+_UNDERFLOW_SEED = 2
+
+
 def _finished_run(tmp_path, capsys, name="r"):
     argv = ["train", *TINY_ARGS, "--epochs", "2", "--stop-after", "1", "--quiet"]
     code, _, err = run([*argv, "--out", str(tmp_path), "--name", name], capsys)
@@ -163,9 +168,11 @@ def _finished_run(tmp_path, capsys, name="r"):
         (lambda b: b"", "is empty (0 bytes)"),
         (lambda b: b[: len(b) // 2], "cannot be read: it is truncated or damaged"),
         (lambda b: os.urandom(4096), "damaged"),
+        # bytes that make the weights-only unpickler fail with an IndexError
+        (lambda b: random.Random(_UNDERFLOW_SEED).randbytes(4096), "damaged"),
         (lambda b: b"not a checkpoint\n" * 40, "damaged"),
     ],
-    ids=["empty", "truncated", "garbage", "text"],
+    ids=["empty", "truncated", "garbage", "underflow", "text"],
 )
 @pytest.mark.parametrize("dry", [False, True])
 def test_a_damaged_checkpoint_on_resume(tmp_path, capsys, damage, message, dry):

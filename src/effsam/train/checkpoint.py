@@ -122,7 +122,17 @@ def load_checkpoint(path: str | Path, keys: tuple[str, ...] = ()) -> dict[str, A
             f"checkpoint {path} is not an effsam checkpoint: it is damaged, or it holds "
             "objects other than tensors and plain containers, which are not loaded for safety"
         ) from None
-    except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile, OSError) as exc:
+    except (
+        RuntimeError,
+        EOFError,
+        KeyError,
+        ValueError,
+        IndexError,  # the weights-only unpickler on some random bytes (its stack underflows)
+        TypeError,
+        AttributeError,
+        zipfile.BadZipFile,
+        OSError,
+    ) as exc:
         raise CheckpointError(
             f"checkpoint {path} ({size:,} bytes) cannot be read: it is truncated or damaged "
             f"({type(exc).__name__}: {_first_line(exc)})"
