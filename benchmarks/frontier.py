@@ -5,13 +5,18 @@
     python benchmarks/frontier.py --data-dir DIR --equal-time  # + SGD and the cheap methods
                                                              #   given SAM's training time
     python benchmarks/frontier.py --report-only              # tables from the finished runs
+    python benchmarks/frontier.py --data-dir DIR --protocol augment   # the second protocol
     python benchmarks/frontier.py --smoke                    # synthetic data, tiny model (tests)
 
 The protocol is configs/compare/cifar10_cpu_frontier.yaml: the accuracy benchmark's CPU
 protocol (cifar10_cpu_accuracy.yaml: the CIFAR CNN, a fixed 5,000-image subset without
 augmentation, the full test set, 30 epochs, rho 0.1, seeds 0, 1, 2) with SGD, SAM, ESAM,
 SSAM-F, the schedules (interval, late, RST, AE-SAM), LookSAM, MSAM, K-SAM and ESAM's
-selection variants (the random-subset control and the clean-gradient mix). Every run is an
+selection variants (the random-subset and whole-batch controls and the clean-gradient mix).
+`--protocol augment` is the second protocol, configs/compare/cifar10_cpu_augment.yaml: ESAM
+where its paper makes its claim, with augmentation and trained until SAM fits the training
+set (>= 98% training accuracy), for SGD, SAM, ESAM, its two controls and the two fastest
+methods that keep SAM's accuracy in the first protocol. Every run is an
 ordinary `effsam compare` run directory, written when it finishes; `--resume` (implied
 here) reuses finished runs and continues partial ones, so an interrupted benchmark
 continues where it stopped.
@@ -39,8 +44,12 @@ from effsam.environment import environment, environment_tag
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-CONFIG = ROOT / "configs" / "compare" / "cifar10_cpu_frontier.yaml"
-NAME = "cifar10_cpu_frontier"
+#: protocol name -> (config, tag of the result files and the run directory)
+PROTOCOLS = {
+    "frontier": ("cifar10_cpu_frontier.yaml", "cifar10"),
+    "augment": ("cifar10_cpu_augment.yaml", "cifar10-augment"),
+}
+CONFIG = ROOT / "configs" / "compare" / PROTOCOLS["frontier"][0]  # set by main()
 SMOKE = (
     "--dataset synthetic --model cifar_cnn --width 0.25 --epochs 2 --batch-size 32 "
     "--set data.synthetic_train=64 --set data.synthetic_test=32 "
@@ -48,15 +57,16 @@ SMOKE = (
 ).split()
 SMOKE_METHODS = [
     "sgd", "sam", "sam-late", "sam-interval", "rst", "ae-sam", "looksam", "msam", "ksam",
-    "esam", "esam-mix", "esam-random",
+    "esam", "esam-mix", "esam-random", "esam-wholebatch",
 ]  # fmt: skip
 
 #: Methods the equal-time stage gives SAM's training time (SGD, and every method cheaper
 #: than SAM by at least a quarter); the others cost about as much as SAM already.
 CHEAP = 0.75  # training time at most this share of SAM's
 
-#: ESAM's diagnosis: the paper's selection, its random control and the clean-gradient mix.
-DIAGNOSIS = ("esam", "esam-random", "esam-mix")
+#: ESAM's diagnosis: the paper's selection, its random-subset control, the clean-gradient
+#: mix and the whole-batch control (SDS's subset back-propagated from a whole-batch forward).
+DIAGNOSIS = ("esam", "esam-random", "esam-mix", "esam-wholebatch")
 
 #: Methods whose steps are plain or sharpness-aware: their speed is priced from the run's
 #: own share of sharpness-aware steps and the side-by-side cost of a plain and a SAM step.
@@ -66,17 +76,25 @@ SCHEDULED = ("sam-interval", "sam-late", "rst", "ae-sam", "looksam")
 # ----------------------------------------------------------------------------- running
 
 
-def compare_command(args: argparse.Namespace, seed: int | None, work: Path, extra: list[str]):
+def compare_command(
+    args: argparse.Namespace,
+    seed: int | None,
+    work: Path,
+    extra: list[str],
+    config: Path | None = None,
+    methods: list[str] | None = None,
+):
     cmd = [sys.executable, "-m", "effsam", "compare"]
     if args.smoke:
-        cmd += [*SMOKE, "--optimizers", ",".join(SMOKE_METHODS)]
+        cmd += [*SMOKE, "--optimizers", ",".join(methods or SMOKE_METHODS)]
     else:
-        cmd += ["--config", str(CONFIG)]
+        cmd += ["--config", str(config or CONFIG)]
         if args.data_dir:
             cmd += ["--data-dir", args.data_dir]
     if seed is not None:
         cmd += ["--seeds", str(seed)]
-    cmd += ["--threads", str(args.threads), "--out", str(work), "--name", NAME, "--resume"]
+    cmd += ["--threads", str(args.threads), "--out", str(work), "--name", protocol_name()]
+    cmd += ["--resume"]
     cmd += ["--quiet"] if args.smoke or args.quiet else []
     return cmd + extra
 
@@ -121,6 +139,30 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     if not vals:
         return None, None
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def protocol_name() -> str:
+    """The protocol config's own ``name`` (the run directory compare writes)."""
+    import yaml
+
+    return yaml.safe_load(CONFIG.read_text())["name"]
+
+
+def protocol_title(smoke: bool) -> str:
+    """What ran, from the resolved config: data, model, set size, augmentation, epochs."""
+    if smoke:
+        return "smoke: synthetic data, tiny CNN, 2 epochs"
+    from effsam.train.config import load_config
+
+    cfg = load_config(CONFIG)
+    d = cfg.data
+    aug = "no augmentation" if d.augment in (None, "none") else f"augmentation {d.augment}"
+    seeds = len(cfg.compare.seeds)
+    return (
+        f"{d.dataset.upper().replace('CIFAR', 'CIFAR-')}, {cfg.model.name} (width "
+        f"{cfg.model.width:g}), {d.train_subset:,} images, {aug}, {cfg.train.epochs} epochs, "
+        f"{seeds} seeds"
+    )
 
 
 def method_order(smoke: bool) -> list[str]:
@@ -321,7 +363,7 @@ def targets(rows, keepers, equal, sam) -> list[str]:
 
 def diagnosis(by: dict[str, dict[str, Any]], sam: dict[str, Any]) -> str:
     """Selection or data reduction: ESAM against its random control and the mix."""
-    esam, rand, mix = (by.get(n) for n in DIAGNOSIS)
+    esam, rand, mix, whole = (by.get(n) for n in DIAGNOSIS)
     if not (esam and rand and esam["acc"] is not None and rand["acc"] is not None):
         return "Target 3 (diagnosis): ESAM and its random-subset control have not both finished."
     spread = max(esam["acc_std"] or 0, rand["acc_std"] or 0, sam["acc_std"] or 0)
@@ -343,6 +385,15 @@ def diagnosis(by: dict[str, dict[str, Any]], sam: dict[str, Any]) -> str:
         text += (
             f" ESAM-mix, which keeps every sample in the update at no extra pass: {_pct(mix['acc'])}%"
             f" ({100 * (mix['acc'] - sam['acc']):+.2f} vs SAM)."
+        )
+    if whole and whole["acc"] is not None:
+        gap_bn = 100 * (whole["acc"] - esam["acc"])
+        text += (
+            f" ESAM-wholebatch (SDS's half back-propagated from a whole-batch forward, SAM's "
+            f"cost): {_pct(whole['acc'])}% ({100 * (whole['acc'] - sam['acc']):+.2f} vs SAM): "
+            f"{gap_bn:+.2f} points of ESAM's loss come from pass 2 normalising by the "
+            f"selected half's BatchNorm statistics, "
+            f"{100 * (sam['acc'] - whole['acc']):+.2f} from back-propagating that half only."
         )
     return text
 
@@ -493,27 +544,43 @@ def entry_of(name: str) -> Any:
     return name
 
 
+def shared_args_for(*names: str) -> dict[str, Any]:
+    """The protocol's shared ``optim.args`` that any of the optimizers ``names`` takes."""
+    from effsam.optim.registry import accepted_kwargs
+    from effsam.train.config import load_config
+
+    taken = set().union(*(accepted_kwargs(n) for n in names))
+    return {k: v for k, v in load_config(CONFIG).optim.args.items() if k in taken}
+
+
+def subset_config(names: list[str], path: Path) -> list[str]:
+    """Write a config at ``path`` that extends the protocol with only the entries ``names``
+    (their labels and own args kept); returns the ``--set`` that narrows the shared args."""
+    import yaml
+
+    cfg = {"extends": str(CONFIG), "compare": {"optimizers": [entry_of(n) for n in names]}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return ["--set", "optim.args=" + json.dumps(shared_args_for(*names))]
+
+
 def run_equal_time(args: argparse.Namespace, work: Path, rows: list[dict[str, Any]]) -> int:
     """One compare per cheap method at its equal-time epochs: a small config that extends
     the protocol with only that entry (so its own args, e.g. MSAM's rho, stay)."""
-    import yaml
-
     cmds, logs = [], []
     for name, label, epochs in equal_time_plan(rows):
+        if args.only and name not in args.only:
+            continue
         out = work / "equal-time" / f"{label}-{epochs}ep"
-        out.mkdir(parents=True, exist_ok=True)
         extra = ["--epochs", str(epochs)]
-        if args.smoke:
-            extra += ["--optimizers", name]
-        else:
-            cfg = {"extends": str(CONFIG), "compare": {"optimizers": [entry_of(name)]}}
-            path = out / "config.yaml"
-            path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        config = None
+        if not args.smoke:
+            # the protocol's shared optim.args narrowed to what this method takes (compare
+            # refuses shared args that none of its optimizers takes)
+            config = out / "config.yaml"
+            extra += subset_config([name], config)
         for s in seeds_of(args):
-            cmd = compare_command(args, s, out / f"seed{s}", extra)
-            if not args.smoke:
-                cmd[cmd.index(str(CONFIG))] = str(out / "config.yaml")
-            cmds.append(cmd)
+            cmds.append(compare_command(args, s, out / f"seed{s}", extra, config, [name]))
             logs.append(out / f"seed{s}.log")
     return run_jobs(cmds, args.jobs, logs)
 
@@ -528,7 +595,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--jobs", type=int, default=1, help="seeds run in this many processes at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument(
+        "--protocol",
+        choices=sorted(PROTOCOLS),
+        default="frontier",
+        help="frontier: the CPU accuracy protocol, every method (default); augment: the "
+        "second protocol (augmentation, trained until SAM fits the training set)",
+    )
     p.add_argument("--equal-time", action="store_true", help="+ the equal wall-clock runs")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        help="train only these of the protocol's methods (both stages); the report still "
+        "shows every finished run",
+    )
     p.add_argument("--report-only", action="store_true", help="no training: report what finished")
     p.add_argument("--smoke", action="store_true", help="synthetic data, tiny model")
     p.add_argument("--quiet", action="store_true")
@@ -543,16 +624,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 1 or args.threads < 1:
         print("frontier: --jobs and --threads must be >= 1", file=sys.stderr)
         return 2
-    work = args.work / ("smoke" if args.smoke else "cifar10")
+    global CONFIG
+    CONFIG = ROOT / "configs" / "compare" / PROTOCOLS[args.protocol][0]
+    tag = "smoke" if args.smoke else PROTOCOLS[args.protocol][1]
+    work = args.work / tag
+    order = method_order(args.smoke)
+    unknown = sorted(set(args.only or []) - set(order))
+    if unknown:
+        print(
+            f"frontier: --only {unknown} not in the protocol ({', '.join(order)})", file=sys.stderr
+        )
+        return 2
     if not args.report_only:
         seeds = seeds_of(args)
-        cmds = [compare_command(args, s, work / f"seed{s}", []) for s in seeds]
+        config, extra = None, []
+        if args.only and not args.smoke:
+            config = work / "only.yaml"
+            extra = subset_config(args.only, config)
+        cmds = [
+            compare_command(args, s, work / f"seed{s}", extra, config, args.only) for s in seeds
+        ]
         logs = [work / f"seed{s}.log" for s in seeds]
         code = run_jobs(cmds, args.jobs, logs)
         if code:
             print(f"frontier: a compare run failed (exit {code}); see {work}/seed*.log")
             return code
-    order = method_order(args.smoke)
     rows = rows_of([r for r in collect(work) if r["stage"] == "protocol"], order)
     speeds_file = args.speeds or newest(RESULTS.glob("throughput-cifar_cnn-w1-b128-*1t*.json"))
     throughput = None
@@ -577,16 +673,12 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/frontier.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
-    title = (
-        "CIFAR-10, 5-conv CNN, 5,000 images, 30 epochs, 3 seeds"
-        if not args.smoke
-        else "smoke: synthetic data, tiny CNN, 2 epochs"
-    )
+    title = protocol_title(args.smoke)
     lines = [
         f"# The frontier: {title}",
         "",
         f"Command: `{command.strip()}`  ",
-        f"Protocol: {'smoke' if args.smoke else 'configs/compare/cifar10_cpu_frontier.yaml'}  ",
+        f"Protocol: {'smoke' if args.smoke else os.path.relpath(CONFIG, ROOT)}  ",
         f"Date: {env['date']}  ",
         f"Environment: torch {env['torch']}, {env['cpu']}, {args.threads} thread(s) per run, "
         f"{args.jobs} run(s) at a time  ",
@@ -612,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"frontier-{'smoke' if args.smoke else 'cifar10'}-{environment_tag(env)}"
+    stem = f"frontier-{tag}-{environment_tag(env)}"
     (args.out / f"{stem}.md").write_text(text)
     (args.out / f"{stem}.json").write_text(
         json.dumps(

@@ -115,6 +115,8 @@ def step_settings(optimizer: Any, sync_ascent: bool, accumulation_steps: int) ->
         s["ascent"] = f"{optimizer.ascent.name}({optimizer.ascent.extra_repr()})"
         s["mask"] = f"{optimizer.mask.name}({optimizer.mask.extra_repr()})"
         s["selection"] = f"{optimizer.selection.name}({optimizer.selection.extra_repr()})"
+        s["pass 2 on the whole batch"] = repr(optimizer.pass2_whole_batch)
+        s["sds_update"] = repr(getattr(optimizer, "sds_update", None))
         gen = getattr(optimizer.mask, "generator", None)
         if isinstance(gen, torch.Generator):
             s["mask generator state"] = _digest(gen.get_state().numpy().tobytes())

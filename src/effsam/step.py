@@ -401,6 +401,9 @@ class _Step:
         try:
             for i, mb in enumerate(self.micro):
                 sub = mb
+                if sds and opt.pass2_whole_batch:
+                    selected += self._pass2_whole_batch(i, mb)
+                    continue
                 if sds:
                     after = None
                     if opt.selection.needs_perturbed_loss:
@@ -421,6 +424,19 @@ class _Step:
             # micro-batch's
             opt.selection.last_fraction = selected / self.b_run
         return selected
+
+    def _pass2_whole_batch(self, i: int, mb: Any) -> int:
+        """The control's pass 2 on one micro-batch: the whole of it forwarded at θ + ε,
+        the samples ranked from that forward, only the selected ones' mean loss
+        back-propagated (weighted as SDS weighs its subset)."""
+        opt = self.optimizer
+        with self.no_sync(i < len(self.micro) - 1):
+            losses, _ = self.forward(mb)
+            idx = opt.select(self.losses_1[i], losses.detach())
+            chosen = losses if idx is None else losses[idx]
+            loss = _mean(chosen) * (batch_size(mb) / self.b_run)
+            self.backward(loss * float("nan") if self.poison else loss)
+        return chosen.numel()
 
     def descend(self, selected: int) -> StepResult:
         """θ restored, the final gradient unscaled and clipped, the base optimizer steps."""

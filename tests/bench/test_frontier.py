@@ -38,7 +38,7 @@ def test_frontier_smoke_writes_table_verdicts_and_plot(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
     md = next((tmp_path / "out").glob("frontier-smoke-*.md")).read_text()
     for label in ("SGD", "SAM", "SAM-LATE", "SAM-INTERVAL", "RST", "AE-SAM", "LOOKSAM", "MSAM",
-                  "KSAM", "ESAM", "ESAM-MIX", "ESAM-RANDOM"):  # fmt: skip
+                  "KSAM", "ESAM", "ESAM-MIX", "ESAM-RANDOM", "ESAM-WHOLEBATCH"):  # fmt: skip
         assert f"| {label} | 2 | 2 |" in md, label
     assert "target 1" in md and "target 2" in md and "Target 3 (diagnosis)" in md
     assert next((tmp_path / "out").glob("frontier-smoke-*.png")).stat().st_size > 10_000
@@ -114,3 +114,20 @@ def test_keeps_sam_accuracy_rule_pareto_front_and_equal_time_plan():
     assert plan == {"sgd": 60, "msam": 54}
     text = "\n".join(fr.verdicts(rows, []))
     assert "FAIL target 1" in text  # A keeps SAM's accuracy but at SAM's speed
+
+
+@pytest.mark.parametrize("protocol", ["frontier", "augment"])
+def test_protocols_name_their_runs_and_narrow_shared_args_per_method(protocol):
+    import yaml
+
+    fr = _module()
+    config, _ = fr.PROTOCOLS[protocol]
+    fr.CONFIG = ROOT / "configs" / "compare" / config
+    assert fr.protocol_name() == yaml.safe_load(fr.CONFIG.read_text())["name"]
+    aug = "no augmentation" if protocol == "frontier" else "augmentation cifar"
+    assert aug in fr.protocol_title(False)
+    # an equal-time run of one method passes only the shared args it takes: compare
+    # refuses shared args none of its optimizers takes (SGD takes none of rho/beta/gamma)
+    assert fr.shared_args_for("sgd") == {}
+    assert fr.shared_args_for("rst") == {"rho": 0.1}
+    assert fr.shared_args_for("esam-random") == {"rho": 0.1, "beta": 0.6, "gamma": 0.5}

@@ -273,6 +273,10 @@ COMPATIBLE = {
     # ESAM-mix is ESAM with sds_update="mix", a setting of the same policies
     frozenset({"esam", "esam-mix"}),
     frozenset({"esam-sds", "esam-mix"}),
+    # the whole-batch control is ESAM with sds_pass2="batch", a setting of the same policies
+    frozenset({"esam", "esam-wholebatch"}),
+    frozenset({"esam-sds", "esam-wholebatch"}),
+    frozenset({"esam-mix", "esam-wholebatch"}),
 }
 
 

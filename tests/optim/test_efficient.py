@@ -30,6 +30,7 @@ NEW = [
     "ksam",
     "esam-mix",
     "esam-random",
+    "esam-wholebatch",
 ]
 
 

@@ -337,3 +337,83 @@ def test_dict_and_list_batches_are_sliced():
     assert r.selected == 4 and r.batch_size == 8
     r = effsam.sharpness_aware_step(model, opt, [x, y], per_sample_ce)
     assert r.selected == 4
+
+
+def _wholebatch_by_hand(model, batch, rho, k, lr):
+    """The whole-batch control, written out: ε from pass 1 on the batch; at θ + ε the whole
+    batch forwarded (BN batch statistics of every sample), the k samples with the largest
+    ℓ_i(θ + ε) − ℓ_i(θ) from that forward, their mean loss back-propagated; θ − lr·g."""
+    probe = copy.deepcopy(model)
+    w0 = [p.detach().clone() for p in probe.parameters()]
+    l1 = per_sample_ce(probe, batch)
+    grads = torch.autograd.grad(l1.mean(), list(probe.parameters()))
+    norm = math.sqrt(sum(float((g**2).sum()) for g in grads))
+    with torch.no_grad():
+        for p, g in zip(probe.parameters(), grads):
+            p.add_(rho * g / norm)
+    l2 = per_sample_ce(probe, batch)
+    top = torch.topk((l2 - l1).detach(), k).indices
+    g2 = torch.autograd.grad(l2[top].mean(), list(probe.parameters()))
+    return [w - lr * g for w, g in zip(w0, g2)], top
+
+
+def test_wholebatch_control_backpropagates_the_subset_of_a_whole_batch_forward():
+    model = tiny_bn_net()
+    batch = tiny_data(n=10)
+    expected, top = _wholebatch_by_hand(model, batch, RHO, 4, lr=1.0)
+    bn_ref = copy.deepcopy(model)
+    per_sample_ce(bn_ref, batch)  # BN buffers as pass 1 leaves them
+    opt = effsam.create_optimizer(model, "esam-wholebatch", lr=1.0, rho=RHO, beta=1, gamma=0.4)
+    res = effsam.sharpness_aware_step(model, opt, batch, per_sample_ce)
+    assert res.selected == 4 and opt.selection.last_fraction == 0.4
+    assert opt.selection.last_indices.tolist() == sorted(top.tolist())
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-10, atol=1e-12)
+    for b, b1 in zip(model.buffers(), bn_ref.buffers()):
+        assert torch.equal(b, b1)
+
+
+def test_wholebatch_control_differs_from_esam_only_through_batchnorm():
+    batch = tiny_data(n=10)
+    runs = {}
+    for name, net in [("esam", tiny_bn_net()), ("esam-wholebatch", tiny_bn_net())]:
+        opt = effsam.create_optimizer(net, name, lr=1.0, rho=RHO, gamma=0.4, beta=1)
+        effsam.sharpness_aware_step(net, opt, batch, per_sample_ce)
+        runs[name] = [p.detach().clone() for p in net.parameters()]
+    # with BN the subset's own forward normalises by the subset's statistics: not the same
+    assert any(not torch.allclose(a, b) for a, b in zip(*runs.values()))
+
+    # without BN a sample's loss does not depend on the others: the control is ESAM
+    def plain_net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+
+    nets = [plain_net(), plain_net()]
+    for name, net in zip(["esam", "esam-wholebatch"], nets):
+        opt = effsam.create_optimizer(net, name, lr=1.0, rho=RHO, gamma=0.4, beta=1)
+        for i in range(3):
+            effsam.sharpness_aware_step(net, opt, tiny_data(seed=50 + i, n=10), per_sample_ce)
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_wholebatch_control_forwards_whole_batches_only():
+    model = CountingNet()
+    opt = effsam.create_optimizer(model, "esam-wholebatch", lr=LR, rho=RHO, gamma=0.5)
+    result = effsam.sharpness_aware_step(model, opt, tiny_data(n=12), per_sample_ce)
+    assert model.calls == [(12, True), (12, True)]  # SAM's passes, no ranking forward
+    assert result.selected == 6
+
+
+def test_wholebatch_control_under_accumulation_selects_per_micro_batch():
+    model = tiny_bn_net()
+    opt = effsam.create_optimizer(model, "esam-wholebatch", lr=LR, rho=RHO, beta=1, gamma=0.5)
+    x, y = tiny_data(seed=9, n=13)  # micro-batches of 5, 4, 4: k = 3, 2, 2
+    res = effsam.sharpness_aware_step(model, opt, (x, y), per_sample_ce, accumulation_steps=3)
+    assert res.selected == 7 and opt.selection.last_fraction == 7 / 13
+
+
+def test_bad_sds_pass2_is_refused():
+    model = tiny_bn_net()
+    with pytest.raises(ValueError, match="sds_pass2: 'all'"):
+        effsam.ESAM(torch.optim.SGD(model.parameters(), lr=LR), sds_pass2="all")

@@ -52,6 +52,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ksam": {"rho": 0.05, "gamma": 0.5},
     "esam-mix": {"rho": 0.05, "beta": 0.6, "gamma": 0.5},
     "esam-random": {"rho": 0.05, "beta": 0.6, "gamma": 0.5},
+    "esam-wholebatch": {"rho": 0.05, "beta": 0.6, "gamma": 0.5},
 }
 
 #: Methods whose steps differ in a fixed cycle: each round runs whole cycles of this many
@@ -456,7 +457,8 @@ def predicted_speeds(costs: dict[str, float]) -> dict[str, float]:
     F_k + B_k; ESAM = F + B_swp + F_ng + F_k + B_k; esam-loss = F + B_swp + F_k + B_k.
     The step-skipping methods at share q of sharpness-aware steps: (1 + q)(F + B) — q = 1/k
     for interval and LookSAM, SHARES for late, RST and AE-SAM; MSAM = F + B; K-SAM = F_ng +
-    2 (F_k + B_k); ESAM-mix = ESAM; the random-subset control = esam-loss.
+    2 (F_k + B_k); ESAM-mix = ESAM; the random-subset control = esam-loss; the whole-batch
+    control = SWP alone.
     """
     f, b = costs["forward"], costs["backward"]
     sub = costs["forward_subset"] + costs["backward_subset"]
@@ -473,6 +475,7 @@ def predicted_speeds(costs: dict[str, float]) -> dict[str, float]:
     }
     steps["esam-mix"] = steps["esam"]
     steps["esam-random"] = steps["esam-loss"]
+    steps["esam-wholebatch"] = steps["esam-swp"]  # pass 2 forwards and back-propagates all b
     for name, period in PERIODS.items():
         steps[name] = (1 + 1 / period) * (f + b)
     for name, share in SHARES.items():

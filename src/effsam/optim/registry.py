@@ -419,6 +419,17 @@ register(
 )
 register(
     OptimizerSpec(
+        "esam-wholebatch",
+        "ESAM control at SAM's cost: pass 2 forwards the whole batch at θ + ε and "
+        "back-propagates only SDS's top-sharpness samples (BN statistics of every sample)",
+        ESAM,
+        fixed={"sds_pass2": "batch"},
+        defaults={"rho": 0.05, "beta": 0.6, "gamma": 0.5},
+        args=_ESAM_ARGS,
+    )
+)
+register(
+    OptimizerSpec(
         "esam-random",
         "ESAM control: SDS's subset drawn uniformly at random (same size, no extra forward)",
         ESAM,

@@ -215,6 +215,10 @@ class SharpnessAware(Optimizer):
     # ------------------------------------------------------------------ the decision
     #: True for methods whose only pass runs at a point moved before pass 1 (MSAM).
     single_pass = False
+    #: True: with a sample selection, pass 2 forwards the whole batch at θ + ε (BN batch
+    #: statistics of every sample) and back-propagates only the selected samples' mean
+    #: loss, ranking them from that same forward (the ESAM-wholebatch control).
+    pass2_whole_batch = False
 
     def begin_step(self) -> bool | None:
         """Start a step (idempotent until it ends): ask the schedule whether it is

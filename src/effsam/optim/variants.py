@@ -17,6 +17,7 @@ from .sharpness_aware import SharpnessAware
 #: ESAM's selection modes: the paper's, the cheap one, and the random control
 ESAM_SELECTIONS = {**SELECTIONS, "random": RandomSubset}
 SDS_UPDATES = ("paper", "mix")
+SDS_PASS2 = ("subset", "batch")
 
 
 class SAM(SharpnessAware):
@@ -100,6 +101,10 @@ class ESAM(SharpnessAware):
         sds_update: ``"paper"`` (the update is the selected samples' perturbed gradient) or
             ``"mix"`` (blended with pass 1's clean gradient of the whole batch, so every
             sample stays in the update; see :mod:`effsam.optim.sds_variants`).
+        sds_pass2: ``"subset"`` (paper: pass 2 forwards only the selected samples) or
+            ``"batch"`` (the control: pass 2 forwards the whole batch at θ + ε, ranks the
+            samples from that forward and back-propagates only the selected samples'
+            mean loss, so BN's batch statistics come from every sample, at SAM's cost).
         swp_scaling: ``"authors"`` (‖ε‖ = ρ/β) or ``"unit"`` (‖ε‖ = ρ).
         adaptive: use ASAM's adaptive ascent.
     """
@@ -116,6 +121,7 @@ class ESAM(SharpnessAware):
         selection: str = "sharpness",
         swp_scaling: str = "authors",
         sds_update: str = "paper",
+        sds_pass2: str = "subset",
         adaptive: bool = False,
         eta: float = 0.0,
         **kwargs,
@@ -129,6 +135,10 @@ class ESAM(SharpnessAware):
             raise ValueError(
                 f"Invalid ESAM sds_update: {sds_update!r} (choose from {', '.join(SDS_UPDATES)})"
             )
+        if sds_pass2 not in SDS_PASS2:
+            raise ValueError(
+                f"Invalid ESAM sds_pass2: {sds_pass2!r} (choose from {', '.join(SDS_PASS2)})"
+            )
         mask = RandomTensorSubset(beta, seed=seed, scaling=swp_scaling)
         cls = ESAM_SELECTIONS[selection]
         policy = cls(gamma, seed=seed) if cls is RandomSubset else cls(gamma)
@@ -138,6 +148,8 @@ class ESAM(SharpnessAware):
         self.beta = mask.beta
         self.gamma = policy.gamma
         self.sds_update = sds_update
+        self.sds_pass2 = sds_pass2
+        self.pass2_whole_batch = sds_pass2 == "batch"
         self._clean: list[Tensor | None] | None = None
 
     def _on_ascent(self, params: list[Tensor], grads: list[Tensor]) -> None:
