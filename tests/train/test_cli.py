@@ -60,6 +60,16 @@ def test_compare_writes_table_csv_json_and_plot(tmp_path, capsys):
     # ... but not when the settings of a finished run changed
     code, _, err = run([*argv, "--resume", "--lr", "0.2"], capsys)
     assert code == 2 and "differs in optim.lr" in err
+    # a run saved before a config key existed ran with its default: still reused ...
+    saved = yaml.safe_load((esam1 / "config.yaml").read_text())
+    del saved["train"]["sds_diagnostics"]
+    (esam1 / "config.yaml").write_text(yaml.safe_dump(saved))
+    code, _, err = run([*argv, "--resume"], capsys)
+    assert code == 0, err
+    assert json.loads((root / "compare.json").read_text())["runs"] == result["runs"]
+    # ... and a value other than the default is still a change
+    code, _, err = run([*argv, "--resume", "--set", "train.sds_diagnostics=5"], capsys)
+    assert code == 2 and "differs in train.sds_diagnostics" in err
 
 
 def test_compare_on_digits(tmp_path, capsys):

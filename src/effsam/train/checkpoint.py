@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import distributed as ddp
-from .config import Config, ConfigError, to_dict
+from .config import Config, ConfigError, deep_merge, to_dict
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -255,13 +255,24 @@ def resume_state(
     state = load_checkpoint(ckpt, CHECKPOINT_KEYS)
     if not isinstance(state["config"], dict):
         raise CheckpointError(f"checkpoint {ckpt} is not an effsam run checkpoint: bad config")
-    changed = changed_keys(state["config"], to_dict(cfg)) - RESUMABLE_CHANGES
+    changed = changed_since(state["config"], cfg)
     if changed:
         raise ConfigError(
             f"cannot resume {run_dir}: the config differs from the checkpoint's in "
             f"{', '.join(sorted(changed))}"
         )
     return state
+
+
+def changed_since(saved: dict[str, Any], cfg: Config) -> set[str]:
+    """The keys that changed the computation between a saved run's config and ``cfg``.
+
+    A key the saved config lacks was added to the schema after that run was made: it ran
+    with the key's default (a new key's default keeps the old behaviour), so it counts as
+    that default, not as a change.
+    """
+    full = deep_merge(to_dict(Config()), saved)
+    return changed_keys(full, to_dict(cfg)) - RESUMABLE_CHANGES
 
 
 def changed_keys(old: Any, new: Any, prefix: str = "") -> set[str]:

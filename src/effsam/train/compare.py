@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from .checkpoint import RESUMABLE_CHANGES, changed_keys, resume_state
+from .checkpoint import changed_since, resume_state
 from .config import Config, ConfigError, dump_yaml, load_config, to_dict
 from .distributed import resolve_device
 from .loop import train
@@ -199,7 +199,7 @@ def _finished_summary(run_dir: Path, cfg: Config) -> dict[str, Any] | None:
         ) from None
     if not isinstance(saved, dict):
         raise ConfigError(f"cannot reuse the run {run_dir}: its config.yaml is not a mapping")
-    changed = changed_keys(saved, to_dict(cfg)) - RESUMABLE_CHANGES
+    changed = changed_since(saved, cfg)
     if changed:
         raise ConfigError(
             f"cannot reuse the finished run {run_dir}: its config differs in "
