@@ -516,8 +516,15 @@ def _overlap(a, b) -> bool:
 # ----------------------------------------------------------------------------- equal time
 
 
-def equal_time_plan(rows: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
-    """(optimizer, label, epochs): SGD and the cheap methods given SAM's training time."""
+def equal_time_plan(
+    rows: list[dict[str, Any]], side_by_side: bool = False
+) -> list[tuple[str, str, int]]:
+    """(optimizer, label, epochs): SGD and the cheap methods given SAM's training time.
+
+    With ``side_by_side`` (a throughput file was given) a method's cost is its side-by-side
+    speed, and a method without one is left out: the runs' own times are not comparable
+    (runs made at different times see different loads). Without it (smoke) the times as
+    run are used."""
     by = {r["optimizer"]: r for r in rows}
     sam = by.get("sam")
     if sam is None or not sam["time_s"]:
@@ -525,6 +532,9 @@ def equal_time_plan(rows: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
     plan = []
     for r in rows:
         if r["optimizer"] == "sam" or not r["time_s"]:
+            continue
+        if side_by_side and not r.get("speed"):
+            print(f"frontier: {r['label']} has no side-by-side speed: not planned at equal time")
             continue
         share = 1.0 / r["speed"] if r.get("speed") else r["time_s"] / sam["time_s"]
         if share <= CHEAP:
@@ -564,11 +574,13 @@ def subset_config(names: list[str], path: Path) -> list[str]:
     return ["--set", "optim.args=" + json.dumps(shared_args_for(*names))]
 
 
-def run_equal_time(args: argparse.Namespace, work: Path, rows: list[dict[str, Any]]) -> int:
+def run_equal_time(
+    args: argparse.Namespace, work: Path, rows: list[dict[str, Any]], side_by_side: bool
+) -> int:
     """One compare per cheap method at its equal-time epochs: a small config that extends
     the protocol with only that entry (so its own args, e.g. MSAM's rho, stay)."""
     cmds, logs = [], []
-    for name, label, epochs in equal_time_plan(rows):
+    for name, label, epochs in equal_time_plan(rows, side_by_side):
         if args.only and name not in args.only:
             continue
         out = work / "equal-time" / f"{label}-{epochs}ep"
@@ -656,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         throughput = json.loads(speeds_file.read_text())
     apply_speeds(rows, throughput)
     if args.equal_time and not args.report_only:
-        code = run_equal_time(args, work, rows)
+        code = run_equal_time(args, work, rows, throughput is not None)
         if code:
             return code
     equal_runs = [r for r in collect(work) if r["stage"] == "equal-time"]

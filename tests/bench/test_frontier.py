@@ -112,6 +112,11 @@ def test_keeps_sam_accuracy_rule_pareto_front_and_equal_time_plan():
     # SGD at half SAM's cost gets 2x the epochs, B (1/1.8 of SAM's cost) 54; A is not cheap
     plan = {name: epochs for name, _, epochs in fr.equal_time_plan(rows)}
     assert plan == {"sgd": 60, "msam": 54}
+    # a method without a side-by-side speed is not planned from its time as run
+    by["B"]["speed"] = None
+    plan = {name: epochs for name, _, epochs in fr.equal_time_plan(rows, side_by_side=True)}
+    assert plan == {"sgd": 60}
+    by["B"]["speed"] = 1.8
     text = "\n".join(fr.verdicts(rows, []))
     assert "FAIL target 1" in text  # A keeps SAM's accuracy but at SAM's speed
 
@@ -131,3 +136,15 @@ def test_protocols_name_their_runs_and_narrow_shared_args_per_method(protocol):
     assert fr.shared_args_for("sgd") == {}
     assert fr.shared_args_for("rst") == {"rho": 0.1}
     assert fr.shared_args_for("esam-random") == {"rho": 0.1, "beta": 0.6, "gamma": 0.5}
+
+
+def test_only_names_outside_the_protocol_exit_2_before_any_run(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "frontier.py"), "--only", "sam", "adamw"]
+        + ["--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "--only ['adamw'] not in the protocol" in proc.stderr
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
