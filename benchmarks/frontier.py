@@ -325,7 +325,9 @@ def targets(rows, keepers, equal, sam) -> list[str]:
     else:
         out.append("FAIL target 1: no method keeps SAM's accuracy at >= 1.5x SAM's speed.")
     late = next((r for r in rows if r["optimizer"] == "sam-late"), None)
-    if late is None:
+    if late is None and "sam-late" not in method_order(False):
+        out.append("Target 2: SAM-late is not in this protocol (see the first protocol).")
+    elif late is None:
         out.append("FAIL target 2: the late-SAM schedule has not finished.")
     else:
         # at equal wall-clock where measured, else at the protocol's epochs
@@ -692,8 +694,12 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `{command.strip()}`  ",
         f"Protocol: {'smoke' if args.smoke else os.path.relpath(CONFIG, ROOT)}  ",
         f"Date: {env['date']}  ",
-        f"Environment: torch {env['torch']}, {env['cpu']}, {args.threads} thread(s) per run, "
-        f"{args.jobs} run(s) at a time  ",
+        f"Environment: torch {env['torch']}, {env['cpu']}, "
+        + (
+            "the runs as they were made (each run's env.json records its threads)  "
+            if args.report_only
+            else f"{args.threads} thread(s) per run, {args.jobs} run(s) at a time  "
+        ),
         "Speeds: "
         + (
             f"side by side from `{os.path.relpath(speeds_file, ROOT)}` (interleaved rounds "
