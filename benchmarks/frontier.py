@@ -1,6 +1,6 @@
 """The frontier: which method keeps SAM's accuracy at near-SGD cost, side by side.
 
-    python benchmarks/frontier.py --data-dir DIR             # 13 methods x 3 seeds (hours on 2 cores)
+    python benchmarks/frontier.py --data-dir DIR             # 14 methods x 3 seeds (hours on 2 cores)
     python benchmarks/frontier.py --data-dir DIR --jobs 3    # the seeds in parallel processes
     python benchmarks/frontier.py --data-dir DIR --equal-time  # + SGD and the cheap methods
                                                              #   given SAM's training time
@@ -310,6 +310,25 @@ def verdicts(rows: list[dict[str, Any]], equal: list[dict[str, Any]]) -> list[st
             )
             + "."
         )
+    for r in equal:
+        if r["acc"] is None:
+            continue
+        keeps = keeps_sam_accuracy(r, sam)
+        out.append(
+            f"At SAM's training time, {r['label']} ({len(r['seeds'])} seed(s)): "
+            f"{100 * (r['acc'] - sam['acc']):+.2f} points vs SAM at {sam['epochs']} epochs "
+            f"(paired {', '.join(f'{x:+.2f}' for x in r['paired'] or [])}) -> "
+            + (
+                "more accurate than SAM for the same time (beyond SAM's seed std, on every seed)"
+                if keeps
+                and r["acc"] - sam["acc"] > (sam["acc_std"] or 0)
+                and all(d > 0 for d in r["paired"])
+                else "as accurate as SAM for the same time"
+                if keeps
+                else "below SAM for the same time"
+            )
+            + "."
+        )
     return out + targets(rows, keepers, equal, sam)
 
 
@@ -406,8 +425,10 @@ def newest(paths: Any) -> Path | None:
 
 
 def plot(rows: list[dict[str, Any]], equal: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Test accuracy against training wall-clock, error bars over seeds, labels that do not
-    overlap, the Pareto front (no other point both faster and more accurate)."""
+    """Left: test accuracy against training wall-clock at the protocol's epochs, error bars
+    over seeds, labels that do not overlap, the Pareto front (no other point both faster
+    and more accurate). Right (with equal-time runs): each method given SAM's training
+    time beside SAM, SAM's mean and seed std as a band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -420,24 +441,30 @@ def plot(rows: list[dict[str, Any]], equal: list[dict[str, Any]], path: Path, ti
         # for every method); otherwise the time as run
         epochs_share = r["epochs"] / sam["epochs"] if sam else 1.0
         r["x"] = sam["time_s"] * epochs_share / r["speed"] if side else r["time_s"]
-    pts = [(r, "protocol") for r in rows if r["acc"] is not None and r["x"]]
-    pts += [(r, "equal") for r in equal if r["acc"] is not None and r["x"]]
+    pts = [r for r in rows if r["acc"] is not None and r["x"]]
+    eq = sorted((r for r in equal if r["acc"] is not None), key=lambda r: r["acc"])
     if not pts:
         return
-    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
-    for r, stage in pts:
+    if eq and sam is not None and sam["acc"] is not None:
+        fig, (ax, ax2) = plt.subplots(
+            1, 2, figsize=(13, 6), dpi=120, gridspec_kw={"width_ratios": [2, 1]}
+        )
+    else:
+        fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
+        ax2 = None
+    for r in pts:
         ax.errorbar(
             r["x"],
             100 * r["acc"],
             xerr=0 if side else (r["time_std"] or 0),
             yerr=100 * (r["acc_std"] or 0),
-            fmt="o" if stage == "protocol" else "s",
-            color="tab:blue" if stage == "protocol" else "tab:orange",
+            fmt="o",
+            color="tab:blue",
             ecolor="0.6",
             capsize=3,
             ms=6,
         )
-    front = pareto([r for r, _ in pts])
+    front = pareto(pts)
     ax.plot(
         [r["x"] for r in front],
         [100 * r["acc"] for r in front],
@@ -448,8 +475,6 @@ def plot(rows: list[dict[str, Any]], equal: list[dict[str, Any]], path: Path, ti
         label="Pareto front",
     )
     ax.plot([], [], "o", color="tab:blue", label=f"{rows[0]['epochs'] if rows else ''} epochs")
-    if equal:
-        ax.plot([], [], "s", color="tab:orange", label="given SAM's training time")
     ax.set_xlabel(
         "training time per run (s): SAM's, divided by the speed measured side by side"
         if side
@@ -458,10 +483,31 @@ def plot(rows: list[dict[str, Any]], equal: list[dict[str, Any]], path: Path, ti
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    labels = [(r["label"], r["x"], 100 * r["acc"]) for r, _ in pts]
-    place_labels(ax, fig, labels)
+    ax.legend(loc="best", fontsize=8)
+    if ax2 is not None:
+        mean, std = 100 * sam["acc"], 100 * (sam["acc_std"] or 0)
+        ax2.axhspan(mean - std, mean + std, color="tab:blue", alpha=0.12, lw=0)
+        ax2.axhline(mean, color="tab:blue", lw=1, ls="--", label=f"SAM, {sam['epochs']} epochs")
+        for i, r in enumerate(eq):
+            ax2.errorbar(
+                i,
+                100 * r["acc"],
+                yerr=100 * (r["acc_std"] or 0),
+                fmt="s",
+                color="tab:orange",
+                ecolor="0.6",
+                capsize=3,
+                ms=6,
+            )
+        ax2.set_xticks(range(len(eq)), [r["label"] for r in eq], rotation=35, ha="right")
+        ax2.set_xlim(-0.6, len(eq) - 0.4)
+        ax2.set_ylabel("test accuracy (%)")
+        ax2.set_title("given SAM's training time (mean ± std over seeds)", fontsize=10)
+        ax2.grid(alpha=0.3, axis="y")
+        ax2.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
+    labels = [(r["label"], r["x"], 100 * r["acc"], 100 * (r["acc_std"] or 0)) for r in pts]
+    place_labels(ax, fig, labels)
     fig.savefig(path)
     plt.close(fig)
 
@@ -475,18 +521,22 @@ def pareto(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return front
 
 
-def place_labels(ax, fig, labels: list[tuple[str, float, float]]) -> None:
-    """Each label at the first of 16 offsets around its point whose box overlaps no other
-    label and no point (display coordinates): deterministic, no extra dependency."""
+def place_labels(ax, fig, labels: list[tuple[str, float, float, float]]) -> None:
+    """Each label (text, x, y, y error) at the first of 16 offsets around its point whose
+    box overlaps no other label, no point and no error bar (display coordinates):
+    deterministic, no extra dependency."""
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     taken = []
-    points = [ax.transData.transform((x, y)) for _, x, y in labels]
-    for px, py in points:
+    for _, x, y, err in labels:
+        px, py = ax.transData.transform((x, y))
+        _, lo = ax.transData.transform((x, y - err))
+        _, hi = ax.transData.transform((x, y + err))
         taken.append((px - 4, py - 4, px + 4, py + 4))
+        taken.append((px - 2, min(lo, py - 4), px + 2, max(hi, py + 4)))
     offsets = [(8, 6), (8, -14), (-8, 6), (-8, -14), (0, 12), (0, -20), (16, -4), (-16, -4)]
     offsets += [(dx * 2, dy * 2) for dx, dy in offsets]
-    for text, x, y in labels:
+    for text, x, y, _ in labels:
         placed = None
         for dx, dy in offsets:
             ann = ax.annotate(

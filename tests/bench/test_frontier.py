@@ -119,6 +119,15 @@ def test_keeps_sam_accuracy_rule_pareto_front_and_equal_time_plan():
     by["B"]["speed"] = 1.8
     text = "\n".join(fr.verdicts(rows, []))
     assert "FAIL target 1" in text  # A keeps SAM's accuracy but at SAM's speed
+    # at SAM's training time: SGD given 60 epochs, paired with SAM at 30 by seed
+    equal = fr.rows_of(_runs([_row("SGD @60 ep", "sgd", [0.66, 0.655, 0.67], 200, 2000, 60)]))
+    for r in equal:
+        r["paired"] = fr.paired(r, sam)
+    text = "\n".join(fr.verdicts(rows, equal))
+    assert (
+        "At SAM's training time, SGD @60 ep (3 seed(s)): +0.17 points vs SAM at 30 epochs "
+        "(paired +1.00, -0.50, +0.00) -> as accurate as SAM for the same time." in text
+    )
 
 
 @pytest.mark.parametrize("protocol", ["frontier", "augment"])
