@@ -148,7 +148,6 @@ class ESAM(SharpnessAware):
         self.beta = mask.beta
         self.gamma = policy.gamma
         self.sds_update = sds_update
-        self.sds_pass2 = sds_pass2
         self.pass2_whole_batch = sds_pass2 == "batch"
         self._clean: list[Tensor | None] | None = None
 
