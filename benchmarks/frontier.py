@@ -435,12 +435,11 @@ def plot(rows: list[dict[str, Any]], equal: list[dict[str, Any]], path: Path, ti
     import matplotlib.pyplot as plt
 
     sam = next((r for r in rows if r["optimizer"] == "sam"), None)
-    side = sam is not None and all(r.get("speed") for r in rows + equal if r["acc"] is not None)
-    for r in rows + equal:
+    side = sam is not None and all(r.get("speed") for r in rows if r["acc"] is not None)
+    for r in rows:
         # with side-by-side speeds: SAM's training time over the method's speed (one load
-        # for every method); otherwise the time as run
-        epochs_share = r["epochs"] / sam["epochs"] if sam else 1.0
-        r["x"] = sam["time_s"] * epochs_share / r["speed"] if side else r["time_s"]
+        # for every method, all at the protocol's epochs); otherwise the time as run
+        r["x"] = sam["time_s"] / r["speed"] if side else r["time_s"]
     pts = [r for r in rows if r["acc"] is not None and r["x"]]
     eq = sorted((r for r in equal if r["acc"] is not None), key=lambda r: r["acc"])
     if not pts:
@@ -452,6 +451,7 @@ def plot(rows: list[dict[str, Any]], equal: list[dict[str, Any]], path: Path, ti
     else:
         fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
         ax2 = None
+    bars = {"ecolor": "0.6", "capsize": 3, "ms": 6}  # both panels' error bars
     for r in pts:
         ax.errorbar(
             r["x"],
@@ -460,9 +460,7 @@ def plot(rows: list[dict[str, Any]], equal: list[dict[str, Any]], path: Path, ti
             yerr=100 * (r["acc_std"] or 0),
             fmt="o",
             color="tab:blue",
-            ecolor="0.6",
-            capsize=3,
-            ms=6,
+            **bars,
         )
     front = pareto(pts)
     ax.plot(
@@ -495,9 +493,7 @@ def plot(rows: list[dict[str, Any]], equal: list[dict[str, Any]], path: Path, ti
                 yerr=100 * (r["acc_std"] or 0),
                 fmt="s",
                 color="tab:orange",
-                ecolor="0.6",
-                capsize=3,
-                ms=6,
+                **bars,
             )
         ax2.set_xticks(range(len(eq)), [r["label"] for r in eq], rotation=35, ha="right")
         ax2.set_xlim(-0.6, len(eq) - 0.4)
