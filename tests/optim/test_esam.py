@@ -339,6 +339,12 @@ def test_dict_and_list_batches_are_sliced():
     assert r.selected == 4
 
 
+def plain_net():
+    """tiny_bn_net without its BatchNorm: a sample's loss does not depend on the others."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+
+
 def _wholebatch_by_hand(model, batch, rho, k, lr):
     """The whole-batch control, written out: ε from pass 1 on the batch; at θ + ε the whole
     batch forwarded (BN batch statistics of every sample), the k samples with the largest
@@ -384,10 +390,6 @@ def test_wholebatch_control_differs_from_esam_only_through_batchnorm():
     assert any(not torch.allclose(a, b) for a, b in zip(*runs.values()))
 
     # without BN a sample's loss does not depend on the others: the control is ESAM
-    def plain_net():
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
-
     nets = [plain_net(), plain_net()]
     for name, net in zip(["esam", "esam-wholebatch"], nets):
         opt = effsam.create_optimizer(net, name, lr=1.0, rho=RHO, gamma=0.4, beta=1)
@@ -411,6 +413,14 @@ def test_wholebatch_control_under_accumulation_selects_per_micro_batch():
     x, y = tiny_data(seed=9, n=13)  # micro-batches of 5, 4, 4: k = 3, 2, 2
     res = effsam.sharpness_aware_step(model, opt, (x, y), per_sample_ce, accumulation_steps=3)
     assert res.selected == 7 and opt.selection.last_fraction == 7 / 13
+
+    # without BN the micro-batches' subsets are weighted as ESAM's: the same step
+    nets = [plain_net(), plain_net()]
+    for name, net in zip(["esam", "esam-wholebatch"], nets):
+        opt = effsam.create_optimizer(net, name, lr=1.0, rho=RHO, gamma=0.5, beta=1)
+        effsam.sharpness_aware_step(net, opt, (x, y), per_sample_ce, accumulation_steps=3)
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 def test_bad_sds_pass2_is_refused():
