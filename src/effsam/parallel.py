@@ -117,6 +117,11 @@ def step_settings(optimizer: Any, sync_ascent: bool, accumulation_steps: int) ->
         s["selection"] = f"{optimizer.selection.name}({optimizer.selection.extra_repr()})"
         s["pass 2 on the whole batch"] = repr(optimizer.pass2_whole_batch)
         s["sds_update"] = repr(getattr(optimizer, "sds_update", None))
+        s["sds_bn"] = repr(getattr(optimizer, "sds_bn_batch", False))
+        s["ascent slice"] = optimizer.ascent_slice.extra_repr()
+        s["ascent slice generator state"] = _digest(
+            optimizer.ascent_slice.generator.get_state().numpy().tobytes()
+        )
         gen = getattr(optimizer.mask, "generator", None)
         if isinstance(gen, torch.Generator):
             s["mask generator state"] = _digest(gen.get_state().numpy().tobytes())

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .batching import batch_size, index_batch, split_batch
-from .bn import restore_bn, snapshot_bn
+from .bn import capture_bn_stats, restore_bn, snapshot_bn, use_bn_stats
 from .optim.sharpness_aware import KeptFraction, SharpnessAware
 from .parallel import (
     check_ddp_settings,
@@ -69,6 +69,11 @@ class StepResult:
         aux: what ``loss_fn`` returned beside the losses in pass 1 (e.g. logits).
         sharpness_aware: the step was sharpness-aware (False: a plain base step, by the
             optimizer's schedule, or a plain optimizer).
+        ascent_samples: samples pass 1 ran on in a two-pass step (< batch_size with a
+            reduced-batch ascent); None for a step without a separate ascent pass.
+
+    With a reduced-batch ascent (``ascent_fraction`` < 1) pass 1 sees only a slice, so
+    ``loss`` and ``aux`` are pass 2's: the whole batch at θ + ε.
     """
 
     loss: Tensor
@@ -79,6 +84,7 @@ class StepResult:
     mask_refreshed: bool = False
     aux: Any = None
     sharpness_aware: bool = False
+    ascent_samples: int | None = None
 
 
 def _autocast_dtype(autocast: Any) -> torch.dtype | None:
@@ -197,7 +203,7 @@ def sharpness_aware_step(
         step.refresh_mask()
         decision = step.decide()  # sharpness-aware (True), plain (False), after pass 1 (None)
         step.preselect(decision, bn_start)  # K-SAM: both passes on the top k
-        step.pass1(decision)
+        step.pass1(decision, bn_start)
         if not step.sam:
             return step.plain_optimizer_step()
         if decision is None:
@@ -239,6 +245,9 @@ class _Step:
     total: Tensor | None = None
     aux: Any = None
     poison: bool = False
+    sliced: bool = False
+    ascent_samples: int | None = None
+    bn_stats_1: list[dict[Any, Any]] = field(default_factory=list)
 
     @classmethod
     def prepare(
@@ -321,24 +330,46 @@ class _Step:
             restore_bn(bn_start)  # the ranking forward must not move BN statistics
         self.b_run = sum(batch_size(mb) for mb in self.micro)
 
-    def pass1(self, decision: bool | None) -> None:
+    def pass1(self, decision: bool | None, bn_start: Any) -> None:
         """Pass 1 at θ: local to this worker (no_sync, forward AND backward) when a second
         pass may follow (m-sharpness; sync_ascent reduces it by hand later) or between
-        accumulation micro-batches; synced on the last micro-batch of a one-pass step."""
+        accumulation micro-batches; synced on the last micro-batch of a one-pass step.
+
+        A reduced-batch ascent runs on each micro-batch's slice, weighted by the slices'
+        sizes, and leaves no trace in the BN running statistics (pass 2 updates them)."""
         opt = self.optimizer
         two_pass = self.sam and decision is not False and not opt.single_pass
         total = torch.zeros((), device=next(iter(self.model.parameters())).device)
         aux = None
         with opt.first_pass() if self.sam else contextlib.nullcontext():
-            for i, mb in enumerate(self.micro):
-                last = i == len(self.micro) - 1
-                with self.no_sync(two_pass or not last):
+            parts = self.micro
+            if two_pass and opt.ascent_slice.slices:
+                parts = [opt.ascent_batch(mb) for mb in self.micro]
+                self.sliced = opt._sliced
+            n1 = sum(batch_size(mb) for mb in parts) if self.sliced else self.b_run
+            capture = two_pass and self._bn_repair() and not opt.selection.needs_perturbed_loss
+            for i, mb in enumerate(parts):
+                last = i == len(parts) - 1
+                stats: dict[Any, Any] = {}
+                self.bn_stats_1.append(stats)
+                with (
+                    self.no_sync(two_pass or not last),
+                    capture_bn_stats(self.model, stats) if capture else contextlib.nullcontext(),
+                ):
                     losses, aux_i = self.forward(mb)
-                    loss = _mean(losses) * (batch_size(mb) / self.b_run)
+                    loss = _mean(losses) * (batch_size(mb) / n1)
                     self.backward(loss)
                 self.losses_1.append(losses.detach())
                 total = total + loss.detach()
-                aux = aux_i if len(self.micro) == 1 else _merge_aux(aux, aux_i)
+                aux = aux_i if len(parts) == 1 else _merge_aux(aux, aux_i)
+        if two_pass:
+            self.ascent_samples = n1
+        if self.sliced:
+            restore_bn(bn_start)  # the slice's statistics must not reach the running ones
+            # pass 2 reports the whole batch's loss and aux; until then (a step skipped by
+            # a non-finite pass 1 ends here) the slice's loss, and no aux
+            self.total, self.aux = total, None
+            return
         if self.total is None:  # (K-SAM has set the whole batch's already)
             self.total, self.aux = total, aux
         if self.sam and opt.pass1_keep is not None and not all(opt.pass1_keep):
@@ -386,8 +417,9 @@ class _Step:
             if self.scaler is not None:
                 self.scaler.update()
             return StepResult(
-                self.total, self.b, 0, opt.last_kept, True, self.refreshed, self.aux, True
-            )
+                self.total, self.b, 0, opt.last_kept, True, self.refreshed, self.aux, True,
+                self.ascent_samples,
+            )  # fmt: skip
         self.poison = True
         return None
 
@@ -395,6 +427,8 @@ class _Step:
         """Pass 2 at θ + ε (SDS: on the selected samples), BN statistics kept as pass 1
         left them. Returns the number of samples it used."""
         opt = self.optimizer
+        if self.sliced:
+            return self._pass2_after_slice()
         bn_after_pass1 = snapshot_bn(self.model)
         selected = 0
         sds = opt.selection.needs_per_sample and not _preselects(opt)
@@ -404,15 +438,30 @@ class _Step:
                 if sds and opt.pass2_whole_batch:
                     selected += self._pass2_whole_batch(i, mb)
                     continue
+                stats = self.bn_stats_1[i] if sds and self._bn_repair() else None
                 if sds:
                     after = None
                     if opt.selection.needs_perturbed_loss:
-                        with torch.no_grad():
+                        if stats is not None:
+                            stats = {}  # the whole batch's statistics, at θ + ε
+                        with (
+                            torch.no_grad(),
+                            (
+                                capture_bn_stats(self.model, stats)
+                                if stats is not None
+                                else contextlib.nullcontext()
+                            ),
+                        ):
                             after, _ = self.forward(mb)
                     idx = opt.select(self.losses_1[i], after)
                     if idx is not None:
                         sub = index_batch(mb, idx)
-                with self.no_sync(i < len(self.micro) - 1):
+                    else:
+                        stats = None  # the whole batch: its own statistics
+                with (
+                    self.no_sync(i < len(self.micro) - 1),
+                    use_bn_stats(self.model, stats) if stats else contextlib.nullcontext(),
+                ):
                     losses, _ = self.forward(sub)
                     loss = _mean(losses) * (batch_size(mb) / self.b_run)
                     self.backward(loss * float("nan") if self.poison else loss)
@@ -424,6 +473,25 @@ class _Step:
             # micro-batch's
             opt.selection.last_fraction = selected / self.b_run
         return selected
+
+    def _bn_repair(self) -> bool:
+        return bool(getattr(self.optimizer, "sds_bn_batch", False))
+
+    def _pass2_after_slice(self) -> int:
+        """Pass 2 after a reduced-batch ascent: the whole batch at θ + ε, which also
+        updates the BN running statistics (once per micro-batch, as a plain step would)
+        and gives the step's reported loss and aux."""
+        total = torch.zeros((), device=next(iter(self.model.parameters())).device)
+        aux = None
+        for i, mb in enumerate(self.micro):
+            with self.no_sync(i < len(self.micro) - 1):
+                losses, aux_i = self.forward(mb)
+                loss = _mean(losses) * (batch_size(mb) / self.b_run)
+                self.backward(loss * float("nan") if self.poison else loss)
+            total = total + loss.detach()
+            aux = aux_i if len(self.micro) == 1 else _merge_aux(aux, aux_i)
+        self.total, self.aux = total, aux
+        return self.b_run
 
     def _pass2_whole_batch(self, i: int, mb: Any) -> int:
         """The control's pass 2 on one micro-batch: the whole of it forwarded at θ + ε,
@@ -451,8 +519,9 @@ class _Step:
         if self.scaler is not None:
             self.scaler.update()  # backs off if either pass recorded an overflow
         return StepResult(
-            self.total, self.b, selected, opt.last_kept, not ok, self.refreshed, self.aux, True
-        )
+            self.total, self.b, selected, opt.last_kept, not ok, self.refreshed, self.aux, True,
+            self.ascent_samples,
+        )  # fmt: skip
 
     def rollback(self, bn_start: Any) -> None:
         """A failure part-way: weights, BN buffers, optimizer state and the scaler as they

@@ -139,7 +139,13 @@ def test_state_dict_round_trip_continues_bit_identically(name):
 #: entries whose statistics are by design not those of the whole batch at θ, each tested
 #: against its own rule in tests/optim/test_efficient.py (test_bn_buffers_are_those_of_the_
 #: clean_pass): MSAM's only pass runs at θ − ρ v/‖v‖; K-SAM's pass 1 sees the top k samples
-BN_OWN_RULE = {"msam", "ksam"}
+# MSAM, K-SAM and the stale ascent run their one pass elsewhere; a reduced-batch ascent's
+# statistics are pass 2's (the whole batch): each has its own BN test.
+BN_OWN_RULE = {"msam", "ksam"} | {
+    n
+    for n in WRAPPERS
+    if get_spec(n).defaults.get("ascent_fraction", 1.0) < 1.0 or "stale" in n or "msam" in n
+}
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n not in BN_OWN_RULE])
@@ -238,8 +244,13 @@ def test_the_closure_api_is_the_step_function_or_refuses(name):
     def closure_for(b):
         def closure():
             opt.zero_grad()
-            with effsam.preserve_bn_stats(model, enabled=opt.perturbed):
-                loss = ce(model, b).mean()
+            part = opt.ascent_batch(b)  # a reduced-batch ascent's slice in pass 1, else b
+            # BN statistics as sharpness_aware_step keeps them: not from a slice, not from
+            # pass 2 at θ + ε unless pass 1 was a slice (then pass 2's are the batch's)
+            sliced = part is not b
+            protect = sliced or (opt.perturbed and not opt.ascent_slice.slices)
+            with effsam.preserve_bn_stats(model, enabled=protect):
+                loss = ce(model, part).mean()
                 loss.backward()
             return loss
 
@@ -265,6 +276,32 @@ def test_the_closure_api_is_the_step_function_or_refuses(name):
     assert same(opt.state_dict(), ref_opt)
 
 
+@pytest.mark.parametrize("name", [n for n in WRAPPERS if n not in ("ksam",)])
+def test_the_two_phase_api_is_the_step_function(name):
+    """first_pass / first_step / second_step by hand, as docs/api.md writes it, gives the
+    step function's result (selection methods excepted: they need per-sample losses)."""
+    model, opt = make(name)
+    if opt.selection.needs_per_sample:
+        return
+    ref_model, ref_opt = reference(name)
+    for i in range(N_STEPS):
+        b = batch(i)
+        if opt.mask.needs_data and opt.mask_refresh_due():
+            opt.refresh_mask(model, b, ce)
+        with opt.first_pass():
+            part = opt.ascent_batch(b)
+            with effsam.preserve_bn_stats(model, enabled=part is not b):
+                ce(model, part).mean().backward()
+        if opt.first_step(zero_grad=True):
+            part = opt.ascent_batch(b)  # outside pass 1: the batch itself
+            assert part is b
+            with effsam.preserve_bn_stats(model, enabled=not opt.ascent_slice.slices):
+                ce(model, b).mean().backward()
+        opt.second_step(zero_grad=True)
+    assert same(model.state_dict(), ref_model)
+    assert same(opt.state_dict(), ref_opt)
+
+
 # ---------------------------------------------------------------------- another's state
 #: pairs of entries whose states are interchangeable: the same policies (ESAM's SDS alone
 #: is ESAM with β = 1, a setting; every other pair differs in a policy)
@@ -277,6 +314,14 @@ COMPATIBLE = {
     frozenset({"esam", "esam-wholebatch"}),
     frozenset({"esam-sds", "esam-wholebatch"}),
     frozenset({"esam-mix", "esam-wholebatch"}),
+    # the BN repair is ESAM with sds_bn="batch", a setting of the same policies
+    *(
+        frozenset({"esam-bn", other})
+        for other in ("esam", "esam-sds", "esam-mix", "esam-wholebatch")
+    ),
+    # the relative forms are settings (rho_mode, alpha_mode) of the same policies and state
+    frozenset({"msam", "msam-rel"}),
+    frozenset({"looksam", "looksam-rel"}),
 }
 
 

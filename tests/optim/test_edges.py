@@ -191,14 +191,27 @@ def test_every_declared_argument_is_taken_by_its_factory():
         "lambda2": 0.5,
         "k": 3,
         "alpha": 0.5,
+        "ascent_fraction": 0.5,
+        "ascent_noise": 0.1,
+        "ascent_seed": 3,
+        "layers": "last:1",
+        "refresh_every": 2,
+        "sds_bn": "batch",
+        "rho_mode": "relative",
+        "bn_recompute": False,
+        "bn_recompute_batches": 2,
+        "alpha_mode": "adaptive",
+        "ratio_ema": 0.5,
     }
     for name, spec in REGISTRY.items():
         for arg in effsam.optim.registry.accepted_kwargs(name):
             kwargs = {**spec.example, arg: values[arg]}
             if name == "ssam-f-tensor" and arg == "normalisation":
                 kwargs[arg] = "masked"
-            base = {"momentum": 0.9} if name == "msam" else {}  # MSAM needs a momentum
-            effsam.create_optimizer(model, name, **base, **kwargs)  # must not raise
+            base = {"momentum": 0.9} if name.startswith("msam") else {}  # MSAM needs a momentum
+            # SAM-ON perturbs the normalisation layers: a model that has one
+            net = nn.Sequential(model, nn.BatchNorm1d(3)) if spec.needs_model else model
+            effsam.create_optimizer(net, name, **base, **kwargs)  # must not raise
 
 
 # ---------------------------------------------------------------------- SDS ranking

@@ -477,7 +477,10 @@ def test_bn_buffers_are_those_of_the_clean_pass(name):
             probe(x)
         effsam.sharpness_aware_step(model, opt, batch, per_sample_ce)
         for (k, a), b in zip(model.named_buffers(), probe.buffers()):
-            assert torch.equal(a, b), (name, k)
+            if name == "msam":  # θ̃ written out here rounds differently (a · (ρ/‖v‖) vs ρa/‖v‖)
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15, msg=f"{name} {k}")
+            else:
+                assert torch.equal(a, b), (name, k)
 
 
 def test_late_needs_total_steps_and_registry_rejects_bad_schedule_args():

@@ -51,10 +51,22 @@ def sam_modes(rank: int, world: int, out: str, steps: int) -> None:
     """SAM under DDP: m-sharpness (default), sync_ascent, sync_ascent with accumulation.
     Records ε = θ_perturbed − θ seen by pass 2 and the weights after every step."""
     results = {}
-    for mode, sync, accum in (("local", False, 1), ("sync", True, 1), ("sync_accum", True, 2)):
+    modes = (
+        ("local", False, 1),
+        ("sync", True, 1),
+        ("sync_accum", True, 2),
+        ("slice", False, 1),  # reduced-batch ascent: each rank slices its own batch
+    )
+    for mode, sync, accum in modes:
         model = mlp(0)
         ddp = DDP(model)
-        opt = effsam.SAM(torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM), rho=RHO)
+        fraction = 0.5 if mode == "slice" else 1.0
+        opt = effsam.SAM(
+            torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM),
+            rho=RHO,
+            ascent_fraction=fraction,
+            ascent_seed=11,
+        )
         before: dict[str, torch.Tensor] = {}
         eps: list[dict[str, torch.Tensor]] = []
         weights = []

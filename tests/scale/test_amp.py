@@ -80,12 +80,28 @@ def _inject(opt: effsam.SharpnessAware, where: str, active: dict):
     return loss_fn
 
 
-@pytest.mark.parametrize("variant", ["sam", "esam"])
+def test_a_scaled_sliced_ascent_is_the_unscaled_one() -> None:
+    """The reduced-batch ascent under a GradScaler: the same steps as without it (float64,
+    ε scale-dependent through eps_denominator = 1, so an unscaled ascent would show)."""
+    plain_model, scaled_model = mlp(0), mlp(0)
+    kw = {"eps_denominator": 1.0, "ascent_fraction": 0.5, "ascent_seed": 4}
+    plain, scaled = _sam(plain_model, **kw), _sam(scaled_model, **kw)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    for batch in _batches(3):
+        effsam.sharpness_aware_step(plain_model, plain, batch, ce)
+        result = effsam.sharpness_aware_step(scaled_model, scaled, batch, ce, scaler=scaler)
+        assert not result.skipped and result.ascent_samples == 4
+        assert_close(weights_of(scaled_model), weights_of(plain_model), atol=0)
+
+
+@pytest.mark.parametrize("variant", ["sam", "esam", "sam-slice"])
 @pytest.mark.parametrize("where", ["pass1", "pass2"])
 def test_overflow_skips_the_whole_step_and_backs_off(where: str, variant: str) -> None:
     model = mlp(0)
     if variant == "sam":
         opt = _sam(model)
+    elif variant == "sam-slice":
+        opt = _sam(model, ascent_fraction=0.5)
     else:
         opt = effsam.ESAM(
             torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM),

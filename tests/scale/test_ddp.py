@@ -124,6 +124,27 @@ def test_m_sharpness_by_default_and_sync_ascent_matches_one_process(suite: Path)
                 assert_close(runs[r]["weights"][step], lib_w[step])
 
 
+def test_reduced_batch_ascent_slices_each_ranks_batch(suite: Path) -> None:
+    """ascent_fraction 1/2 under DDP: each rank ascends with the gradient of its own slice
+    (the same seeded positions on every rank), pass 2 on the whole local batches,
+    all-reduced."""
+    steps = _workers.SUITE_STEPS["sam_modes"]
+    ranks = [r["slice"] for r in _load(suite / "sam_modes")]
+    model = mlp(0)
+    w = weights_of(model)
+    opt = SGDMomentum()
+    gen = torch.Generator().manual_seed(11)
+    for step in range(steps):
+        idx = torch.randperm(BATCH, generator=gen)[: BATCH // 2].sort().values
+        batches = [local_batch(step, r) for r in range(WORLD)]
+        eps = [ascent(grad(model, w, sub(b, idx)), RHO) for b in batches]
+        g2 = mean([grad(model, add(w, e), b) for e, b in zip(eps, batches)])
+        w = opt.step(w, g2)
+        for r in range(WORLD):
+            assert_close(ranks[r]["eps"][step], eps[r])
+            assert_close(ranks[r]["weights"][step], w)
+
+
 def test_esam_swp_masks_agree_sds_per_rank_without_unused_parameter_search(
     suite: Path,
 ) -> None:

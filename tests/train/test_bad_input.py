@@ -371,3 +371,55 @@ def test_a_compare_dry_run_checks_its_run_directories(tmp_path, capsys):
     (tmp_path / "c" / "runs" / "SAM_s0" / "summary.json").unlink()
     code, _, err = run([*argv, "--resume", "--dry-run"], capsys)
     assert code == 2 and f"checkpoint {ckpt} is empty" in err
+
+
+# ---------------------------------------------------------------- label noise
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--label-noise", "-0.1"], "invalid data.label_noise: -0.1 (must be a number in [0, 1))"),
+        (["--label-noise", "1"], "invalid data.label_noise: 1.0 (must be a number in [0, 1))"),
+        (["--label-noise", "1.5"], "invalid data.label_noise: 1.5 (must be a number in [0, 1))"),
+        (["--label-noise", "nan"], "invalid data.label_noise: nan (must be a number in [0, 1))"),
+        (["--label-noise", "inf"], "invalid data.label_noise: inf (must be a number in [0, 1))"),
+        (["--label-noise", "abc"], "invalid data.label_noise: 'abc' (expected a number)"),
+        (["--set", "data.label_noise=true"], "invalid data.label_noise: True (expected a number)"),
+        (
+            ["--set", "data.label_noise=[0.1]"],
+            "invalid data.label_noise: [0.1] (expected a number)",
+        ),
+        (
+            ["--label-noise", "0.3", "--label-noise-seed", "1.5"],
+            "invalid data.label_noise_seed: '1.5' (expected an integer)",
+        ),
+        (
+            ["--label-noise", "0.3", "--set", "data.label_noise_seed=0.5"],
+            "invalid data.label_noise_seed: 0.5 (expected an integer)",
+        ),
+        (
+            ["--set", "data.label_noise_seed=true"],
+            "invalid data.label_noise_seed: True (expected an integer)",
+        ),
+        (
+            ["--set", "data.label_noise_seed=-1"],
+            "invalid data.label_noise_seed: -1 (must be an integer >= 0)",
+        ),
+    ],
+)
+@pytest.mark.parametrize("command", ["train", "compare"])
+@pytest.mark.parametrize("dry", [False, True])
+def test_a_bad_label_noise_is_one_line_before_any_work(
+    tmp_path, capsys, monkeypatch, args, message, command, dry
+):
+    import effsam.data
+
+    def never(*a, **k):
+        raise AssertionError("data loaded before the label noise was checked")
+
+    monkeypatch.setattr(effsam.data, "load_dataset", never)  # what every run loads with
+    argv = [command, *TINY_ARGS, *args, "--out", str(tmp_path / "o"), "--quiet"]
+    code, out, err = run(argv + (["--dry-run"] if dry else []), capsys)
+    assert code == 2 and out == ""
+    assert err == f"effsam {command}: error: {message}\n"  # one line, naming the value
+    clean(err)
+    assert not (tmp_path / "o").exists()

@@ -115,3 +115,7 @@ def test_the_title_says_what_was_run():
     assert describe_comparison(cfg, [0, 1, 2]) == (
         "digits, small_cnn, 10 epochs, batch 128, seeds 0, 1, 2"
     )
+    cfg = load_config(None, {"train.epochs": 10, "data.label_noise": 0.3})
+    assert describe_comparison(cfg, [0]) == (
+        "digits, 30% noisy labels, small_cnn, 10 epochs, batch 128, seed 0"
+    )

@@ -29,6 +29,12 @@ from effsam.data.loader import (
     ImageData,
     stratified_indices,
 )
+from effsam.data.noise import (
+    LabelNoise,
+    check_label_noise,
+    indices_digest,
+    symmetric_label_noise,
+)
 from effsam.data.synthetic import make_synthetic
 
 #: Names accepted by :func:`load_dataset`.
@@ -45,9 +51,11 @@ __all__ = [
     "DatasetError",
     "DatasetNotFoundError",
     "ImageData",
+    "LabelNoise",
     "augment_batch",
     "cutout_batch",
     "download_cifar",
+    "indices_digest",
     "load_cifar",
     "load_dataset",
     "load_digits",
@@ -55,6 +63,7 @@ __all__ = [
     "make_synthetic",
     "resolve_data_dir",
     "stratified_indices",
+    "symmetric_label_noise",
 ]
 
 
@@ -71,6 +80,8 @@ def load_dataset(
     synthetic_classes: int = 10,
     synthetic_train: int = 512,
     synthetic_test: int = 256,
+    label_noise: float = 0.0,
+    label_noise_seed: int = 0,
 ) -> ImageData:
     """Loads a data set by name into memory.
 
@@ -91,9 +102,15 @@ def load_dataset(
         synthetic_classes: Number of synthetic classes.
         synthetic_train: Number of synthetic training images.
         synthetic_test: Number of synthetic test images.
+        label_noise: Fraction in ``[0, 1)`` of the training images (after the subset is taken)
+            whose label is replaced by a uniformly random class, which may be the true one
+            (:func:`symmetric_label_noise`); 0 leaves the labels untouched. The test set is
+            never changed.
+        label_noise_seed: Seed of that choice and of the new labels, independent of ``seed``.
 
     Returns:
-        The data set as an :class:`ImageData`.
+        The data set as an :class:`ImageData`; with label noise, its ``label_noise`` says what
+        was done.
 
     Raises:
         ValueError: For an unknown name or invalid options.
@@ -101,6 +118,7 @@ def load_dataset(
     """
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; choose from {', '.join(DATASETS)}")
+    check_label_noise(label_noise, label_noise_seed)  # before any loading
     if image_size is not None and name in _NATIVE_SIZE and image_size != _NATIVE_SIZE[name]:
         raise ValueError(
             f"image_size {image_size} does not apply to {name}, whose images are "
@@ -132,4 +150,9 @@ def load_dataset(
         data = dataclasses.replace(
             data, train_x=data.train_x[keep].contiguous(), train_y=data.train_y[keep].contiguous()
         )
+    if label_noise:
+        noisy, record = symmetric_label_noise(
+            data.train_y, data.num_classes, label_noise, label_noise_seed
+        )
+        data = dataclasses.replace(data, train_y=noisy, label_noise=record)
     return data

@@ -11,11 +11,15 @@ from __future__ import annotations
 import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from effsam.data.augment import augment_batch, cutout_batch
+
+if TYPE_CHECKING:
+    from effsam.data.noise import LabelNoise
 
 #: Augmentation recipes understood by :class:`BatchLoader`.
 AUGMENTATIONS = ("none", "flip", "cifar")
@@ -52,6 +56,8 @@ class ImageData:
         std: Per-channel standard deviation, same scale as ``mean``.
         augment: Training augmentation recipe, one of ``AUGMENTATIONS``.
         classes: Class names, index-aligned with the labels.
+        label_noise: What symmetric label noise did to ``train_y`` (None: the labels are
+            clean); see :mod:`effsam.data.noise`.
     """
 
     name: str
@@ -64,6 +70,7 @@ class ImageData:
     std: tuple[float, ...]
     augment: str = "none"
     classes: tuple[str, ...] = ()
+    label_noise: LabelNoise | None = None
 
     def __post_init__(self) -> None:
         for split, x, y in (

@@ -5,18 +5,32 @@ On a refresh step (t mod k = 0) with g = ∇L(θ) and g_s = ∇L(θ + ε) the or
 gradient, the component of g_s orthogonal to g is stored::
 
     g_v = g_s − (⟨g_s, g⟩ / ‖g‖²) · g          (global inner product and norms)
+    r   = ‖g_v‖ / ‖g‖                            (SAM's own correction, measured; 0 if g = 0)
 
 and the base optimizer steps with g_s. On every other step ONE forward/backward at θ
 gives g and the base optimizer steps with::
 
-    g + α · (‖g‖ / ‖g_v‖) · g_v
+    g + a · ‖g‖ · g_v / ‖g_v‖
 
-so it sees exactly one gradient per step, and pass 2 does not run. g_v is in
-``state_dict`` (exact resume). Extra memory: one copy of the parameters for g_v.
+so it sees exactly one gradient per step, and pass 2 does not run. The weight a is
+
+* ``alpha_mode="absolute"`` (the paper's): a = α;
+* ``"relative"``: a = α · r, r of the last refresh — α = 1 adds an orthogonal component
+  whose share of ‖g‖ is the one SAM itself produced at that refresh;
+* ``"adaptive"``: a = α · r̄, r̄ an exponential average of r over the refreshes
+  (r̄ ← β r̄ + (1 − β) r, r̄ = r at the first refresh; β = ``ratio_ema``, 0.9 by default).
+
+α is absolute in the paper, so its effect depends on ρ and the data: the push it adds
+has norm α‖g‖ whatever SAM's own correction is (on a small CIFAR CNN at ρ = 0.1, r ≈ 0.11
+on every refresh, so α = 0.7 pushes about 6.5 times harder than SAM does).
+
+g_v, r and r̄ are in ``state_dict`` (exact resume); a step that fails part-way leaves r
+and r̄ as they were. Extra memory: one copy of the parameters for g_v.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -26,6 +40,9 @@ from ._contract import resolve_base
 from .ascent import AdaptiveAscent, L2Ascent
 from .schedule import Interval
 from .sharpness_aware import SharpnessAware
+
+#: how α is read: the paper's absolute weight, or a multiple of SAM's measured correction
+ALPHA_MODES = ("absolute", "relative", "adaptive")
 
 
 def _dot(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
@@ -43,8 +60,16 @@ class LookSAM(SharpnessAware):
     Args:
         base: the optimizer instance to wrap.
         rho: ρ, as SAM's.
-        k: refresh interval (the paper's default 5); k = 1 is SAM.
-        alpha: weight α of the reused direction (the paper's default 0.7).
+        k: refresh interval (5 by default, as in the unofficial implementations; the
+            paper's tables were not available to us); k = 1 is SAM.
+        alpha: weight α of the reused direction: the push's share of ‖g‖
+            (``alpha_mode="absolute"``; 0.7 by default, as in the unofficial
+            implementations), or a multiple of SAM's measured share r = ‖g_v‖/‖g‖
+            (``"relative"``, ``"adaptive"``; 1 reuses exactly SAM's correction).
+        alpha_mode: ``"absolute"`` (the paper's), ``"relative"`` (r of the last refresh)
+            or ``"adaptive"`` (r averaged over refreshes).
+        ratio_ema: β of the ``"adaptive"`` average, in [0, 1) (0.9: about the last ten
+            refreshes).
         adaptive: ASAM's ascent on refresh steps.
     """
 
@@ -56,6 +81,8 @@ class LookSAM(SharpnessAware):
         base: Any = None,
         k: int = 5,
         alpha: float = 0.7,
+        alpha_mode: str = "absolute",
+        ratio_ema: float = 0.9,
         adaptive: bool = False,
         eta: float = 0.0,
         **kwargs,
@@ -69,13 +96,42 @@ class LookSAM(SharpnessAware):
                 )
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
             raise ValueError(f"Invalid LookSAM alpha: {alpha!r} (must be a number >= 0)")
+        if not math.isfinite(alpha):
+            raise ValueError(f"Invalid LookSAM alpha: {alpha!r} (must be finite)")
+        if alpha_mode not in ALPHA_MODES:
+            raise ValueError(
+                f"Invalid LookSAM alpha_mode: {alpha_mode!r} (choose from {', '.join(ALPHA_MODES)})"
+            )
+        if (
+            isinstance(ratio_ema, bool)
+            or not isinstance(ratio_ema, (int, float))
+            or not 0 <= ratio_ema < 1
+        ):
+            raise ValueError(f"Invalid LookSAM ratio_ema: {ratio_ema!r} (must be in [0, 1))")
         ascent = AdaptiveAscent(eta) if adaptive else L2Ascent()
         super().__init__(base, rho, ascent=ascent, schedule=Interval(k, offset=0), **kwargs)
         self.k = k
         self.alpha = float(alpha)
+        self.alpha_mode = alpha_mode
+        self.ratio_ema = float(ratio_ema)
+        #: r = ‖g_v‖/‖g‖ measured at the last refresh (None before the first)
+        self.last_ratio: float | None = None
+        #: r̄, the average of r over the refreshes (None before the first)
+        self.ratio_average: float | None = None
+        # (last_ratio, ratio_average) before this step changed them: abort_step restores
+        self._ratio_undo: tuple[float | None, float | None] | None = None
 
     def _gv(self, p: Tensor) -> Tensor | None:
         return self.state[p].get("looksam_gv")
+
+    @property
+    def reuse_weight(self) -> float | None:
+        """a, the weight of the reused direction on a step between refreshes: α, α·r or
+        α·r̄ by ``alpha_mode`` (None: nothing measured yet)."""
+        if self.alpha_mode == "absolute":
+            return self.alpha
+        ratio = self.last_ratio if self.alpha_mode == "relative" else self.ratio_average
+        return None if ratio is None else self.alpha * ratio
 
     @torch.no_grad()
     def _on_ascent(self, params: list[Tensor], grads: list[Tensor]) -> None:
@@ -107,12 +163,27 @@ class LookSAM(SharpnessAware):
         for p in self.params:
             if p.grad is None:
                 self.state[p].pop("looksam_gv", None)
+        # r = ‖g_v‖ / ‖g‖, SAM's own correction relative to the clean gradient
+        g_sq_f = float(g_sq)
+        ratio = math.sqrt(float(_dot(clean, clean)) / g_sq_f) if g_sq_f > 0 else 0.0
+        self._record_ratio(ratio)
+
+    def _record_ratio(self, ratio: float) -> None:
+        if self._ratio_undo is None:
+            self._ratio_undo = (self.last_ratio, self.ratio_average)
+        self.last_ratio = ratio
+        if self.ratio_average is None:
+            self.ratio_average = ratio
+        else:
+            beta = self.ratio_ema
+            self.ratio_average = beta * self.ratio_average + (1.0 - beta) * ratio
 
     @torch.no_grad()
     def _plain_update(self) -> None:
         pairs = [(p.grad, self._gv(p)) for p in self.params if p.grad is not None]
         pairs = [(g, v) for g, v in pairs if v is not None]
-        if not pairs or self.alpha == 0.0:
+        weight = self.reuse_weight
+        if not pairs or not weight:
             return
         gs = [g for g, _ in pairs]
         vs = [v for _, v in pairs]
@@ -120,12 +191,26 @@ class LookSAM(SharpnessAware):
         v_norm = _dot(vs, vs).sqrt()
         if float(v_norm) == 0.0:
             return
-        coef = float(self.alpha * g_norm / v_norm)
+        coef = float(weight * g_norm / v_norm)
         for g, v in pairs:
             g.add_(v, alpha=coef)
 
+    def abort_step(self) -> None:
+        """As :meth:`SharpnessAware.abort_step`, and r, r̄ as they were before the step."""
+        if self._ratio_undo is not None:
+            self.last_ratio, self.ratio_average = self._ratio_undo
+        super().abort_step()
+
+    def _end_step(self) -> None:
+        super()._end_step()
+        self._ratio_undo = None
+
     def _extra_state(self) -> dict[str, Any]:
-        return {"looksam_gv": [self._gv(p) for p in self.params]}
+        return {
+            "looksam_gv": [self._gv(p) for p in self.params],
+            "looksam_ratio": self.last_ratio,
+            "looksam_ratio_average": self.ratio_average,
+        }
 
     def _load_extra_state(self, ours: dict[str, Any]) -> None:
         saved = ours.get("looksam_gv")
@@ -136,11 +221,23 @@ class LookSAM(SharpnessAware):
             raise ValueError(
                 f"LookSAM state has {len(saved)} g_v entries for {len(params)} parameters"
             )
+        has_ratio = "looksam_ratio" in ours
+        if not has_ratio and self.alpha_mode != "absolute" and any(v is not None for v in saved):
+            raise ValueError(
+                "this LookSAM state has no measured ratio ‖g_v‖/‖g‖ (saved by an older "
+                f"version), which alpha_mode={self.alpha_mode!r} needs. Nothing was loaded."
+            )
         for p, v in zip(params, saved):
             if v is None:
                 self.state[p].pop("looksam_gv", None)
             else:
                 self.state[p]["looksam_gv"] = v.to(device=p.device, dtype=p.dtype).clone()
+        self.last_ratio = _float_or_none(ours.get("looksam_ratio"))
+        self.ratio_average = _float_or_none(ours.get("looksam_ratio_average"))
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, alpha={self.alpha}"
+        return f"k={self.k}, alpha={self.alpha}, alpha_mode={self.alpha_mode}"
+
+
+def _float_or_none(x: Any) -> float | None:
+    return None if x is None else float(x)

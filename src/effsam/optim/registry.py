@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from .cheap import PartialSAM, StaleSAM
 from .ksam import KSAM
 from .looksam import LookSAM
 from .msam import MSAM
@@ -32,6 +33,9 @@ BASES: dict[str, type[Optimizer]] = {
 
 #: Arguments of the :class:`SharpnessAware` skeleton every wrapper passes through.
 COMMON_ARGS = frozenset({"foreach", "check_finite", "eps_denominator"})
+#: the reduced-batch ascent's arguments (SharpnessAware takes them), declared by the entries
+#: whose pass 1 is an ascent alone (no sample selection, no decision from pass 1's gradient)
+SLICE_ARGS = frozenset({"ascent_fraction", "ascent_noise", "ascent_seed"})
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,9 @@ class OptimizerSpec:
     #: ``create_optimizer(model, "ssam-f", schedule="interval", every=5)``. Not for an entry
     #: with its own schedule, nor for LookSAM (its refresh interval is its schedule).
     schedulable: bool = True
+    #: the factory needs the model (``model=``), e.g. to find its normalisation layers:
+    #: :func:`create_optimizer` passes it, and refuses a bare parameter list
+    needs_model: bool = False
 
 
 REGISTRY: dict[str, OptimizerSpec] = {}
@@ -208,6 +215,13 @@ def create_optimizer(
             f"{spec.name!r} got unknown arguments {unknown}; it takes {sorted(allowed)}"
         )
     merged = {**spec.defaults, **kwargs, **spec.fixed}
+    if spec.needs_model:
+        if not isinstance(params_or_model, nn.Module):
+            raise TypeError(
+                f"{spec.name!r} needs the model (it chooses the tensors to perturb from its "
+                "layers): pass the model to create_optimizer, not its parameters"
+            )
+        merged["model"] = params_or_model
     sched = schedule_class(spec.name, merged)
     if sched is not None:
         # the schedule's own arguments go to it; shared ones (total_steps, seed) to both
@@ -220,9 +234,9 @@ def create_optimizer(
     return spec.factory(base_cls(params, **bkw), **merged)
 
 
-_SAM_ARGS = frozenset({"rho", "adaptive", "eta"})
+_SAM_ARGS = frozenset({"rho", "adaptive", "eta"}) | SLICE_ARGS
 _ESAM_ARGS = frozenset(
-    {"rho", "beta", "gamma", "seed", "selection", "swp_scaling", "adaptive", "eta"}
+    {"rho", "beta", "gamma", "seed", "selection", "swp_scaling", "adaptive", "eta", "sds_bn"}
 )
 # seed: SSAM-D's generator; SSAM-F takes it too (unused) so a run seed applies to every SSAM
 _SSAM_ARGS = frozenset({"rho", "sparsity", "update_interval", "normalisation", "seed"})
@@ -239,7 +253,7 @@ register(
         "ASAM, adaptive SAM (Kwon et al., 2021)",
         ASAM,
         defaults={"rho": 0.5},
-        args=frozenset({"rho", "eta"}),
+        args=frozenset({"rho", "eta"}) | SLICE_ARGS,
     )
 )
 register(
@@ -258,7 +272,7 @@ register(
         ESAM,
         fixed={"gamma": 1.0},
         defaults={"rho": 0.05, "beta": 0.6},
-        args=_ESAM_ARGS - {"gamma", "selection"},
+        args=(_ESAM_ARGS | SLICE_ARGS) - {"gamma", "selection"},
     )
 )
 register(
@@ -373,28 +387,56 @@ register(
         "total_steps",
         SAM,
         defaults={"rho": 0.05, "delta": 0.9, "lambda1": -1.0, "lambda2": 1.0},
-        args=_SAM_ARGS,
+        args=_SAM_ARGS - SLICE_ARGS,  # decides from pass 1: a plain step needs the batch
         example={"total_steps": 10},
         schedule=SCHEDULES["adaptive"],
     )
 )
+_LOOKSAM_ARGS = (_SAM_ARGS - SLICE_ARGS) | {"k", "alpha", "alpha_mode", "ratio_ema"}
 register(
     OptimizerSpec(
         "looksam",
         "LookSAM: SAM every k steps, its orthogonal direction reused between (Liu et al., 2022)",
         LookSAM,
         defaults={"rho": 0.05, "k": 5, "alpha": 0.7},
-        args=_SAM_ARGS | {"k", "alpha"},
+        args=_LOOKSAM_ARGS,
         schedulable=False,
     )
 )
+# alpha 1 in the relative mode: the reused push is exactly the share of ‖g‖ that SAM's own
+# orthogonal correction had at the last refresh (the paper's intent, at the model's scale)
+register(
+    OptimizerSpec(
+        "looksam-rel",
+        "LookSAM whose reused push is alpha times SAM's own correction ‖g_v‖/‖g‖ measured "
+        "at the last refresh (alpha 1: SAM's)",
+        LookSAM,
+        defaults={"rho": 0.05, "k": 5, "alpha": 1.0, "alpha_mode": "relative"},
+        args=_LOOKSAM_ARGS,
+        schedulable=False,
+    )
+)
+# bn_recompute: the MSAM authors recompute BN statistics at θ after training, every model
+_MSAM_ARGS = frozenset({"rho", "rho_mode", "bn_recompute", "bn_recompute_batches"})
 register(
     OptimizerSpec(
         "msam",
         "MSAM: one pass at the point moved against the momentum (Becker et al., 2024)",
         MSAM,
-        defaults={"rho": 3.0},
-        args=frozenset({"rho"}),
+        defaults={"rho": 3.0, "bn_recompute": True},
+        args=_MSAM_ARGS,
+    )
+)
+# rho 0.041: the authors' rho = 3 over the norm of their CIFAR-100 WRN-16-4 at
+# initialisation (73.24), the share of ‖θ‖ their runs perturbed by
+register(
+    OptimizerSpec(
+        "msam-rel",
+        "MSAM with a relative radius: the point moved by rho·‖θ‖ against the momentum "
+        "(rho 0.041, the authors' share)",
+        MSAM,
+        defaults={"rho": 0.041, "rho_mode": "relative", "bn_recompute": True},
+        args=_MSAM_ARGS,
     )
 )
 register(
@@ -403,7 +445,7 @@ register(
         "K-SAM: both passes on the top-k samples by loss (Ni et al., 2022)",
         KSAM,
         defaults={"rho": 0.05, "gamma": 0.5},
-        args=_SAM_ARGS | {"gamma"},
+        args=(_SAM_ARGS - SLICE_ARGS) | {"gamma"},
     )
 )
 register(
@@ -425,7 +467,7 @@ register(
         ESAM,
         fixed={"sds_pass2": "batch"},
         defaults={"rho": 0.05, "beta": 0.6, "gamma": 0.5},
-        args=_ESAM_ARGS,
+        args=_ESAM_ARGS - {"sds_bn"},  # its pass 2 already has the whole batch's statistics
     )
 )
 register(
@@ -436,5 +478,117 @@ register(
         fixed={"selection": "random"},
         defaults={"rho": 0.05, "beta": 0.6, "gamma": 0.5},
         args=_ESAM_ARGS - {"selection"},
+    )
+)
+register(
+    OptimizerSpec(
+        "esam-bn",
+        "ESAM with its BatchNorm repair: pass 2 on SDS's subset, normalised with the whole "
+        "batch's statistics from the selection forward (no extra pass)",
+        ESAM,
+        fixed={"sds_bn": "batch"},
+        defaults={"rho": 0.05, "beta": 0.6, "gamma": 0.5},
+        args=_ESAM_ARGS - {"sds_bn"},
+    )
+)
+
+# The cheap ascents (effsam.optim.cheap, effsam.optim.slicing). Their defaults follow one
+# rule, from the pass costs (a pass = forward + backward, the backward ≈ 2 forwards): the
+# cheapest ascent the method allows that still leaves SAM's two-pass structure at
+# ≥ 1.5x SAM's speed by the cost model — a slice of f = 1/4 (1.6x), a true ascent every
+# k = 3 steps (1.5x) — never chosen by an accuracy. ρ stays the protocol's: each keeps
+# ‖ε‖ = ρ, normalised over what it perturbs.
+_SLICE = {"ascent_fraction": 0.25}
+register(
+    OptimizerSpec(
+        "sam-slice",
+        "SAM whose ascent (pass 1) runs on a random slice of the batch (default 1/4), the "
+        "descent on the whole batch; optional ascent noise (Wei et al., 2025)",
+        SAM,
+        defaults={"rho": 0.05, **_SLICE},
+        args=_SAM_ARGS,
+    )
+)
+_PARTIAL_ARGS = _SAM_ARGS | {"layers", "seed"}
+register(
+    OptimizerSpec(
+        "sam-on",
+        "SAM-ON: the ascent perturbs only the normalisation layers' affine parameters, "
+        "pass 1 computes only their weight gradients (Mueller et al., 2023)",
+        PartialSAM,
+        fixed={"layers": "norm"},
+        defaults={"rho": 0.05},
+        args=_PARTIAL_ARGS - {"layers"},
+        needs_model=True,
+    )
+)
+register(
+    OptimizerSpec(
+        "sam-layers",
+        "SAM whose ascent perturbs only some layers (default: the last half), pass 1's "
+        "backward stopping at the earliest of them",
+        PartialSAM,
+        defaults={"rho": 0.05, "layers": "last:0.5"},
+        args=_PARTIAL_ARGS,
+        needs_model=True,
+    )
+)
+register(
+    OptimizerSpec(
+        "sam-stale",
+        "Stale ascent: ε from the previous step's update gradient (one pass), a true SAM "
+        "step every k-th step (default 3): 1 + 1/k passes",
+        StaleSAM,
+        defaults={"rho": 0.05, "refresh_every": 3},
+        args=frozenset({"rho", "refresh_every"}) | SLICE_ARGS,
+    )
+)
+_RST = {"probability": 1.0, "min_probability": 0.0, "probability_schedule": "linear"}
+register(
+    OptimizerSpec(
+        "rst-slice",
+        "RST with the reduced-batch ascent on its sharpness-aware steps; needs total_steps",
+        SAM,
+        defaults={"rho": 0.05, **_RST, **_SLICE},
+        args=_SAM_ARGS,
+        example={"total_steps": 10},
+        schedule=SCHEDULES["random"],
+    )
+)
+register(
+    OptimizerSpec(
+        "rst-on",
+        "RST with SAM-ON's normalisation-only ascent on its sharpness-aware steps; needs "
+        "total_steps",
+        PartialSAM,
+        fixed={"layers": "norm"},
+        defaults={"rho": 0.05, **_RST},
+        args=_PARTIAL_ARGS - {"layers"},
+        example={"total_steps": 10},
+        schedule=SCHEDULES["random"],
+        needs_model=True,
+    )
+)
+register(
+    OptimizerSpec(
+        "rst-stale",
+        "RST with the stale ascent on its sharpness-aware steps; needs total_steps",
+        StaleSAM,
+        defaults={"rho": 0.05, "refresh_every": 3, **_RST},
+        args=frozenset({"rho", "refresh_every"}) | SLICE_ARGS,
+        example={"total_steps": 10},
+        schedule=SCHEDULES["random"],
+    )
+)
+register(
+    OptimizerSpec(
+        "late-slice",
+        "SGD, then SAM with the reduced-batch ascent for the last part of training; needs "
+        "total_steps",
+        SAM,
+        defaults={"rho": 0.05, **_LATE, **_SLICE},
+        args=_SAM_ARGS,
+        example={"total_steps": 10},
+        schedule=SCHEDULES["late"],
     )
 )

@@ -14,12 +14,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..batching import batch_size, batch_tensors, index_batch
 from . import _contract
 from .ascent import L2Ascent, ascend_, global_norm, group_by_device_and_dtype
 from .masks import PerturbationMask, kept_fraction
 from .policy import AscentPolicy, MaskPolicy, SelectionPolicy
 from .schedule import EveryStep
 from .selection import AllSamples
+from .slicing import AscentSlice
 
 _WRAPPER_KEY = "effsam"
 
@@ -90,6 +92,12 @@ class SharpnessAware(Optimizer):
         foreach: use ``torch._foreach_*`` kernels (default: True on every device).
         check_finite: check both passes' gradients for inf/NaN (one device sync per pass).
         eps_denominator: δ in the normalisation.
+        ascent_fraction: f in (0, 1]: pass 1 (the ascent) runs on a random slice of
+            ⌊f·b + ½⌋ samples, pass 2 on the whole batch (reduced-batch ascent; see
+            :meth:`ascent_batch` and :mod:`effsam.optim.slicing`). 1: the whole batch.
+        ascent_noise: σ ≥ 0: noise of norm σ‖g‖ added to pass 1's gradient before the
+            ascent (Wei et al., 2025, for small slices). 0: none.
+        ascent_seed: seed of the slice and noise generator (saved in ``state_dict``).
     """
 
     def __init__(
@@ -104,6 +112,9 @@ class SharpnessAware(Optimizer):
         foreach: bool | None = None,
         check_finite: bool = True,
         eps_denominator: float = 1e-12,
+        ascent_fraction: float = 1.0,
+        ascent_noise: float = 0.0,
+        ascent_seed: int = 0,
     ) -> None:
         if not isinstance(base, Optimizer):
             raise TypeError(
@@ -132,6 +143,9 @@ class SharpnessAware(Optimizer):
         self.schedule = schedule if schedule is not None else EveryStep()
         if not isinstance(self.schedule, EveryStep):
             raise TypeError(f"schedule must be a schedule policy, got {schedule!r:.80}")
+        self.ascent_slice = AscentSlice(ascent_fraction, ascent_noise, ascent_seed)
+        if self.ascent_slice.slices:
+            self._check_sliceable()
         self.foreach = True if foreach is None else bool(foreach)
         self.check_finite = bool(check_finite)
         self.eps_denominator = float(eps_denominator)
@@ -172,6 +186,31 @@ class SharpnessAware(Optimizer):
         self._plain_backward = False
         self._pre_pass1_done = False
         self._single_pass_moved = False
+        # Reduced-batch ascent: inside first_pass (_in_pass1), whether ascent_batch sliced
+        # this step's pass 1 (_sliced), and the generator's state before the step.
+        self._in_pass1 = False
+        self._sliced = False
+        self._slice_before: Tensor | None = None
+
+    def _check_sliceable(self) -> None:
+        """A sliced pass 1 is only an ascent: refuse methods whose pass 1 is more."""
+        f = self.ascent_slice.fraction
+        if self.single_pass:
+            raise ValueError(
+                f"ascent_fraction={f} needs a separate ascent pass; {type(self).__name__} "
+                "has none (its one pass is the descent)"
+            )
+        if self.schedule.needs_grad_norm:
+            raise ValueError(
+                f"ascent_fraction={f} cannot be combined with the {self.schedule.name!r} "
+                "schedule: it decides from pass 1's gradient after pass 1, and a plain step "
+                "then descends with that gradient, which must be the whole batch's"
+            )
+        if self.selection.needs_per_sample:
+            raise ValueError(
+                f"ascent_fraction={f} cannot be combined with sample selection "
+                f"({self.selection.name}): it ranks every sample by pass 1's loss"
+            )
 
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -228,6 +267,7 @@ class SharpnessAware(Optimizer):
         if not self._begun:
             self._schedule_before = _copy_state(self.schedule.state_dict())
             self._selection_before = _copy_state(self.selection.state_dict())
+            self._slice_before = self.ascent_slice.generator.get_state()
             self._decision = None if self.schedule.needs_grad_norm else self.schedule.decide()
             self._begun = True
         return self._decision
@@ -288,11 +328,43 @@ class SharpnessAware(Optimizer):
                 if not k and p.requires_grad:
                     p.requires_grad_(False)
                     switched.append(p)
+        self._in_pass1 = True
         try:
             yield
         finally:
+            self._in_pass1 = False
             for p in switched:
                 p.requires_grad_(True)
+
+    def ascent_batch(self, batch: Any) -> Any:
+        """The part of ``batch`` pass 1 runs on: a random slice of ⌊f·b + ½⌋ samples when
+        this step is a sharpness-aware ascent and ``ascent_fraction`` f < 1, else ``batch``
+        itself (a plain scheduled step's pass 1 is its descent: the whole batch).
+
+        Call it inside ``with opt.first_pass():`` (the closure: on its first call), once
+        per micro-batch; outside pass 1 it returns ``batch`` unchanged, so one closure
+        serves both passes::
+
+            def closure():
+                opt.zero_grad()
+                x, y = opt.ascent_batch((inputs, targets))
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+        With f < 1 a sharpness-aware step whose pass 1 did not come through here is
+        refused in :meth:`first_step` (it would silently ascend on the whole batch).
+        """
+        if not self._in_pass1 or not self.ascent_slice.slices:
+            return batch
+        if self._decision is not True or self.single_pass:
+            return batch
+        idx = self.ascent_slice.draw(batch_size(batch))
+        self._sliced = True
+        first = next(iter(batch_tensors(batch)), None)
+        if first is not None and first.device.type != "cpu":
+            idx = idx.to(first.device)
+        return index_batch(batch, idx)
 
     def _pre_pass1_perturb(self) -> None:
         """Single-pass methods: move θ before pass 1 (see :class:`effsam.MSAM`)."""
@@ -335,6 +407,14 @@ class SharpnessAware(Optimizer):
         if not decision:
             self._ascended = True
             return self._start_plain()
+        if self.ascent_slice.slices and not self._sliced:
+            self.abort_step()
+            raise RuntimeError(
+                f"ascent_fraction={self.ascent_slice.fraction}: pass 1 must run on "
+                "opt.ascent_batch(batch), called inside `with opt.first_pass():` (or inside "
+                "the closure); it did not, so the ascent would have used the whole batch. "
+                "Nothing was changed (effsam.sharpness_aware_step slices by itself)"
+            )
         keep = self._draw()
         params = self.params
         self.mask.prepare(params)
@@ -366,6 +446,7 @@ class SharpnessAware(Optimizer):
             masks = None
         if not zero_grad:
             gs = [g.clone() for g in gs]
+        self.ascent_slice.add_noise_(gs, self.foreach)
         backups = [self._backup(p) for p in ps]
         done, norm = ascend_(
             ps,
@@ -429,6 +510,13 @@ class SharpnessAware(Optimizer):
     def _plain_update(self) -> None:
         """A plain step, before the base step: p.grad holds pass 1's gradient."""
 
+    def _on_update(self) -> None:
+        """Every step that is not skipped, right before the base step: p.grad holds the
+        gradient the base optimizer steps with (finite, unscaled, clipped)."""
+
+    def _after_update(self) -> None:
+        """Right after a successful base step (commit what :meth:`_on_update` prepared)."""
+
     def _backup(self, p: Tensor) -> Tensor:
         state = self.state[p]
         buf = state.get("theta")
@@ -480,7 +568,9 @@ class SharpnessAware(Optimizer):
         if not skipped:
             if not plain:
                 self._before_descent()
+            self._on_update()
             self.base.step()
+            self._after_update()
             self.steps += 1
         self.last_step_skipped = skipped
         aware = not plain or self._single_pass_moved
@@ -508,6 +598,8 @@ class SharpnessAware(Optimizer):
         self._decision = None
         self._pre_pass1_done = False
         self._single_pass_moved = False
+        self._sliced = False
+        self._slice_before = None
 
     def abort_step(self) -> None:
         """Undo a step that failed part-way: weights restored, mask draw, mask refresh and
@@ -523,6 +615,8 @@ class SharpnessAware(Optimizer):
             self.schedule.load_state_dict(self._schedule_before)
         if self._begun and self._selection_before:
             self.selection.load_state_dict(self._selection_before)  # a random subset's draw
+        if self._begun and self._slice_before is not None:
+            self.ascent_slice.generator.set_state(self._slice_before)
         self._end_step()
         self.zero_grad(set_to_none=True)
 
@@ -618,6 +712,7 @@ class SharpnessAware(Optimizer):
             "mask": self.mask.state_dict(),
             "selection": self.selection.state_dict(),
             "schedule": self.schedule.state_dict(),
+            "ascent_slice": self.ascent_slice.state_dict(),
             **self._extra_state(),
         }
         return state
@@ -677,6 +772,7 @@ class SharpnessAware(Optimizer):
         old_schedule = _copy_state(self.schedule.state_dict())
         old_extra = self._extra_state()
         old_aware = self.sharpness_aware_steps
+        old_slice = self.ascent_slice.generator.get_state()
         try:
             self.base.load_state_dict(state_dict)
             self.param_groups = self.base.param_groups
@@ -687,6 +783,8 @@ class SharpnessAware(Optimizer):
             self.selection.load_state_dict(ours.get("selection", {}))
             if "schedule" in ours:
                 self.schedule.load_state_dict(ours["schedule"])
+            self._check_slice_state(ours.get("ascent_slice"))
+            self.ascent_slice.load_state_dict(ours.get("ascent_slice") or {})
             self._load_extra_state(ours)
         except Exception:
             self.base.state, self.base.param_groups = old_state, old_groups
@@ -694,6 +792,7 @@ class SharpnessAware(Optimizer):
             self.steps, self.skipped_steps = old_counters
             self.sharpness_aware_steps = old_aware
             self.schedule.load_state_dict(old_schedule)
+            self.ascent_slice.generator.set_state(old_slice)
             self._load_extra_state(old_extra)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -701,11 +800,31 @@ class SharpnessAware(Optimizer):
             self.selection.load_state_dict(old_selection)
             raise
 
+    def _check_slice_state(self, saved: Any) -> None:
+        """A state saved with another ascent fraction or noise is refused by name."""
+        if not saved:
+            if self.ascent_slice.slices or self.ascent_slice.noise:
+                raise ValueError(
+                    "the saved state has no reduced-batch ascent, this optimizer has "
+                    f"ascent_fraction={self.ascent_slice.fraction}, "
+                    f"ascent_noise={self.ascent_slice.noise}. Nothing was loaded."
+                )
+            return
+        for key in ("fraction", "noise"):
+            mine = getattr(self.ascent_slice, key)
+            if key in saved and float(saved[key]) != mine:
+                raise ValueError(
+                    f"cannot load a state saved with ascent_{key}={saved[key]} into an "
+                    f"optimizer with ascent_{key}={mine}. Nothing was loaded."
+                )
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
 
     def __repr__(self) -> str:
         parts = [f"rho={self.defaults['rho']}", f"ascent={self.ascent.name}"]
+        if self.ascent_slice.slices or self.ascent_slice.noise:
+            parts.append(f"ascent_slice({self.ascent_slice.extra_repr()})")
         for policy in (self.ascent, self.mask, self.selection, self.schedule):
             extra = policy.extra_repr()
             if extra:

@@ -18,6 +18,7 @@ from .sharpness_aware import SharpnessAware
 ESAM_SELECTIONS = {**SELECTIONS, "random": RandomSubset}
 SDS_UPDATES = ("paper", "mix")
 SDS_PASS2 = ("subset", "batch")
+SDS_BN = ("subset", "batch")
 
 
 class SAM(SharpnessAware):
@@ -105,6 +106,11 @@ class ESAM(SharpnessAware):
             ``"batch"`` (the control: pass 2 forwards the whole batch at θ + ε, ranks the
             samples from that forward and back-propagates only the selected samples'
             mean loss, so BN's batch statistics come from every sample, at SAM's cost).
+        sds_bn: ``"subset"`` (paper: BatchNorm normalises pass 2 by the selected samples'
+            own batch statistics) or ``"batch"`` (the BN repair: pass 2's BatchNorm layers
+            normalise the selected samples with the WHOLE batch's statistics, recorded as
+            constants from the selection forward at θ + ε — or, for selections without
+            that forward ("loss", "random"), from pass 1 at θ; no extra pass).
         swp_scaling: ``"authors"`` (‖ε‖ = ρ/β) or ``"unit"`` (‖ε‖ = ρ).
         adaptive: use ASAM's adaptive ascent.
     """
@@ -122,6 +128,7 @@ class ESAM(SharpnessAware):
         swp_scaling: str = "authors",
         sds_update: str = "paper",
         sds_pass2: str = "subset",
+        sds_bn: str = "subset",
         adaptive: bool = False,
         eta: float = 0.0,
         **kwargs,
@@ -139,6 +146,13 @@ class ESAM(SharpnessAware):
             raise ValueError(
                 f"Invalid ESAM sds_pass2: {sds_pass2!r} (choose from {', '.join(SDS_PASS2)})"
             )
+        if sds_bn not in SDS_BN:
+            raise ValueError(f"Invalid ESAM sds_bn: {sds_bn!r} (choose from {', '.join(SDS_BN)})")
+        if sds_bn == "batch" and sds_pass2 == "batch":
+            raise ValueError(
+                "ESAM sds_bn='batch' with sds_pass2='batch': pass 2 already forwards the "
+                "whole batch (its statistics are the whole batch's); choose one"
+            )
         mask = RandomTensorSubset(beta, seed=seed, scaling=swp_scaling)
         cls = ESAM_SELECTIONS[selection]
         policy = cls(gamma, seed=seed) if cls is RandomSubset else cls(gamma)
@@ -149,6 +163,8 @@ class ESAM(SharpnessAware):
         self.gamma = policy.gamma
         self.sds_update = sds_update
         self.pass2_whole_batch = sds_pass2 == "batch"
+        #: pass 2 normalised with the whole batch's BN statistics (the BN repair)
+        self.sds_bn_batch = sds_bn == "batch"
         self._clean: list[Tensor | None] | None = None
 
     def _on_ascent(self, params: list[Tensor], grads: list[Tensor]) -> None:

@@ -20,7 +20,8 @@ from .config import Config, OptimConfig
 
 
 def load_data(cfg: Config) -> Any:
-    """The data set named by ``cfg.data`` (an ``effsam.data.ImageData``)."""
+    """The data set named by ``cfg.data`` (an ``effsam.data.ImageData``), with its label noise
+    (``data.label_noise``) applied to the training labels."""
     from effsam.data import load_dataset
 
     d = cfg.data
@@ -36,6 +37,8 @@ def load_data(cfg: Config) -> Any:
         synthetic_classes=d.synthetic_classes,
         synthetic_train=d.synthetic_train,
         synthetic_test=d.synthetic_test,
+        label_noise=d.label_noise,
+        label_noise_seed=d.label_noise_seed,  # never the run's seed: every run sees one noise
     )
 
 
@@ -98,7 +101,8 @@ def optimizer_args(o: OptimConfig, steps_per_epoch: int, epochs: int, seed: int)
 
     * ``total_steps`` (SSAM-D's drop-rate schedule): epochs × steps per epoch;
     * ``update_interval`` (SSAM's mask refresh): one epoch, the SSAM authors' setting;
-    * ``seed`` (ESAM's SWP mask generator): the run's seed, so seeds differ in masks too.
+    * ``seed`` (ESAM's SWP mask generator): the run's seed, so seeds differ in masks too;
+    * ``ascent_seed`` (the reduced-batch ascent's slices and noise): the run's seed.
     """
     args = dict(o.args)
     accepted = accepted_kwargs(o.name)
@@ -108,6 +112,8 @@ def optimizer_args(o: OptimConfig, steps_per_epoch: int, epochs: int, seed: int)
         args["update_interval"] = max(1, steps_per_epoch)
     if "seed" in accepted and "seed" not in args:
         args["seed"] = seed
+    if "ascent_seed" in accepted and "ascent_seed" not in args:
+        args["ascent_seed"] = seed  # the reduced-batch ascent's slices and noise
     return args
 
 

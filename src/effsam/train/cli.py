@@ -18,6 +18,22 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .config import Config
 
+
+def _or_text(kind: type) -> Any:
+    """A flag type that passes text it cannot read on unchanged, so that the config check
+    reports the value in one line (``invalid data.label_noise: 'abc' (expected a number)``)
+    rather than argparse's usage block."""
+
+    def convert(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            return text
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
 # (flag, config key, type or "flag", help); type "flag" is a store_true switch
 _COMMON_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--dataset", "data.dataset", str, "digits, synthetic, cifar10, cifar100, imagefolder"),
@@ -26,6 +42,18 @@ _COMMON_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--allow-unverified", "data.allow_unverified", "flag", "skip CIFAR checksum checks"),
     ("--train-subset", "data.train_subset", int, "train on a class-balanced subset of N images"),
     ("--subset-seed", "data.subset_seed", int, "seed of the subset (default: the run's seed)"),
+    (
+        "--label-noise",
+        "data.label_noise",
+        _or_text(float),
+        "replace the labels of this fraction of training images by uniformly random classes",
+    ),
+    (
+        "--label-noise-seed",
+        "data.label_noise_seed",
+        _or_text(int),
+        "seed of the label noise (default 0, the same for every run's seed)",
+    ),
     ("--image-size", "data.image_size", int, "image side for imagefolder data"),
     ("--batch-size", "data.batch_size", int, "training batch size per worker"),
     ("--augment", "data.augment", str, "none, flip or cifar (default: the data set's own)"),

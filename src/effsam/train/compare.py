@@ -175,6 +175,8 @@ def describe_comparison(cfg: Config, seeds: list[int]) -> str:
     data = d.dataset
     if d.train_subset is not None:
         data += f" ({d.train_subset:,}-image subset)"
+    if d.label_noise:
+        data += f", {d.label_noise:.0%} noisy labels"
     model = m.name if m.width == 1 else f"{m.name} at width {m.width:g}"
     seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
     return (

@@ -31,6 +31,8 @@ class DataConfig:
     allow_unverified: bool = False
     train_subset: int | None = None  # a stratified subset of N training images
     subset_seed: int | None = None  # seed of the subset's choice (None: the run's seed)
+    label_noise: float = 0.0  # fraction of training labels redrawn uniformly at random, 0 = off
+    label_noise_seed: int = 0  # seed of that draw: fixed, the same for every run's seed
     image_size: int | None = None  # resize (imagefolder) or None for the native size
     augment: str | None = None  # None: the data set's own recipe ("cifar" = crop + flip)
     cutout: int = 0  # side of the Cutout square, 0 = off

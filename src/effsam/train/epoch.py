@@ -87,7 +87,10 @@ def train_epoch(
             rates.append(n / max(elapsed, 1e-9))
         else:
             untimed -= 1
-        correct = res.aux.argmax(dim=1) == y
+        if res.aux is not None:
+            correct = res.aux.argmax(dim=1) == y
+        else:  # a step skipped before any whole-batch forward (a sliced pass 1 overflowed)
+            correct = torch.zeros_like(y, dtype=torch.bool)
         on_device[0] += res.loss.detach().double() * n
         on_device[1] += correct.sum()
         if diagnostics is not None:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from effsam.bn import norm_buffers, recompute_bn_stats
 from effsam.optim import SharpnessAware
 
 from . import distributed as ddp
@@ -42,7 +43,14 @@ from .config import Config, ConfigError, dump_yaml
 from .epoch import evaluate, train_epoch
 from .preflight import ToolkitWarning, preflight
 from .progress import RunProgress
-from .records import environment, summarize, write_json, write_metrics, write_text_atomic
+from .records import (
+    environment,
+    label_noise_record,
+    summarize,
+    write_json,
+    write_metrics,
+    write_text_atomic,
+)
 from .threads import set_threads
 
 
@@ -191,6 +199,7 @@ def _train(
         "optimizer": cfg.optim.name,
         "label": label or cfg.optim.name,
         "dataset": cfg.data.dataset,
+        **label_noise_record(data),
         "model": cfg.model.name,
         "seed": cfg.seed,
         "params": sum(p.numel() for p in model.parameters()),
@@ -236,6 +245,7 @@ def _train(
             eval_start = time.perf_counter()
             test_loss = test_acc = None
             if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
+                _recompute_bn(optimizer, model, train_loader, ctx)  # MSAM: BN statistics at θ
                 ddp.broadcast_buffers(model, ctx)  # every worker evaluates the checkpointed model
                 test_loss, test_acc = evaluate(eval_net, test_loader, t.amp, ctx, progress)
             record.update(
@@ -277,6 +287,21 @@ def _train(
         _write_files(run_dir, lambda: (write_metrics(run_dir, metrics),
                                        write_json(run_dir / "summary.json", summary)))  # fmt: skip
     return summary
+
+
+def _recompute_bn(optimizer: Any, model: nn.Module, loader: Any, ctx: ddp.DistContext) -> None:
+    """Before an evaluation, when the optimizer asks for it (``recompute_bn_before_eval``,
+    e.g. MSAM, whose passes run at a moved point): the BatchNorm running statistics
+    recomputed at θ from the training batches of the epoch just trained (at most
+    ``bn_recompute_batches``), and averaged over the workers, which all use as many
+    batches. The weights, the generators and the training that follows are unchanged."""
+    if not getattr(optimizer, "recompute_bn_before_eval", False):
+        return
+    used = recompute_bn_stats(model, loader, getattr(optimizer, "bn_recompute_batches", None))
+    if used and ctx.world_size > 1:
+        for buf in norm_buffers(model):
+            if buf.is_floating_point():
+                ddp.all_reduce(buf, ctx).div_(ctx.world_size)
 
 
 def _too_many_skipped(metrics: list[dict[str, Any]], limit: float, epochs: int) -> str | None:

@@ -80,6 +80,16 @@ def environment(device: torch.device, world_size: int, amp: str, compiled: bool)
     return env
 
 
+def label_noise_record(data: Any) -> dict[str, Any]:
+    """The training labels' noise, for a run's summary: ``label_noise`` (0.0 when clean) and,
+    with noise, ``label_noise_seed``, ``noisy_samples`` (how many labels were redrawn),
+    ``changed_labels`` (how many of those differ from the true one) and
+    ``noisy_indices_sha256`` (see :func:`effsam.data.indices_digest`), so that the
+    corruption can be recomputed and checked."""
+    noise = getattr(data, "label_noise", None)
+    return {"label_noise": 0.0} if noise is None else noise.as_dict()
+
+
 def write_metrics(run_dir: Path, metrics: list[dict[str, Any]]) -> None:
     """Rewrites metrics.jsonl and metrics.csv from the full list (consistent after a resume)."""
     lines = "".join(json.dumps(m) + "\n" for m in metrics)

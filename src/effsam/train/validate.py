@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from effsam.optim import available_optimizers
-from effsam.optim.registry import BASES, accepted_kwargs
+from effsam.optim.registry import BASES, accepted_kwargs, get_spec
 
 from .config import CompareConfig, Config, ConfigError, OptimConfig, from_dict, to_dict
 
@@ -90,8 +90,15 @@ def _dry_build(o: OptimConfig, where: str) -> None:
             f"invalid {where}.args: {o.name!r} does not take {unknown}; it takes: {takes}"
         )
     args = optimizer_args(o, steps_per_epoch=1, epochs=1, seed=0)
+    # an entry that picks its tensors from the model's layers (SAM-ON) gets a tiny model
+    # with a normalisation layer; the others one dummy tensor
+    dummy: Any = (
+        torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+        if get_spec(o.name).needs_model
+        else [torch.nn.Parameter(torch.zeros(2))]
+    )
     try:
-        optimizer_from(o, [torch.nn.Parameter(torch.zeros(2))], args)
+        optimizer_from(o, dummy, args)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid {where} ({o.name}): {exc}") from exc
 
@@ -118,6 +125,14 @@ def validate(cfg: Config, *, compare: bool = False) -> None:
         _integer("data.train_subset", d.train_subset, 1)
     if d.subset_seed is not None:
         _integer("data.subset_seed", d.subset_seed, 0)
+    if (
+        isinstance(d.label_noise, bool)
+        or not isinstance(d.label_noise, (int, float))
+        or not math.isfinite(d.label_noise)
+        or not 0 <= d.label_noise < 1
+    ):
+        _fail("data.label_noise", d.label_noise, "must be a number in [0, 1)")
+    _integer("data.label_noise_seed", d.label_noise_seed, 0)
     if d.image_size is not None:
         _integer("data.image_size", d.image_size, 1)
     _choice("data.augment", d.augment, AUGMENT_CHOICES, "augmentation")
