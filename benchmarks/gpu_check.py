@@ -60,10 +60,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from effsam import sharpness_aware_step
-from effsam.bench import throughput as throughput_module
 from effsam.bench.memory import peak_allocated_bytes
 from effsam.bench.throughput import (
-    PERIODS,
     VARIANTS,
     Workload,
     pass_costs,
@@ -813,23 +811,6 @@ def throughput_workload(sizes: Sizes, device: torch.device) -> Workload:
     )
 
 
-@contextlib.contextmanager
-def _whole_cycles(variants: list[str]) -> Iterator[None]:
-    """A method whose steps differ in a fixed cycle (the stale ascent: a true ascent every
-    k-th step) is timed over whole cycles, as PERIODS does for LookSAM and the interval."""
-    added = []
-    for name in variants:
-        k = REGISTRY[name].defaults.get("refresh_every")
-        if isinstance(k, int) and k > 1 and name not in PERIODS:
-            PERIODS[name] = k
-            added.append(name)
-    try:
-        yield
-    finally:
-        for name in added:
-            PERIODS.pop(name, None)
-
-
 def _conv_precision(device: torch.device) -> str:
     """How float32 convolutions run on the device (the throughput keeps torch's default)."""
     if device.type != "cuda":
@@ -840,18 +821,6 @@ def _conv_precision(device: torch.device) -> str:
     return "TF32 allowed" if torch.backends.cudnn.allow_tf32 else "TF32 off"
 
 
-@contextlib.contextmanager
-def _without_ascent_memory() -> Iterator[None]:
-    """The throughput run without its ascent-memory probe (not reported here): the probe
-    runs pass 1 on the whole batch, which a reduced-batch ascent (sam-slice) refuses."""
-    saved = throughput_module.ascent_memory
-    throughput_module.ascent_memory = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        throughput_module.ascent_memory = saved
-
-
 def check_throughput(report: Report, sizes: Sizes, device: torch.device) -> None:
     missing = [n for n in THROUGHPUT_CORE + THROUGHPUT_CHEAP if n not in REGISTRY]
     variants = [n for n in THROUGHPUT_CORE + THROUGHPUT_CHEAP if n in REGISTRY]
@@ -860,15 +829,14 @@ def check_throughput(report: Report, sizes: Sizes, device: torch.device) -> None
         report.say(f"  {report.notes[-1]}")
     workload = throughput_workload(sizes, device)
     with report.guard("throughput", "resnet18"):
-        with _whole_cycles(variants), _without_ascent_memory():
-            stats = run(
-                variants,
-                workload,
-                rounds=sizes.rounds,
-                steps_per_round=sizes.steps_per_round,
-                warmup=sizes.warmup,
-                progress=lambda s: report.say(f"  {s}"),
-            )
+        stats = run(
+            variants,
+            workload,
+            rounds=sizes.rounds,
+            steps_per_round=sizes.steps_per_round,
+            warmup=sizes.warmup,
+            progress=lambda s: report.say(f"  {s}"),
+        )
         costs = pass_costs(
             workload,
             beta=ESAM_KWARGS["beta"],
@@ -877,17 +845,6 @@ def check_throughput(report: Report, sizes: Sizes, device: torch.device) -> None
             warmup=sizes.warmup,
         )
         predicted = predicted_speeds(costs)
-        # the cheap ascents by the same cost model (effsam.optim.registry's comment on
-        # their defaults): an ascent on a slice f of the batch costs (1 + f)(F + B), a
-        # true ascent every k-th step (1 + 1/k)(F + B)
-        for name in variants:
-            defaults = REGISTRY[name].defaults
-            if name in predicted:
-                continue
-            if name == "sam-slice" and "ascent_fraction" in defaults:
-                predicted[name] = 2 / (1 + defaults["ascent_fraction"])
-            elif name == "sam-stale" and "refresh_every" in defaults:
-                predicted[name] = 2 / (1 + 1 / defaults["refresh_every"])
         rows = []
         for name, s in stats.items():
             step = statistics.median(s.amortised)

@@ -4,7 +4,9 @@
     python benchmarks/throughput.py --model wrn --width 0.25 --batch 128
     python benchmarks/throughput.py --smoke              # tiny model, two rounds (tests)
 
-Writes Markdown and JSON to benchmarks/results/ (file names carry model and environment).
+Writes Markdown and JSON to benchmarks/results/ (file names carry model and environment;
+each file records its command and the git commit it was run on, "+dirty" when the tree
+held uncommitted changes).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import json
 import shlex
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +24,7 @@ import torch
 from effsam.bench.throughput import (
     PASSES,
     PERIODS,
+    SHARE_STEP,
     SHARES,
     VARIANTS,
     Workload,
@@ -28,12 +32,42 @@ from effsam.bench.throughput import (
     pass_costs,
     predicted_speeds,
     ratios,
+    registry_name,
     run,
 )
 from effsam.environment import environment, environment_tag
 from effsam.optim.registry import REGISTRY
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def code_stamp() -> dict[str, object]:
+    """``git rev-parse HEAD`` and whether the tree differs from it (``git status
+    --porcelain``, the results under benchmarks/results/ excluded): "<commit>+dirty"."""
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=30
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout if out.returncode == 0 else None
+
+    commit = (git("rev-parse", "HEAD") or "").strip() or None
+    status = git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results")
+    dirty = bool(status and status.strip())
+    text = "commit unknown" if commit is None else commit + ("+dirty" if dirty else "")
+    return {"commit": commit, "dirty": dirty, "text": text}
+
+
+def last_layers(layers: str) -> int | float:
+    """The count of ``"last:K"`` (an int, or a fraction of the layers)."""
+    kind, _, arg = layers.partition(":")
+    if kind != "last":
+        raise ValueError(f"the cost model times the last layers, not {layers!r}")
+    return int(arg) if arg.isdigit() else float(arg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=float, default=1.0, help="channel width multiplier")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v in REGISTRY])
+    p.add_argument(
+        "--variants", nargs="+", default=[v for v in VARIANTS if registry_name(v) in REGISTRY]
+    )
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=3, help="steps per variant per round")
     p.add_argument("--warmup", type=int, default=2)
@@ -94,11 +130,14 @@ def main(argv: list[str] | None = None) -> int:
             workload,
             beta=VARIANTS["esam"]["beta"],
             gamma=VARIANTS["esam"]["gamma"],
+            ascent_fraction=VARIANTS["sam-slice"]["ascent_fraction"],
+            layers=last_layers(VARIANTS["sam-layers"]["layers"]),
             rounds=max(3, args.rounds),
             warmup=args.warmup,
         )
-        predicted = predicted_speeds(costs)
+        predicted = predicted_speeds(costs, refresh_every=VARIANTS["sam-stale"]["refresh_every"])
     env = environment(args.device)
+    code = code_stamp()
     command = "python benchmarks/throughput.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
@@ -127,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# Throughput: {args.model} (width {args.width}), batch {args.batch}",
         "",
         f"Command: `{command}`  ",
+        f"Code: {code['text']}  ",
         f"Date: {env['date']}  ",
         f"Environment: torch {env['torch']}, {env['device']}, {env['cpu']}, "
         f"{env['torch_threads']} threads, Python {env['python']}  ",
@@ -136,7 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{', '.join(f'{k} runs {v}' for k, v in PERIODS.items())} steps per round (whole "
         "cycles; their mean). "
         f"{', '.join(f'{k} at {v:.0%}' for k, v in SHARES.items())} sharpness-aware steps: "
-        "their own plain step and SAM's, mixed at that share. "
+        "their own plain step and SAM's, mixed at that share"
+        + "".join(
+            f"; {k} with {v}'s step instead of SAM's" for k, v in SHARE_STEP.items() if k in stats
+        )
+        + ". "
         "Step peak MB: the most memory one more step (profiled, untimed) holds at once beyond "
         "what was allocated before it. Ascent ×params: the extra memory of the ascent — the "
         "wrapper's θ backup and masks plus first_step's transient peak (allocation events) — "
@@ -170,8 +214,11 @@ def main(argv: list[str] | None = None) -> int:
             "",
             "## Cost model: each pass timed alone",
             "",
-            "The same model and batch; ESAM's passes one by one (median over "
-            f"{max(3, args.rounds)} interleaved rounds). A variant's predicted speed against "
+            "The same model and batch; each pass a step is made of, one by one (median over "
+            f"{max(3, args.rounds)} interleaved rounds): ESAM's, the cheap ascents' pass 1 "
+            "(on a slice of the batch, with weight gradients for the norm layers or the last "
+            f"{VARIANTS['sam-layers']['layers'].partition(':')[2]} of the layers only) and a "
+            "stale step's copy/restore. A variant's predicted speed against "
             "SAM is SAM's passes over its own; a measured ratio near the prediction means the "
             "hardware's pass costs, not the optimizer, set the speed.",
             "",
@@ -179,19 +226,31 @@ def main(argv: list[str] | None = None) -> int:
             "|---|---:|---:|",
         ]
         for name, what in PASSES.items():
-            md.append(f"| {what} | {costs[name] * 1e3:.1f} | {costs[name] / sam_step:.3f} |")
+            if name in costs:
+                md.append(f"| {what} | {costs[name] * 1e3:.1f} | {costs[name] / sam_step:.3f} |")
         md += [
             "",
             f"Backward / forward: {costs['backward'] / costs['forward']:.2f} (the papers' GPUs: "
             "~2); no-grad forward / forward: "
             f"{costs['forward_no_grad'] / costs['forward']:.2f}.",
             "",
-            "| variant | measured vs SAM | predicted from the passes |",
-            "|---|---:|---:|",
+            "The cheap ascents' predictions (F, B: the full batch's forward and backward; "
+            "pass 2 is always F + B): sam-slice = F_slice + B_slice + F + B (sam-slice@0.5: "
+            "the b/2 slice); sam-on = F_norm + B_norm + F + B; sam-layers = F_last + B_last "
+            f"+ F + B; sam-stale (k = {VARIANTS['sam-stale']['refresh_every']}) = SAM/k + "
+            "(k − 1)/k · (F + B + C), C the copy/restore; a composition at share q of "
+            "sharpness-aware steps = q · its cheap step + (1 − q)(F + B).",
+            "",
+            "| variant | measured vs SAM | predicted from the passes | measured / predicted |",
+            "|---|---:|---:|---:|",
         ]
         for r in rows:
             if r["variant"] in predicted and r["vs_sam"] is not None:
-                md.append(f"| {r['variant']} | {r['vs_sam']:.3f} | {predicted[r['variant']]:.3f} |")
+                pred = predicted[r["variant"]]
+                md.append(
+                    f"| {r['variant']} | {r['vs_sam']:.3f} | {pred:.3f} | "
+                    f"{r['vs_sam'] / pred:.3f} |"
+                )
     text = "\n".join(md) + "\n"
     print(text)
     if not args.smoke or args.out != RESULTS:
@@ -202,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / f"{stem}.md").write_text(text)
         payload = {
             "command": command,
+            "code": code,
             "environment": env,
             "rows": rows,
             "targets": targets,

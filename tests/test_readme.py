@@ -29,6 +29,7 @@ def test_the_api_snippet_runs_as_written(tmp_path, monkeypatch):
     assert isinstance(namespace["result"], effsam.StepResult)
     assert namespace["result"].selected == 16  # ESAM's gamma 0.5 of a batch of 32
     assert torch.isfinite(namespace["loss"])
+    assert namespace["step"].ascent_samples == 8  # the slice: a quarter of 32
     saved = torch.load(tmp_path / "opt.pt", weights_only=True)
     fresh = effsam.create_optimizer(
         namespace["model"], "ssam-f", lr=0.05, momentum=0.9, rho=0.1, sparsity=0.5

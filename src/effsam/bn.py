@@ -75,9 +75,9 @@ def capture_bn_stats(
 
     def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0].detach()
-        x = x if x.dtype == torch.float64 else x.float()
-        dims = _batch_dims(x)
-        into[module] = (x.mean(dims), x.var(dims, unbiased=False))
+        x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        var, mean = torch.var_mean(x, _batch_dims(x), correction=0)
+        into[module] = (mean, var)
 
     handles = [
         m.register_forward_pre_hook(hook)
@@ -109,20 +109,21 @@ def use_bn_stats(model: nn.Module, stats: dict[nn.Module, tuple[Tensor, Tensor]]
     def hook(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor:
         mean_b, var_b = stats[module]
         x = args[0]
-        dims = _batch_dims(x)
-        xs = x if x.dtype == torch.float64 else x.float()
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        mu_s = xs.mean(dims)
-        sd_s = torch.sqrt(xs.var(dims, unbiased=False) + module.eps)
+        xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        # one fused kernel: the subset normalised by its own statistics, and those statistics
+        x_hat, mu_s, invstd_s = torch.native_batch_norm(
+            xs, None, None, None, None, True, 0.0, module.eps
+        )
         sd_b = torch.sqrt(var_b.to(xs.dtype) + module.eps)
-        r = (sd_s / sd_b).detach()
+        r = (1.0 / (invstd_s * sd_b)).detach()  # σ_S / σ_B
         d = ((mu_s - mean_b.to(xs.dtype)) / sd_b).detach()
-        y = (xs - mu_s.view(shape)) / sd_s.view(shape) * r.view(shape) + d.view(shape)
-        if module.weight is not None:
-            y = y * module.weight.view(shape)
+        # (x̂ r + d) w + b, folded per channel: one multiply and one add per element
+        scale = r if module.weight is None else r * module.weight
+        shift = d if module.weight is None else d * module.weight
         if module.bias is not None:
-            y = y + module.bias.view(shape)
-        return y.to(out.dtype)
+            shift = shift + module.bias
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        return torch.addcmul(shift.view(shape), x_hat, scale.view(shape)).to(out.dtype)
 
     handles = [m.register_forward_hook(hook) for m in stats if m.training]
     try:

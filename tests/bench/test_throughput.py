@@ -11,6 +11,7 @@ import pytest
 
 from effsam.bench.throughput import (
     PASSES,
+    SHARES,
     Workload,
     evaluate_targets,
     pass_costs,
@@ -81,6 +82,110 @@ def test_predicted_speeds_follow_the_pass_counts():
     assert got["esam-swp"] == pytest.approx(6 / 5.2)
     assert got["esam-sds"] == pytest.approx(6 / 5.3)
     assert got["esam-loss"] == pytest.approx(6 / 3.7)
+
+
+#: the cheap ascents (and their compositions) the benchmark times beside the others
+CHEAP = ["sam-slice", "sam-on", "sam-layers", "sam-stale", "esam-bn", "rst-slice"]
+
+
+def test_smoke_script_prints_the_cheap_ascents_measured_and_predicted(tmp_path):
+    variants = ["sgd", "sam", *CHEAP]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "throughput.py"),
+            "--smoke",
+            "--quiet",
+            "--out",
+            str(tmp_path),
+            "--variants",
+            *variants,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (json_file,) = tmp_path.glob("throughput-*.json")
+    data = json.loads(json_file.read_text())
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert list(rows) == variants
+    # the code it ran on: the commit, "+dirty" when the tree differs from it
+    code = data["code"]
+    assert code["commit"] and len(code["commit"]) == 40
+    assert code["text"] == code["commit"] + ("+dirty" if code["dirty"] else "")
+    md = json_file.with_suffix(".md").read_text()
+    assert f"Code: {code['text']}" in md
+    costs = data["pass_costs_s"]
+    for name in ("forward_slice", "backward_slice", "forward_slice_half", "backward_slice_half",
+                 "forward_norm", "backward_norm", "forward_layers", "backward_layers",
+                 "perturb_restore"):  # fmt: skip
+        assert costs[name] > 0
+    # the cost model's table: each cheap ascent with its measured and predicted speed
+    table = md[md.index("| variant | measured vs SAM |") :].splitlines()
+    for name in CHEAP:
+        measured, predicted = rows[name]["vs_sam"], data["predicted_vs_sam"][name]
+        assert measured > 0 and predicted > 0
+        line = next(x for x in table if x.startswith(f"| {name} |"))
+        assert line.startswith(f"| {name} | {measured:.3f} | {predicted:.3f} |")
+    # sample-passes per step: the slice's pass 1 is a quarter of the batch; the stale
+    # ascent 1 + 1/3 passes; RST with the slice at half its steps sharpness-aware
+    assert rows["sam-slice"]["forward_passes"] == pytest.approx(1.25)
+    assert rows["sam-stale"]["backward_passes"] == pytest.approx(4 / 3)
+    assert rows["rst-slice"]["forward_passes"] == pytest.approx(1.125)
+
+
+def test_predicted_speeds_of_the_cheap_ascents():
+    # F = 1, B = 2: SAM = 2 (F + B) = 6, a plain step F + B = 3; pass 2 always F + B
+    costs = {
+        "forward": 1.0,
+        "backward": 2.0,
+        "backward_swp": 1.2,
+        "forward_no_grad": 0.8,
+        "forward_subset": 0.5,
+        "backward_subset": 1.0,
+        "forward_slice": 0.3,  # the f*b slice
+        "backward_slice": 0.5,
+        "forward_slice_half": 0.55,
+        "backward_slice_half": 1.05,
+        "forward_norm": 1.0,
+        "backward_norm": 1.4,
+        "forward_layers": 0.9,
+        "backward_layers": 0.7,
+        "perturb_restore": 0.3,  # C, a stale step's copy/restore
+    }
+    got = predicted_speeds(costs)
+    # sam-slice = F_slice + B_slice + F + B = 0.3 + 0.5 + 3
+    assert got["sam-slice"] == pytest.approx(6 / 3.8)
+    assert got["sam-slice@0.5"] == pytest.approx(6 / (0.55 + 1.05 + 3))
+    assert got["sam-on"] == pytest.approx(6 / (1.0 + 1.4 + 3))
+    assert got["sam-layers"] == pytest.approx(6 / (0.9 + 0.7 + 3))
+    # sam-stale = SAM / k + (k - 1) / k * (F + B + C), k = 3: 6/3 + 2/3 * 3.3 = 4.2
+    assert got["sam-stale"] == pytest.approx(6 / (6 / 3 + 2 / 3 * (3 + 0.3)))
+    assert got["sam-stale"] == pytest.approx(6 / 4.2)
+    k2 = predicted_speeds(costs, refresh_every=2)["sam-stale"]
+    assert k2 == pytest.approx(6 / (6 / 2 + 1 / 2 * 3.3))
+    # a composition at share q: q * its cheap step + (1 - q) * (F + B)
+    assert SHARES["rst-slice"] == 0.5 and SHARES["late-slice"] == 0.125
+    assert got["rst-slice"] == pytest.approx(6 / (0.5 * 3.8 + 0.5 * 3))
+    assert got["late-slice"] == pytest.approx(6 / (0.125 * 3.8 + 0.875 * 3))
+    assert got["rst-stale"] == pytest.approx(6 / (0.5 * 4.2 + 0.5 * 3))
+    assert got["rst-on"] == pytest.approx(6 / (0.5 * 5.4 + 0.5 * 3))
+    # the existing rows are unchanged by the composition rule (SAM's step at share q)
+    assert got["rst"] == pytest.approx(6 / 4.5) and got["sam-late"] == pytest.approx(6 / 3.375)
+    # same passes as ESAM, MSAM and LookSAM
+    assert got["esam-bn"] == got["esam"]
+    assert got["msam-rel"] == got["msam"] and got["looksam-rel"] == got["looksam"]
+    # without a pass's cost, the method it predicts is left out (sam-stale's C counts 0)
+    old = {k: v for k, v in costs.items() if not k.endswith(("_norm", "_layers", "restore"))}
+    partial = predicted_speeds(old)
+    assert "sam-on" not in partial and "sam-layers" not in partial
+    assert partial["sam-stale"] == pytest.approx(6 / 4.0)
+
+
+def test_a_composition_needs_its_cheap_step_in_the_run():
+    with pytest.raises(ValueError, match=r"rst-slice \(needs sam-slice\)"):
+        run(["sam", "rst-slice"], Workload("cifar_cnn", width=0.25, batch_size=4), rounds=1)
 
 
 def test_pass_costs_time_every_pass():

@@ -8,6 +8,10 @@ backward sample-passes per step, the optimizer's own overhead (time in first_ste
 second_step outside the base optimizer's step), the optimizer's memory and the peak memory
 of a step, and the extra memory of the ascent (θ backup, masks and first_step's transient
 peak) against the parameters' size.
+
+A cost model explains the ratios: :func:`pass_costs` times each pass a step is made of
+alone, on the same model and batch, and :func:`predicted_speeds` adds them up the way
+each method does.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from torch.nn import functional as F
 
 from ..models import create_model
 from ..optim import SharpnessAware, create_optimizer
+from ..optim.ascent import global_norm
+from ..optim.cheap import last_layer_params, norm_params
 from ..optim.masks import RandomTensorSubset, round_half_up
 from ..optim.registry import REGISTRY
 from ..step import sharpness_aware_step
@@ -53,16 +59,63 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "esam-mix": {"rho": 0.05, "beta": 0.6, "gamma": 0.5},
     "esam-random": {"rho": 0.05, "beta": 0.6, "gamma": 0.5},
     "esam-wholebatch": {"rho": 0.05, "beta": 0.6, "gamma": 0.5},
+    "esam-bn": {"rho": 0.05, "beta": 0.6, "gamma": 0.5},
+    "msam-rel": {"rho": 0.041},
+    "looksam-rel": {"rho": 0.05, "k": 5, "alpha": 1.0},
+    # the cheap ascents (docs/algorithms.md, "Cheap ascents"): pass 1 cut, pass 2 dense
+    "sam-slice": {"rho": 0.05, "ascent_fraction": 0.25},
+    "sam-slice@0.5": {"rho": 0.05, "ascent_fraction": 0.5},
+    "sam-on": {"rho": 0.05},
+    "sam-layers": {"rho": 0.05, "layers": "last:0.5"},
+    "sam-stale": {"rho": 0.05, "refresh_every": 3},
+    # their compositions with RST and late SAM, as their own plain step (never firing),
+    # priced at the share of sharpness-aware steps in SHARES with the cheap step's time
+    "rst-slice": {"rho": 0.05, "probability": 0.0, "probability_schedule": "constant"},
+    "rst-on": {"rho": 0.05, "probability": 0.0, "probability_schedule": "constant"},
+    "rst-stale": {
+        "rho": 0.05,
+        "probability": 0.0,
+        "probability_schedule": "constant",
+        "refresh_every": 3,
+    },
+    "late-slice": {"rho": 0.05, "start": 1.0, "total_steps": 10**9},
 }
+
+#: Labels of a second setting of a registered method (label -> registered name; the
+#: settings are the label's entry in VARIANTS).
+VARIANT_OF: dict[str, str] = {"sam-slice@0.5": "sam-slice"}
+
+
+def registry_name(variant: str) -> str:
+    """The registered optimizer a benchmark variant builds (its label, or VARIANT_OF's)."""
+    return VARIANT_OF.get(variant, variant)
+
 
 #: Methods whose steps differ in a fixed cycle: each round runs whole cycles of this many
 #: steps and takes their mean (the median would be the plain step).
-PERIODS: dict[str, int] = {"sam-interval": 10, "looksam": 5}
+PERIODS: dict[str, int] = {"sam-interval": 10, "looksam": 5, "looksam-rel": 5, "sam-stale": 3}
 
 #: Methods whose share of sharpness-aware steps depends on the run (late: the last 1/8 of
 #: training by default; RST with p rising 0 -> 1: one half on average; AE-SAM: about one
 #: half in its paper): a round's time is share x SAM's + (1 - share) x their own plain step.
-SHARES: dict[str, float] = {"sam-late": 0.125, "rst": 0.5, "ae-sam": 0.5}
+#: A composition's sharpness-aware steps are its cheap ascent's (SHARE_STEP), not SAM's.
+SHARES: dict[str, float] = {
+    "sam-late": 0.125,
+    "rst": 0.5,
+    "ae-sam": 0.5,
+    "rst-slice": 0.5,
+    "rst-on": 0.5,
+    "rst-stale": 0.5,
+    "late-slice": 0.125,
+}
+
+#: The method whose step a SHARES variant takes on its sharpness-aware steps (default SAM).
+SHARE_STEP: dict[str, str] = {
+    "rst-slice": "sam-slice",
+    "rst-on": "sam-on",
+    "rst-stale": "sam-stale",
+    "late-slice": "sam-slice",
+}
 
 #: (variant, reference, minimum speed ratio = reference time / variant time, paper figure)
 TARGETS: list[tuple[str, str, float, str]] = [
@@ -77,6 +130,7 @@ TARGETS: list[tuple[str, str, float, str]] = [
 #: extra memory of the ascent (θ backup, masks, first_step's transient) / parameter bytes
 ASCENT_MEMORY = 1.1
 ASCENT_MEMORY_SSAM = 1.3  # a bool mask is 1/4 of float32 parameters
+ASCENT_MEMORY_STALE = 2.1  # the θ backup and last step's gradient (one buffer each)
 
 
 @dataclass
@@ -199,7 +253,9 @@ def build_bench(name: str, workload: Workload, compile_model: bool = False, seed
     if compile_model:
         model = torch.compile(model)
     kwargs = dict(VARIANTS.get(name, {}))
-    opt = create_optimizer(model, name, lr=0.05, momentum=0.9, weight_decay=5e-4, **kwargs)
+    opt = create_optimizer(
+        model, registry_name(name), lr=0.05, momentum=0.9, weight_decay=5e-4, **kwargs
+    )
     own: list[float] = []
     base_step: list[float] = []
     if isinstance(opt, SharpnessAware):
@@ -247,9 +303,19 @@ def run(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, VariantStats]:
     """Measure every variant; returns per-variant statistics."""
-    unknown = [v for v in variants if v not in REGISTRY]
+    unknown = [v for v in variants if registry_name(v) not in REGISTRY]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; registered: {list(REGISTRY)}")
+    unpriced = [
+        f"{v} (needs {SHARE_STEP.get(v, 'sam')})"
+        for v in variants
+        if v in SHARES and SHARE_STEP.get(v, "sam") not in variants
+    ]
+    if unpriced:
+        raise ValueError(
+            "a scheduled variant is priced from the step it takes on its sharpness-aware "
+            f"steps, measured in the same run: add it: {', '.join(unpriced)}"
+        )
     dev = torch.device(workload.device)
     benches = [build_bench(v, workload, compile_model) for v in variants]
     stats = {b.name: VariantStats(b.name) for b in benches}
@@ -299,7 +365,7 @@ def run(
     for b in benches:  # last: the profiled step must not count in the times or passes
         stats[b.name].peak_mb = step_peak_megabytes(b)
         if isinstance(b.opt, SharpnessAware):
-            mem = ascent_memory(b.opt, b.model, b.batch, _loss)
+            mem = ascent_memory(b.opt, b.model, b.batch, _ascent_loss(b.opt))
             if mem is not None and mem.parameters:
                 stats[b.name].ascent_persistent = mem.persistent / mem.parameters
                 stats[b.name].ascent_transient = mem.transient / mem.parameters
@@ -307,16 +373,27 @@ def run(
     return stats
 
 
+def _ascent_loss(opt: SharpnessAware) -> Callable[..., Tensor]:
+    """The loss the ascent-memory probe runs pass 1 with: through ``ascent_batch``, so a
+    reduced-batch ascent ascends on its slice, as in a step (the whole batch otherwise)."""
+
+    def loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        return _loss(model, opt.ascent_batch(batch))
+
+    return loss
+
+
 def _price_shares(stats: dict[str, VariantStats]) -> None:
-    """SHARES variants: each round's time and the pass counts at their share of SAM steps."""
-    sam = stats.get("sam")
+    """SHARES variants: each round's time and the pass counts at their share of
+    sharpness-aware steps, those steps being SAM's or the composition's (SHARE_STEP)."""
     for name, share in SHARES.items():
         s = stats.get(name)
-        if s is None or sam is None:
+        ref = stats.get(SHARE_STEP.get(name, "sam"))
+        if s is None or ref is None:
             continue
-        s.step_times = [share * a + (1 - share) * p for a, p in zip(sam.step_times, s.step_times)]
-        s.forward_samples = share * sam.forward_samples + (1 - share) * s.forward_samples
-        s.backward_samples = share * sam.backward_samples + (1 - share) * s.backward_samples
+        s.step_times = [share * a + (1 - share) * p for a, p in zip(ref.amortised, s.step_times)]
+        s.forward_samples = share * ref.forward_samples + (1 - share) * s.forward_samples
+        s.backward_samples = share * ref.backward_samples + (1 - share) * s.backward_samples
 
 
 def step_peak_megabytes(bench: Bench) -> float | None:
@@ -359,13 +436,17 @@ def evaluate_targets(stats: dict[str, VariantStats]) -> list[dict[str, Any]]:
         )
     for name, st in stats.items():
         if st.ascent_ratio is not None:
+            stale = registry_name(name) in ("sam-stale", "rst-stale")
             limit = ASCENT_MEMORY_SSAM if name.startswith("ssam") else ASCENT_MEMORY
+            floor = "floor: the theta backup (1x)"
+            if stale:
+                limit, floor = ASCENT_MEMORY_STALE, "floor: theta backup + last gradient (2x)"
             rows.append(
                 {
                     "target": f"{name} ascent memory <= {limit:.1f}x params",
                     "value": st.ascent_ratio,
                     "pass": st.ascent_ratio <= limit,
-                    "paper": "floor: the theta backup (1x)",
+                    "paper": floor,
                 }
             )
     if "sam" in stats and stats["sam"].overhead:
@@ -389,7 +470,19 @@ PASSES = {
     "forward_no_grad": "forward under no_grad, batch b (SDS's sharpness forward)",
     "forward_subset": "forward with autograd, the gamma*b selected samples",
     "backward_subset": "backward, the gamma*b selected samples",
+    "forward_slice": "forward with autograd, the f*b ascent slice (f = ascent_fraction)",
+    "backward_slice": "backward, the f*b ascent slice",
+    "forward_slice_half": "forward with autograd, an ascent slice of b/2",
+    "backward_slice_half": "backward, an ascent slice of b/2",
+    "forward_norm": "forward, batch b, weight grads for the norm layers only (SAM-ON's pass 1)",
+    "backward_norm": "backward, batch b, weight grads for the norm layers only",
+    "forward_layers": "forward, batch b, weight grads for the last layers only (sam-layers)",
+    "backward_layers": "backward, batch b, weight grads for the last layers only (stops early)",
+    "perturb_restore": "a stale step's copy/restore: norm of s, θ backup, θ += ρ s/‖s‖, restore",
 }
+
+#: The second slice the cost model times (beside ``ascent_fraction``): pass 1 on b/2.
+SLICE_HALF = 0.5
 
 
 def pass_costs(
@@ -397,22 +490,40 @@ def pass_costs(
     *,
     beta: float = 0.6,
     gamma: float = 0.5,
+    ascent_fraction: float = 0.25,
+    layers: int | float = 0.5,
     rounds: int = 5,
     warmup: int = 2,
     seed: int = 0,
 ) -> dict[str, float]:
     """Median seconds of each pass in :data:`PASSES`, measured in interleaved rounds.
 
-    The passes ESAM's step is made of, timed one by one on the same model and batch: with
-    them, :func:`predicted_speeds` says what each variant's speed against SAM must be on
-    this hardware, so a missed target can be told apart from overhead of ours.
+    The passes the steps are made of, timed one by one on the same model and batch (each
+    round runs every pass once): ESAM's, and the cheap ascents' pass 1 — on a slice of
+    ⌊f·b + ½⌋ samples (f = ``ascent_fraction``, and b/2), with weight gradients for the
+    normalisation layers' affine parameters only (SAM-ON), for the last ``layers`` of the
+    layers only (``requires_grad`` off for the others during the forward and the backward,
+    as those methods do) — and a stale step's copy/restore. With them,
+    :func:`predicted_speeds` says what each variant's speed against SAM must be on this
+    hardware, so a missed target can be told apart from overhead of ours. A model without
+    normalisation layers has no ``forward_norm`` / ``backward_norm``.
     """
     dev = torch.device(workload.device)
     model, (x, y) = workload.build(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     swp = RandomTensorSubset(beta, seed=seed)
-    k = max(1, round_half_up(gamma * workload.batch_size))
-    times: dict[str, list[float]] = {name: [] for name in PASSES}
+    b = workload.batch_size
+    k = max(1, round_half_up(gamma * b))
+    k_slice = min(b, max(1, round_half_up(ascent_fraction * b)))
+    k_half = min(b, max(1, round_half_up(SLICE_HALF * b)))
+    norm_ids = {id(p) for p in norm_params(model)}
+    keep_norm = [id(p) in norm_ids for p in params] if norm_ids else None
+    last_ids = {id(p) for p in last_layer_params(model, layers)}
+    keep_last = [id(p) in last_ids for p in params]
+    names = [n for n in PASSES if keep_norm is not None or not n.endswith("_norm")]
+    times: dict[str, list[float]] = {name: [] for name in names}
+    stale = [torch.randn_like(p) for p in params]  # stands in for last step's gradient
+    backups = [torch.empty_like(p) for p in params]
 
     def clock() -> float:
         _sync(dev)
@@ -436,9 +547,20 @@ def pass_costs(
             times[fwd].append(t1 - t0)
         times[bwd].append(t2 - t1)
 
+    @torch.no_grad()
+    def perturb_restore(rho: float = 0.05) -> None:
+        t0 = clock()
+        scale = rho / (float(global_norm(stale, True)) + 1e-12)
+        for p, s, backup in zip(params, stale, backups):
+            backup.copy_(p)
+            p.add_(s, alpha=scale)
+        for p, backup in zip(params, backups):
+            p.copy_(backup)
+        times["perturb_restore"].append(clock() - t0)
+
     for r in range(warmup + rounds):
         if r == warmup:
-            times = {name: [] for name in PASSES}
+            times = {name: [] for name in names}
         forward_backward(x, y, "forward", "backward")
         keep = swp.draw(params)
         forward_backward(x, y, "", "backward_swp", keep=keep)
@@ -447,10 +569,18 @@ def pass_costs(
             model(x)
         times["forward_no_grad"].append(clock() - t0)
         forward_backward(x[:k], y[:k], "forward_subset", "backward_subset")
+        forward_backward(x[:k_slice], y[:k_slice], "forward_slice", "backward_slice")
+        forward_backward(x[:k_half], y[:k_half], "forward_slice_half", "backward_slice_half")
+        if keep_norm is not None:
+            forward_backward(x, y, "forward_norm", "backward_norm", keep=keep_norm)
+        forward_backward(x, y, "forward_layers", "backward_layers", keep=keep_last)
+        perturb_restore()
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def predicted_speeds(costs: dict[str, float]) -> dict[str, float]:
+def predicted_speeds(
+    costs: dict[str, float], *, refresh_every: int | None = None
+) -> dict[str, float]:
     """Speed against SAM (SAM step time / variant step time) from the pass costs alone.
 
     SGD = F + B; SAM = 2 (F + B); SWP alone = F + B_swp + F + B; SDS alone = F + B + F_ng +
@@ -458,7 +588,16 @@ def predicted_speeds(costs: dict[str, float]) -> dict[str, float]:
     The step-skipping methods at share q of sharpness-aware steps: (1 + q)(F + B) — q = 1/k
     for interval and LookSAM, SHARES for late, RST and AE-SAM; MSAM = F + B; K-SAM = F_ng +
     2 (F_k + B_k); ESAM-mix = ESAM; the random-subset control = esam-loss; the whole-batch
-    control = SWP alone.
+    control = SWP alone; ESAM with the BN repair = ESAM (its hooks run no pass); the
+    relative MSAM and LookSAM = MSAM and LookSAM.
+
+    The cheap ascents (pass 1 cut, pass 2 = F + B on the whole batch):
+    sam-slice = F_fb + B_fb + F + B (the f·b slice; sam-slice@0.5 with the b/2 slice);
+    sam-on = F_norm + B_norm + F + B; sam-layers = F_last + B_last + F + B;
+    sam-stale = SAM / k + (k − 1)/k · (F + B + C), C the copy/restore, k = refresh_every
+    (PERIODS' cycle by default). A composition with a schedule at share q (SHARES) =
+    q · (its cheap step) + (1 − q)(F + B). A method whose passes are missing from
+    ``costs`` is left out.
     """
     f, b = costs["forward"], costs["backward"]
     sub = costs["forward_subset"] + costs["backward_subset"]
@@ -476,8 +615,24 @@ def predicted_speeds(costs: dict[str, float]) -> dict[str, float]:
     steps["esam-mix"] = steps["esam"]
     steps["esam-random"] = steps["esam-loss"]
     steps["esam-wholebatch"] = steps["esam-swp"]  # pass 2 forwards and back-propagates all b
+    steps["esam-bn"] = steps["esam"]
+    steps["msam-rel"] = steps["msam"]
     for name, period in PERIODS.items():
         steps[name] = (1 + 1 / period) * (f + b)
+    # the cheap ascents: their own pass 1, then pass 2 on the whole batch
+    pass1 = {
+        "sam-slice": ("forward_slice", "backward_slice"),
+        "sam-slice@0.5": ("forward_slice_half", "backward_slice_half"),
+        "sam-on": ("forward_norm", "backward_norm"),
+        "sam-layers": ("forward_layers", "backward_layers"),
+    }
+    for name, (fwd, bwd) in pass1.items():
+        if fwd in costs and bwd in costs:
+            steps[name] = costs[fwd] + costs[bwd] + f + b
+    k = refresh_every if refresh_every is not None else PERIODS["sam-stale"]
+    steps["sam-stale"] = sam / k + (k - 1) / k * (f + b + costs.get("perturb_restore", 0.0))
     for name, share in SHARES.items():
-        steps[name] = (1 + share) * (f + b)
+        ref = SHARE_STEP.get(name, "sam")
+        if ref in steps:
+            steps[name] = share * steps[ref] + (1 - share) * (f + b)
     return {name: sam / t for name, t in steps.items()}
