@@ -1186,9 +1186,11 @@ def plot(rows: list[dict[str, Any]], equal: list[dict[str, Any]], path: Path, ti
             yerr=100 * (r["acc_std"] or 0),
             fmt="o",
             color="tab:blue",
+            # fewer seeds than a verdict needs: hollow, and left out of the front
+            mfc="tab:blue" if _seeds(r) >= MIN_SEEDS else "white",
             **bars,
         )
-    front = pareto(pts)
+    front = pareto([r for r in pts if _seeds(r) >= MIN_SEEDS])
     ax.plot(
         [r["x"] for r in front],
         [100 * r["acc"] for r in front],
@@ -1199,6 +1201,9 @@ def plot(rows: list[dict[str, Any]], equal: list[dict[str, Any]], path: Path, ti
         label="Pareto front",
     )
     ax.plot([], [], "o", color="tab:blue", label=f"{rows[0]['epochs'] if rows else ''} epochs")
+    if any(_seeds(r) < MIN_SEEDS for r in pts):
+        ax.plot([], [], "o", color="tab:blue", mfc="white", label=f"< {MIN_SEEDS} seeds")
+    ax.margins(x=0.15)  # room for the labels of the outermost points
     ax.set_xlabel(
         "training time per run (s): SAM's, divided by the speed measured side by side"
         if side
@@ -1228,10 +1233,24 @@ def plot(rows: list[dict[str, Any]], equal: list[dict[str, Any]], path: Path, ti
         ax2.grid(alpha=0.3, axis="y")
         ax2.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    labels = [(r["label"], r["x"], 100 * r["acc"], 100 * (r["acc_std"] or 0)) for r in pts]
+    labels = [(_plot_label(r), r["x"], 100 * r["acc"], 100 * (r["acc_std"] or 0)) for r in pts]
     place_labels(ax, fig, labels)
     fig.savefig(path)
     plt.close(fig)
+
+
+#: seeds a point needs to be drawn solid and to enter the plot's Pareto front (a verdict
+#: that a method does not keep SAM's accuracy needs this many)
+MIN_SEEDS = 3
+
+
+def _seeds(row: dict[str, Any]) -> int:
+    return len(row.get("seeds") or [])
+
+
+def _plot_label(row: dict[str, Any]) -> str:
+    n = _seeds(row)
+    return row["label"] if n >= MIN_SEEDS else f"{row['label']} ({n} seed{'s' if n != 1 else ''})"
 
 
 def pareto(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# Throughput: {args.model} (width {args.width}), batch {args.batch}",
         "",
         f"Command: `{command}`  ",
-        f"Code: {code['text']}  ",
+        f"Commit: {code['text']}  ",
         f"Date: {env['date']}  ",
         f"Environment: torch {env['torch']}, {env['device']}, {env['cpu']}, "
         f"{env['torch_threads']} threads, Python {env['python']}  ",

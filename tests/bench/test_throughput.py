@@ -115,7 +115,7 @@ def test_smoke_script_prints_the_cheap_ascents_measured_and_predicted(tmp_path):
     assert code["commit"] and len(code["commit"]) == 40
     assert code["text"] == code["commit"] + ("+dirty" if code["dirty"] else "")
     md = json_file.with_suffix(".md").read_text()
-    assert f"Code: {code['text']}" in md
+    assert f"Commit: {code['text']}" in md
     costs = data["pass_costs_s"]
     for name in ("forward_slice", "backward_slice", "forward_slice_half", "backward_slice_half",
                  "forward_norm", "backward_norm", "forward_layers", "backward_layers",
