@@ -174,7 +174,9 @@ TARGETS = (
     "a SAM step costs two SGD steps; each method's cost in SGD steps as measured is given).",
     "Target 3: at equal wall-clock (given SAM's training time, or run at its own cost <= "
     "SAM's), one method beats SAM on every protocol: its mean paired delta against SAM above "
-    "SAM's seed std and positive on every seed, on the seeds a claim needs.",
+    "SAM's seed std and positive on every seed, on the seeds a claim needs. A seed on which "
+    "it falls short of SAM decides 'does not beat' at once (no later seed can undo it), so "
+    "the equal-time runs go seed by seed and stop for such a method.",
 )
 
 
@@ -671,7 +673,11 @@ def beats_sam(
     v["mean_delta"] = statistics.fmean(deltas)
     v["provisional"] = all(d > 0 for d in deltas) and v["mean_delta"] > sam_std
     n = len(deltas)
-    if v["provisional"] and n < full:
+    refuted = any(d <= 0 for d in deltas)
+    if refuted:
+        # "positive on every seed" cannot hold any more, whatever the other seeds give
+        v.update(status="does not beat", reason="")
+    elif v["provisional"] and n < full:
         v.update(status="undecided", reason=f"{n} seeds of {full}")
     elif not v["provisional"] and n < base:
         v.update(status="undecided", reason=f"{n} seeds of {base}")
@@ -802,7 +808,10 @@ def equal_time_target(
     open_ = [
         n for n in names if not any(v and v["status"] == "does not beat" for v in cells[n].values())
     ]
-    if open_ or missing:
+    # Each protocol's pool lists every method eligible there (planned at SAM's time, run or
+    # not), so once each listed method falls short on one protocol the target has failed,
+    # whatever a protocol without runs would give; with nothing listed it is open.
+    if open_ or not names:
         why = [f"no equal-time runs on {', '.join(missing)}"] if missing else []
         for n in open_:
             reasons = [
@@ -1555,16 +1564,42 @@ def _equal_rows(runs: list[dict[str, Any]], order: list[str]) -> list[dict[str, 
     return rows_of([dict(r, label=f"{r['label']} @{r['epochs']} ep") for r in runs], order)
 
 
+def equal_time_items(
+    plan: list[tuple[str, str, int]],
+    done: set[tuple[str, int, int]],
+    refuted: set[tuple[str, int]],
+    claims: set[tuple[str, int]],
+    base: tuple[int, ...] = BASE_SEEDS,
+    full: tuple[int, ...] = FULL_SEEDS,
+) -> list[tuple[str, str, int, int]] | None:
+    """The next equal-time runs (name, label, epochs, seed): the first seed, in ``full``'s
+    order, on which a planned method still needs a run. A method that fell short of SAM on
+    a seed (``refuted``) gets no more; past the base seeds only the methods that beat SAM
+    on them so far (``claims``) go on. None when nothing is left."""
+    for s in full:
+        todo = [
+            (n, lab, ep, s)
+            for n, lab, ep in plan
+            if (n, ep, s) not in done
+            and (n, ep) not in refuted
+            and (s in base or (n, ep) in claims)
+        ]
+        if todo:
+            return todo
+    return None
+
+
 def train_equal_time(
     args: argparse.Namespace, p: str, throughput: dict[str, Any] | None, head: dict[str, Any]
 ) -> list[str]:
     """One compare per cheap method and seed at its equal-time epochs: a small config that
-    extends the protocol with only that entry (so its own args, e.g. MSAM's rho, stay). The
-    base seeds first, then more seeds for those that beat SAM on them."""
+    extends the protocol with only that entry (so its own args, e.g. MSAM's rho, stay). Seed
+    by seed: every planned method on the first seed, then the next seed for those that have
+    not fallen short of SAM on any seed yet (the base seeds, then every seed for those that
+    beat SAM on them)."""
     work = args.work / tag_of(p, args.smoke)
     order = method_order(args.smoke)
     base, full = seeds_for(args.smoke)
-    extra_seeds = [s for s in full if s not in base]
     runs = collect(work)
     check_stale(runs, work, head)
     rows = rows_of(_fresh(runs, "protocol"), order)
@@ -1585,19 +1620,12 @@ def train_equal_time(
         claims = {
             (r["optimizer"], r["epochs"]) for r in eq if sam and beats_sam(r, sam)["provisional"]
         }
-        first = [(n, lab, ep, s) for s in base for n, lab, ep in plan]
-        more = [(n, lab, ep, s) for s in extra_seeds for n, lab, ep in plan if (n, ep) in claims]
-        items = next(
-            (
-                todo
-                for todo in (
-                    [i for i in first if (i[0], i[2], i[3]) not in done | attempted],
-                    [i for i in more if (i[0], i[2], i[3]) not in done | attempted],
-                )
-                if todo
-            ),
-            None,
-        )
+        # Seed by seed: a method that falls short of SAM on a seed cannot beat it on every
+        # seed, so it gets no more seeds; one that is ahead goes on to the base seeds, and
+        # one that beats SAM on them so far to every seed.
+        refuted = {(r["optimizer"], r["epochs"]) for r in eq
+                   if sam and beats_sam(r, sam)["status"] == "does not beat"}  # fmt: skip
+        items = equal_time_items(plan, done | attempted, refuted, claims, base, full)
         if not items:
             return failures
         print(f"frontier: {p}: at SAM's training time: {len(items)} run(s)", flush=True)
@@ -1692,6 +1720,7 @@ def gather(
         "checked": check,
         "rows": rows,
         "equal": equal,
+        "planned": [n for n, _, _ in equal_time_plan(rows, throughput is not None)],
     }
 
 
@@ -1702,8 +1731,9 @@ def equal_pool(
     (its row with the most seeds) and, once equal-time runs exist, each method that costs
     between SAM and the equal-time bar at its own epochs (conservative for it)."""
     sam = next((r for r in g["rows"] if r["optimizer"] == "sam"), None)
+    planned = g.get("planned", [])
     if not g["equal"]:
-        return {}
+        return {n: _not_run(n) for n in planned}
     best: dict[str, dict[str, Any]] = {}
     for r in g["equal"]:
         n = r["optimizer"]
@@ -1720,7 +1750,14 @@ def equal_pool(
             and 1.0 <= (r.get("speed") or 0) < 1 / CHEAP
         ):
             pool[r["optimizer"]] = beats_sam(r, sam, full, base)
+    for n in planned:
+        pool.setdefault(n, _not_run(n))
     return pool
+
+
+def _not_run(name: str) -> dict[str, Any]:
+    return {"label": name, "deltas": [], "provisional": None, "status": "undecided",
+            "reason": "not run at SAM's time"}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- writing

@@ -238,9 +238,13 @@ def test_equal_time_target_pass_fail_undecided():
     assert t({**every, "augment": {"sgd": short}})[0] == "UNDECIDED"  # RST not run there
     status, text = t({**every, "augment": {}})
     assert status == "UNDECIDED" and "no equal-time runs on augment" in text
-    # every method run falls short somewhere, but a protocol has no equal-time runs at all
+    # every method listed falls short somewhere: decided, even with a protocol not run yet
+    # (each protocol's pool lists every method eligible there, run or not)
     status, text = t({"noisy": {"rst": short}, "frontier": {"rst": beats}, "augment": {}})
-    assert status == "UNDECIDED" and text.endswith(": no equal-time runs on augment.")
+    assert status == "FAIL"
+    # nothing listed anywhere: open
+    status, text = t({p: {} for p in fr.ALL})
+    assert status == "UNDECIDED" and "no equal-time runs on noisy, frontier, augment" in text
 
 
 def test_summary_targets_from_fake_rows_and_the_seed_rule_on_equal_time_rows():
@@ -517,3 +521,49 @@ def test_only_names_outside_the_protocol_exit_2_before_any_run(tmp_path):
     )
     assert proc.returncode == 2 and "--only ['adamw'] not in the protocol" in proc.stderr
     assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_seed_short_of_sam_decides_does_not_beat_at_any_seed_count():
+    fr = _module()
+    sam = {"by_seed": {s: 0.50 for s in fr.FULL_SEEDS}, "acc_std": 0.004}
+    ahead = {"label": "X", "by_seed": {0: 0.52}}
+    behind = {"label": "Y", "by_seed": {0: 0.49}}
+    mixed = {"label": "Z", "by_seed": {0: 0.53, 1: 0.50, 2: 0.56}}  # one seed level with SAM
+    assert fr.beats_sam(ahead, sam)["status"] == "undecided"
+    assert fr.beats_sam(behind, sam)["status"] == "does not beat"
+    assert fr.beats_sam(mixed, sam)["status"] == "does not beat"
+    five = {"label": "W", "by_seed": {s: 0.52 for s in fr.FULL_SEEDS}}
+    assert fr.beats_sam(five, sam)["status"] == "beats"
+
+
+def test_equal_time_runs_go_seed_by_seed_and_stop_for_a_refuted_method():
+    fr = _module()
+    plan = [("sgd", "SGD", 60), ("msam-rel", "MSAM-rel", 60)]
+    first = fr.equal_time_items(plan, set(), set(), set())
+    assert first == [("sgd", "SGD", 60, 0), ("msam-rel", "MSAM-rel", 60, 0)]
+    done = {("sgd", 60, 0), ("msam-rel", 60, 0)}
+    # SGD fell short on seed 0: only MSAM-rel goes on, to seed 1, then seed 2
+    nxt = fr.equal_time_items(plan, done, {("sgd", 60)}, set())
+    assert nxt == [("msam-rel", "MSAM-rel", 60, 1)]
+    done |= {("msam-rel", 60, 1), ("msam-rel", 60, 2)}
+    # past the base seeds only a method that beats SAM so far goes on
+    assert fr.equal_time_items(plan, done, {("sgd", 60)}, set()) is None
+    assert fr.equal_time_items(plan, done, {("sgd", 60)}, {("msam-rel", 60)}) == [
+        ("msam-rel", "MSAM-rel", 60, 3)
+    ]
+
+
+def test_the_equal_time_pool_lists_planned_methods_not_run_yet():
+    fr = _module()
+    sam = {"optimizer": "sam", "label": "SAM", "by_seed": {s: 0.5 for s in fr.FULL_SEEDS},
+           "acc_std": 0.004, "speed": 1.0}  # fmt: skip
+    g = {"rows": [sam], "equal": [], "planned": ["sgd", "msam-rel"]}
+    pool = fr.equal_pool(g)
+    assert {n: v["status"] for n, v in pool.items()} == {
+        "sgd": "undecided",
+        "msam-rel": "undecided",
+    }
+    # so a protocol with planned methods not run keeps target 3 open
+    short = {"status": "does not beat", "reason": ""}
+    status, _ = fr.equal_time_target({"noisy": {"sgd": short, **{"msam-rel": pool["msam-rel"]}}})
+    assert status == "UNDECIDED"

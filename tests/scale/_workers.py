@@ -209,15 +209,19 @@ def sync_ascent_missing_grad(rank: int, world: int, out: str) -> None:
 
 
 def mismatched_settings(rank: int, world: int, out: str) -> None:
-    """Rank 1 builds ESAM with another γ, then with another seed: every rank must raise."""
+    """Rank 1 builds ESAM with another γ, then with another seed, then with the same seed
+    but a mask generator that has drawn once (a rank resumed from another checkpoint):
+    every rank must raise."""
     messages: dict[str, str | None] = {}
-    for case, other in (("gamma", 0.7), ("seed", 1)):
+    for case, other in (("gamma", 0.7), ("seed", 1), ("generator", None)):
         model = mlp(0)
         ddp = DDP(model)
         kwargs: dict[str, Any] = {"beta": 0.5, "gamma": 0.5, "seed": 0}
-        if rank == 1:
+        if rank == 1 and other is not None:
             kwargs[case] = other
         opt = effsam.ESAM(torch.optim.SGD(model.parameters(), lr=LR), rho=RHO, **kwargs)
+        if rank == 1 and case == "generator":
+            torch.rand(1, generator=opt.mask.generator)
         w0 = weights_of(model)
         try:
             effsam.sharpness_aware_step(ddp, opt, local_batch(0, rank), ce)

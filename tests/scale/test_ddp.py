@@ -222,6 +222,10 @@ def test_mismatched_settings_raise_on_every_rank(suite: Path) -> None:
         assert "mask" in seed and "seed=0" in seed and "seed=1" in seed
         assert msgs["gamma_weights_changed"] == "False"
         assert msgs["seed_weights_changed"] == "False"
+        generator = msgs["generator"]
+        assert generator is not None, f"rank {r} did not raise on a diverged mask generator"
+        assert "mask generator state" in generator
+        assert msgs["generator_weights_changed"] == "False"
 
 
 def test_overflow_on_one_rank_skips_the_step_on_every_rank(suite: Path) -> None:
