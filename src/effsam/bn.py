@@ -11,6 +11,7 @@ back after, which is exact for every flavour of BatchNorm (and InstanceNorm with
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -32,16 +33,48 @@ def norm_buffers(model: nn.Module) -> list[Tensor]:
     return buffers
 
 
-def snapshot_bn(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
+#: (buffer, copy) pairs: every running-statistics buffer of a model and its saved value
+BNSnapshot = list[tuple[Tensor, Tensor]]
+
+
+def snapshot_bn(model: nn.Module) -> BNSnapshot:
     """(buffer, copy) pairs for :func:`restore_bn`."""
     with torch.no_grad():
         return [(b, b.detach().clone()) for b in norm_buffers(model)]
 
 
-def restore_bn(snapshot: list[tuple[Tensor, Tensor]]) -> None:
+def restore_bn(snapshot: BNSnapshot) -> None:
     with torch.no_grad():
         for buf, saved in snapshot:
             buf.copy_(saved)
+
+
+def bn_finite(snapshot: BNSnapshot) -> bool:
+    """Whether every buffer of the snapshot (its current value, not the saved copy) is
+    finite: one device sync. A finite but huge batch can make ``running_var`` inf."""
+    flags = [torch.isfinite(buf).all() for buf, _ in snapshot if buf.is_floating_point()]
+    if not flags:
+        return True
+    device = flags[0].device
+    return bool(torch.stack([f.to(device) for f in flags]).all())
+
+
+# A sharpness-aware step's pass 1 in progress (SharpnessAware.first_pass sets it): a
+# callback that takes the model whose BN buffers the step should keep a snapshot of, so
+# that a skipped or failed step can put them back.
+_WATCH: contextvars.ContextVar[Callable[[nn.Module], None] | None] = contextvars.ContextVar(
+    "effsam_bn_watch", default=None
+)
+
+
+@contextlib.contextmanager
+def watching_bn(callback: Callable[[nn.Module], None]) -> Iterator[None]:
+    """Inside the block, :func:`preserve_bn_stats` hands its model to ``callback``."""
+    token = _WATCH.set(callback)
+    try:
+        yield
+    finally:
+        _WATCH.reset(token)
 
 
 @contextlib.contextmanager
@@ -53,7 +86,15 @@ def preserve_bn_stats(model: nn.Module, enabled: bool = True) -> Iterator[None]:
         with effsam.preserve_bn_stats(model):
             loss_fn(model, batch).mean().backward()
         opt.second_step(zero_grad=True)
+
+    Entered during a sharpness-aware optimizer's pass 1 (inside ``opt.first_pass()``, as
+    the closure recipe does with ``enabled=opt.perturbed``, i.e. False there), it also
+    hands the buffers as they are to the optimizer, which puts them back if the step is
+    skipped (non-finite gradients or statistics) or fails.
     """
+    watch = _WATCH.get()
+    if watch is not None:
+        watch(model)
     snapshot = snapshot_bn(model) if enabled else []
     try:
         yield

@@ -200,12 +200,21 @@ def sharpness_aware_step(
     )  # fmt: skip
     bn_start = snapshot_bn(model)
     try:
-        step.refresh_mask()
+        # the step begins before a due mask refresh, so that a failure undoes the refresh
+        # (and only it: a refresh made by hand before this call stays)
         decision = step.decide()  # sharpness-aware (True), plain (False), after pass 1 (None)
+        if step.sam:
+            # a skipped step (non-finite gradients or BN statistics) puts them back
+            step.optimizer.watch_bn(bn_start)
+        step.refresh_mask()
         step.preselect(decision, bn_start)  # K-SAM: both passes on the top k
         step.pass1(decision, bn_start)
+        step.check_gradients()
         if not step.sam:
-            return step.plain_optimizer_step()
+            result = step.plain_optimizer_step()
+            if result.skipped:  # a GradScaler's overflow: the batch left no trace
+                restore_bn(bn_start)
+            return result
         if decision is None:
             decision = step.decide_after_pass1()  # AE-SAM
         if not decision or step.optimizer.single_pass:
@@ -278,6 +287,18 @@ class _Step:
         if b == 0:
             raise ValueError("sharpness_aware_step got an empty batch (0 samples)")
         micro = split_batch(batch, accumulation_steps) if accumulation_steps > 1 else [batch]
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if not any(p.requires_grad for p in params):
+            raise ValueError(
+                f"the optimizer holds no trainable parameter ({len(params)} parameters, every "
+                "one with requires_grad=False): there is nothing to train"
+            )
+        mine = {id(p) for p in params}
+        if not any(id(p) in mine for p in model.parameters()):
+            raise ValueError(
+                f"the model ({type(model).__name__}) holds none of the optimizer's "
+                f"{len(params)} parameters: pass the model the optimizer was built for"
+            )
         ddp = find_ddp(model)
         if ddp is not None:
             if getattr(ddp, "static_graph", False) and (sam or accumulation_steps > 1):
@@ -375,6 +396,18 @@ class _Step:
         if self.sam and opt.pass1_keep is not None and not all(opt.pass1_keep):
             _warn_if_compiled(self.model, opt)
 
+    def check_gradients(self) -> None:
+        """Pass 1 must have left a gradient on some parameter of the optimizer: otherwise
+        the loss does not depend on them and the step would train nothing (and still be
+        counted). An error; :meth:`rollback` leaves everything as it was."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if not any(p.grad is not None for p in params):
+            raise RuntimeError(
+                f"no parameter of the optimizer received a gradient in pass 1 ({len(params)} "
+                "parameters): loss_fn's loss does not depend on them (is the model the one "
+                "the optimizer was built for?). Nothing was changed"
+            )
+
     def plain_optimizer_step(self) -> StepResult:
         return _plain_step(
             self.optimizer, self.model, self.scaler, self.clip_grad_norm, self.total, self.b,
@@ -453,7 +486,12 @@ class _Step:
                             ),
                         ):
                             after, _ = self.forward(mb)
-                    idx = opt.select(self.losses_1[i], after)
+                    if after is not None and not bool(torch.isfinite(after).all()):
+                        # a non-finite loss at θ + ε: no ranking (it would select too few
+                        # samples, or none); the whole micro-batch, poisoned, skips the step
+                        self.poison, idx = True, None
+                    else:
+                        idx = opt.select(self.losses_1[i], after)
                     if idx is not None:
                         sub = index_batch(mb, idx)
                     else:
@@ -500,7 +538,10 @@ class _Step:
         opt = self.optimizer
         with self.no_sync(i < len(self.micro) - 1):
             losses, _ = self.forward(mb)
-            idx = opt.select(self.losses_1[i], losses.detach())
+            if bool(torch.isfinite(losses.detach()).all()):
+                idx = opt.select(self.losses_1[i], losses.detach())
+            else:  # no ranking of non-finite losses: the whole batch's NaN skips the step
+                idx = None
             chosen = losses if idx is None else losses[idx]
             loss = _mean(chosen) * (batch_size(mb) / self.b_run)
             self.backward(loss * float("nan") if self.poison else loss)
@@ -551,7 +592,10 @@ def _preselect(
     with torch.no_grad():
         for mb in micro:
             losses, aux_i = forward(mb)
-            idx = optimizer.select(losses.detach(), None)  # ρ = 0: the whole batch
+            # ρ = 0: the whole batch; non-finite losses are not ranked (the whole batch's
+            # pass 1 then skips the step)
+            finite = bool(torch.isfinite(losses.detach()).all())
+            idx = optimizer.select(losses.detach(), None) if finite else None
             subsets.append(mb if idx is None else index_batch(mb, idx))
             part = _mean(losses) * (batch_size(mb) / b)
             total = part if total is None else total + part

@@ -345,3 +345,21 @@ def test_analyze_command_on_a_tiny_run(tmp_path, capsys):
     assert "--batches 7" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["analyze", str(run), "--batches", "0"])
+
+
+def test_analyze_refuses_a_run_with_non_finite_weights(tmp_path, capsys):
+    from effsam.train.checkpoint import load_checkpoint, save_checkpoint
+
+    argv = ["train", *TINY_ARGS, "--epochs", "1", "--optimizer", "sgd"]
+    assert main([*argv, "--out", str(tmp_path), "--name", "run", "--quiet"]) == 0
+    run = tmp_path / "run"
+    state = load_checkpoint(run / "checkpoint.pt")
+    weight = next(k for k, v in state["model"].items() if v.is_floating_point())
+    state["model"][weight].view(-1)[:3] = float("nan")  # as a diverged run leaves them
+    save_checkpoint(run / "checkpoint.pt", state, keep_previous=False)
+    capsys.readouterr()
+    assert main(["analyze", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "effsam analyze: error: nothing to analyse: 3 of the" in err
+    assert "are not finite, so the run diverged" in err and "Traceback" not in err
+    assert not (run / "analysis.json").exists() and not (run / "landscape.png").exists()

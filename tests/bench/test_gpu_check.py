@@ -29,7 +29,7 @@ def _module(monkeypatch):
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=240
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600
     )
 
 

@@ -60,7 +60,9 @@ def test_sharpness_aware_step_recipe_equals_effsam_by_hand(mixed_precision, dtyp
     assert opt.optimizer.steps == STEPS
 
 
-def test_closure_recipe_through_the_accelerated_optimizer_equals_the_closure_by_hand():
+def test_closure_recipe_through_the_accelerated_optimizer_equals_sharpness_aware_step():
+    """The closure recipe of docs/integrations.md, with its BatchNorm guard: weights AND
+    BatchNorm buffers equal effsam's step (only pass 1 updates the statistics)."""
     batches = _batches()
     acc = _accelerator()
     model = tiny_bn_net()
@@ -70,25 +72,44 @@ def test_closure_recipe_through_the_accelerated_optimizer_equals_the_closure_by_
 
         def closure():
             opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            acc.backward(loss)
+            with effsam.preserve_bn_stats(model, enabled=opt.optimizer.perturbed):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                acc.backward(loss)
             return loss
 
         opt.step(closure)
     ref = tiny_bn_net()
     ref_opt = effsam.SAM(torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9), rho=RHO)
-    for x, y in batches:
-
-        def ref_closure():
-            ref_opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(ref(x), y)
-            loss.backward()
-            return loss
-
-        ref_opt.step(ref_closure)
+    for batch in batches:
+        effsam.sharpness_aware_step(ref, ref_opt, batch, per_sample_ce)
     got, want = clone_state(model), clone_state(ref)
     for k in want:
         assert torch.equal(got[k], want[k]), k
+    assert int(model[1].num_batches_tracked) == STEPS
+
+
+def test_closure_inside_accelerators_accumulation_is_refused():
+    """Inside accelerator.accumulate accelerate skips step() on the first micro-batches,
+    so the closure would never see them: refused at the first step, weights unchanged."""
+    batches = _batches()
+    acc = _accelerator(gradient_accumulation_steps=2)
+    model = tiny_bn_net()
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model, opt, loader = acc.prepare(model, effsam.SAM(base, rho=RHO), _loader(batches))
+    params = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="gradient accumulation.*accumulation_steps=n"):
+        for x, y in loader:
+            with acc.accumulate(model):
+
+                def closure():
+                    opt.zero_grad()
+                    with effsam.preserve_bn_stats(model, enabled=opt.optimizer.perturbed):
+                        loss = torch.nn.functional.cross_entropy(model(x), y)
+                        acc.backward(loss)
+                    return loss
+
+                opt.step(closure)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
 
 
 def test_prepare_keeps_the_optimizer_state_and_the_mask_generator():

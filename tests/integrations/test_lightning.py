@@ -144,12 +144,24 @@ def test_automatic_fisher_mask_is_refreshed_from_the_callbacks_loss_fn():
     assert module.optimizers().optimizer.mask.refreshes == ref_opt.mask.refreshes == 2
 
 
-def test_without_the_callback_batchnorm_counts_both_passes():
-    """What the callback is for: without it pass 2 updates the statistics too."""
-    batches = _batches()
-    module = Net("sam")
-    _fit(module, batches, callbacks=[])
-    assert int(module.net[1].num_batches_tracked) == 2 * STEPS
+@pytest.mark.parametrize(
+    "mode, trainer_kwargs",
+    [("auto", {}), ("closure", {}), ("auto", {"accumulate_grad_batches": 2})],
+)
+def test_without_the_callback_the_step_is_refused(mode, trainer_kwargs):
+    """Without the callback pass 2 would update the BatchNorm statistics a second time
+    (and accumulate_grad_batches would act on the last micro-batch): refused at the first
+    step, before any weight changes (and before any forward of that step: with
+    accumulation Lightning has already run the first micro-batch, without a step)."""
+    module = Net("sam", mode=mode)
+    before = clone_state(module.net)
+    with pytest.raises(RuntimeError, match="without effsam.integrations.lightning.SharpnessAw"):
+        _fit(module, _batches(), callbacks=[], **trainer_kwargs)
+    after = clone_state(module.net)
+    if trainer_kwargs:
+        after = {k: v for k, v in after.items() if "running" not in k and "num_batches" not in k}
+        before = {k: before[k] for k in after}
+    _assert_equal(after, before)
 
 
 def test_gradient_clipping_clips_the_pass_2_gradient():
@@ -246,7 +258,7 @@ def test_manual_step_under_automatic_optimisation_is_refused():
             return lit.manual_step(self, batch, per_sample_ce)
 
     with pytest.raises(RuntimeError, match="manual optimisation"):
-        _fit(Bad("sam"), _batches(), callbacks=[])
+        _fit(Bad("sam"), _batches())
 
 
 def test_resume_from_a_model_checkpoint_continues_exactly(tmp_path):
@@ -286,3 +298,160 @@ def test_resume_from_a_model_checkpoint_continues_exactly(tmp_path):
     trainer = fit(resumed, [lit.SharpnessAwareCallback()], ckpt_path=path)
     assert trainer.global_step == 4 and resumed.optimizers().optimizer.steps == 4
     _assert_equal(clone_state(resumed.net), clone_state(full.net))
+
+
+# ---------------------------------------------------------------------- clipping
+def _sam_by_hand(batches, clip_value=None, clip_norm=None):
+    """SAM + SGD(momentum) written out: ε = ρ·g/(‖g‖ + 1e-12) from the unclipped pass-1
+    gradient, BatchNorm statistics from pass 1 only, θ restored by a copy, then the
+    final (pass-2) gradient clipped and stepped."""
+    import torch.nn.functional as F
+
+    model = _model()
+    params = list(model.parameters())
+    sgd = torch.optim.SGD(params, lr=LR, momentum=0.9)
+    for x, y in batches:
+        g = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+        norm = torch.sqrt(sum((gi * gi).sum() for gi in g))
+        theta = [p.detach().clone() for p in params]
+        stats = [b.clone() for b in model.buffers()]
+        with torch.no_grad():
+            for p, gi in zip(params, g):
+                p.add_(gi * (RHO / (norm + 1e-12)))
+        g2 = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+        with torch.no_grad():
+            for p, t in zip(params, theta):
+                p.copy_(t)
+            for b, s in zip(model.buffers(), stats):
+                b.copy_(s)
+        for p, gi in zip(params, g2):
+            p.grad = gi.clone()
+        if clip_value is not None:
+            torch.nn.utils.clip_grad_value_(params, clip_value)
+        if clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip_norm)
+        sgd.step()
+    return clone_state(model)
+
+
+@pytest.mark.parametrize(
+    "trainer_kwargs, ref_kwargs",
+    [
+        ({"gradient_clip_val": 0.02, "gradient_clip_algorithm": "value"}, {"clip_value": 0.02}),
+        ({"gradient_clip_val": 0.05}, {"clip_norm": 0.05}),
+    ],
+)
+def test_gradient_clipping_clips_the_final_gradient_only(trainer_kwargs, ref_kwargs):
+    """Lightning clips after every closure call; the callback runs the passes itself so
+    that the clip (value or norm) applies once, to the final gradient: ε comes from the
+    unclipped pass-1 gradient (a value clip would turn it)."""
+    batches = _batches()
+    module = Net("sam")
+    _fit(module, batches, **trainer_kwargs)
+    ref = _sam_by_hand(batches, **ref_kwargs)
+    unclipped = _sam_by_hand(batches)
+    _assert_equal(clone_state(module.net), ref, atol=1e-13)
+    assert max((ref[k] - unclipped[k]).abs().max() for k in ref) > 1e-3  # the clip matters
+
+
+# ---------------------------------------------------------------------- the registry
+from integrations import _registry_cases as cases  # noqa: E402
+
+REG_STEPS = 4
+
+
+class RegistryNet(Net):
+    def __init__(self, name, mode="auto"):
+        super().__init__("sam", mode=mode)
+        self.name = name
+
+    def configure_optimizers(self):
+        return cases.build(self.name, self.net, REG_STEPS)
+
+
+class _Decisions(L.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.seen.append(bool(trainer.optimizers[0].last_step_sharpness_aware))
+
+
+def _loss_fn(m, b):
+    return per_sample_ce(getattr(m, "net", m), b)
+
+
+def _two_phase(name, batches, clip=None, algorithm="norm"):
+    """effsam's plain-loop semantics, by hand with the two-phase API: pass 1, first_step
+    (the schedule's decision, the method's own transform), pass 2 if sharpness-aware
+    (BatchNorm as pass 1 left it), the final gradient clipped, second_step."""
+    model = _model()
+    opt = cases.build(name, model, len(batches))
+    decisions = []
+    for batch in batches:
+        if opt.mask_refresh_due():
+            opt.refresh_mask(model, batch, _loss_fn)
+        opt.zero_grad()
+        with opt.first_pass():
+            per_sample_ce(model, batch).mean().backward()
+        if opt.first_step(zero_grad=True):
+            with effsam.preserve_bn_stats(model):
+                per_sample_ce(model, batch).mean().backward()
+        if clip is not None and algorithm == "norm":
+            torch.nn.utils.clip_grad_norm_(opt.params, clip)
+        elif clip is not None:
+            torch.nn.utils.clip_grad_value_(opt.params, clip)
+        opt.second_step()
+        decisions.append(bool(opt.last_step_sharpness_aware))
+    return clone_state(model), decisions
+
+
+def _run_registry(name, **trainer_kwargs):
+    batches = _batches(REG_STEPS)
+    module = RegistryNet(name)
+    expected = cases.outcome(module.configure_optimizers())
+    loss_fn = _loss_fn if expected == "run+loss_fn" else None
+    seen = _Decisions()
+    before = clone_state(module.net)
+    if not expected.startswith("run"):
+        with pytest.raises(ValueError, match=expected):
+            _fit(module, batches, callbacks=[lit.SharpnessAwareCallback(), seen])
+        _assert_equal(clone_state(module.net), before)
+        return None
+    trainer = _fit(
+        module, batches, callbacks=[lit.SharpnessAwareCallback(loss_fn=loss_fn), seen],
+        **trainer_kwargs,
+    )  # fmt: skip
+    assert trainer.global_step == REG_STEPS
+    return batches, module, seen.seen
+
+
+@pytest.mark.parametrize("name", cases.names())
+def test_every_registry_method_runs_or_is_refused_under_automatic_optimisation(name):
+    """Every create_optimizer name: equal to effsam's own loop (the same decisions), or
+    refused when training starts with a message naming manual_step."""
+    out = _run_registry(name)
+    if out is None:
+        return
+    batches, module, seen = out
+    ref_model = _model()
+    ref_opt = cases.build(name, ref_model, REG_STEPS)
+    ref_seen = []
+    for b in batches:
+        effsam.sharpness_aware_step(ref_model, ref_opt, b, per_sample_ce)
+        ref_seen.append(bool(ref_opt.last_step_sharpness_aware))
+    _assert_equal(clone_state(module.net), clone_state(ref_model))
+    assert seen == ref_seen
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+@pytest.mark.parametrize("name", ["ae-sam", "looksam", "sam-interval", "msam", "sam-stale"])
+def test_clipping_with_schedules_and_gradient_reuse_matches_the_plain_loop(name, algorithm):
+    """AE-SAM decides on the unclipped pass-1 gradient; LookSAM (and MSAM, the stale
+    ascent) clip the gradient the base steps with, after their own transform."""
+    clip = 0.3 if algorithm == "norm" else 0.02
+    out = _run_registry(name, gradient_clip_val=clip, gradient_clip_algorithm=algorithm)
+    batches, module, seen = out
+    ref, ref_seen = _two_phase(name, batches, clip, algorithm)
+    _assert_equal(clone_state(module.net), ref)
+    assert seen == ref_seen

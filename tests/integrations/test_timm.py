@@ -138,5 +138,30 @@ def test_timms_backward_then_step_loop_raises():
     model = _model()
     opt = timm.optim.create_optimizer_v2(model, "samsgd", lr=0.05)
     _ce(model, _batches(1)[0]).mean().backward()
-    with pytest.raises(RuntimeError, match="no step is pending"):
+    before = _state(model)
+    with pytest.raises(RuntimeError, match="no step is pending.*effsam.integrations.timm.train_st"):
         opt.step()
+    assert all(torch.equal(v, before[k]) for k, v in _state(model).items())
+
+
+def test_timms_native_scaler_names_train_step():
+    from timm.utils import NativeScaler
+
+    etimm.register()
+    model = _model()
+    opt = timm.optim.create_optimizer_v2(model, "samsgd", lr=0.05)
+    loss = _ce(model, _batches(1)[0]).mean()
+    with pytest.raises(RuntimeError, match="NativeScaler.*effsam.integrations.timm.train_st"):
+        NativeScaler(device="cpu")(loss, opt)
+
+
+def test_lookahead_around_sam_names_the_nesting():
+    """timm's 'lookahead_samsgd' builds Lookahead(SAM(...)): the step error says that
+    effsam's optimizer must be the outer wrapper."""
+    etimm.register()
+    model = _model()
+    opt = timm.optim.create_optimizer_v2(model, "lookahead_samsgd", lr=0.05)
+    before = _state(model)
+    with pytest.raises(RuntimeError, match="must be the OUTER wrapper.*not Lookahead\\(SAM"):
+        etimm.train_step(model, opt, _batches(1)[0], _ce)
+    assert all(torch.equal(v, before[k]) for k, v in _state(model).items())

@@ -182,7 +182,7 @@ def test_plain_trainer_cannot_finish_a_step_without_the_subclass(tmp_path):
         train_dataset=_dataset(),
         optimizers=(_opt("sam", model.net), None),
     )
-    with pytest.raises(RuntimeError, match="no step is pending"):
+    with pytest.raises(RuntimeError, match="no step is pending.*SharpnessAwareTrainer"):
         trainer.train()
 
 
@@ -242,3 +242,47 @@ def test_token_normalised_language_model_with_accumulation(tmp_path):
     # transformers' causal-LM loss casts the logits to float32 (ours stay float64)
     for a, b in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-8)
+
+
+# ---------------------------------------------------------------------- the registry
+from integrations import _registry_cases as cases  # noqa: E402
+
+
+@pytest.mark.parametrize("name", cases.names())
+def test_every_registry_method_runs_or_is_refused(tmp_path, name):
+    """Every create_optimizer name (schedules, LookSAM, MSAM, the cheap ascents, …): equal
+    to effsam's own loop with the same decisions (plain steps included: the Trainer's
+    optimizer.step() finishes them), or refused before training with a message."""
+    steps, batch = 4, 4
+    model = Tiny()
+    opt = cases.build(name, model.net, steps)
+    expected = cases.outcome(opt)
+    before = clone_state(model)
+    trainer = hf.SharpnessAwareTrainer(
+        model=model,
+        args=_args(tmp_path, max_steps=steps, max_grad_norm=0.3),
+        train_dataset=_dataset(),
+        optimizers=(opt, None),
+    )
+    if expected != "run":
+        match = "mask='dynamic'" if expected == "run+loss_fn" else expected
+        with pytest.raises(ValueError, match=match):
+            trainer.train()
+        _assert_equal(clone_state(model), before)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    ref_model = Tiny()
+    ref_opt = cases.build(name, ref_model.net, steps)
+    data = _dataset()
+    for s in range(steps):
+        rows = data[s * batch : (s + 1) * batch]
+        b = {
+            "x": torch.stack([r["x"] for r in rows]),
+            "labels": torch.stack([r["labels"] for r in rows]),
+        }
+        effsam.sharpness_aware_step(ref_model, ref_opt, b, _per_sample, clip_grad_norm=0.3)
+    _assert_equal(clone_state(model), clone_state(ref_model))
+    assert opt.steps == ref_opt.steps == steps
+    assert opt.sharpness_aware_steps == ref_opt.sharpness_aware_steps

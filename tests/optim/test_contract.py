@@ -141,7 +141,7 @@ def test_state_dict_round_trip_continues_bit_identically(name):
 #: clean_pass): MSAM's only pass runs at θ − ρ v/‖v‖; K-SAM's pass 1 sees the top k samples
 # MSAM, K-SAM and the stale ascent run their one pass elsewhere; a reduced-batch ascent's
 # statistics are pass 2's (the whole batch): each has its own BN test.
-BN_OWN_RULE = {"msam", "ksam"} | {
+BN_OWN_RULE = {"msam", "ksam", "flat-lora"} | {
     n
     for n in WRAPPERS
     if get_spec(n).defaults.get("ascent_fraction", 1.0) < 1.0 or "stale" in n or "msam" in n

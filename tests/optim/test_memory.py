@@ -72,3 +72,60 @@ def test_extra_memory_of_the_ascent(name, kwargs, target, dtype):
     assert mem.parameters == sum(p.numel() * p.element_size() for p in model.parameters())
     assert mem.persistent >= mem.parameters  # the θ backup is there: the floor
     assert mem.ratio <= target, (mem.persistent, mem.transient, mem.parameters)
+
+
+# The first call in a fresh process: the θ backups are allocated inside first_step, so
+# its peak is the whole extra memory. Measured for the two-phase default first_step()
+# (zero_grad=False: the gradients are left, ε is formed in the parameters) and for
+# zero_grad=True. Bound: 1× the parameters (SSAM-F 1.25×: its bool mask, computed by the
+# refresh before the step, counted) plus 1 MiB for ASAM's chunk of T and the norms.
+_FIRST_CALL = r"""
+import json, sys, torch, effsam
+from torch import nn
+from torch.nn import functional as F
+from effsam.bench.memory import peak_allocated_bytes, tensor_bytes
+
+name, kwargs, zero_grad = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == "1"
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(1024, 2048), nn.Tanh(), nn.Linear(2048, 4))
+g = torch.Generator().manual_seed(1)
+x, y = torch.randn(4, 1024, generator=g), torch.randint(0, 4, (4,), generator=g)
+def ce(m, b):
+    return F.cross_entropy(m(b[0]), b[1], reduction="none")
+opt = effsam.create_optimizer(model, name, lr=0.01, **kwargs)
+if opt.mask_refresh_due():
+    opt.refresh_mask(model, (x, y), ce)
+with opt.first_pass():
+    ce(model, (x, y)).mean().backward()
+held = tensor_bytes(list(opt.state.values())) + tensor_bytes(getattr(opt.mask, "masks", None))
+peak = peak_allocated_bytes(lambda: opt.first_step(zero_grad=zero_grad))
+params = sum(p.numel() * p.element_size() for p in model.parameters())
+print(json.dumps({"peak": peak, "held": held, "params": params, "perturbed": opt.perturbed}))
+"""
+
+FIRST_CASES = [
+    ("sam", {}, 1.0),
+    ("asam", {}, 1.0),
+    ("esam-swp", {"beta": 0.6}, 1.0),
+    ("ssam-f", {"num_samples": 2, "update_interval": 100}, 1.25),
+]
+
+
+@pytest.mark.parametrize("zero_grad", [False, True], ids=["keep-grads", "zero-grad"])
+@pytest.mark.parametrize("name, kwargs, target", FIRST_CASES, ids=[c[0] for c in FIRST_CASES])
+def test_extra_memory_of_the_first_call_in_a_fresh_process(name, kwargs, target, zero_grad):
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _FIRST_CALL, name, json.dumps(kwargs), "1" if zero_grad else "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    mem = json.loads(out.stdout.strip().splitlines()[-1])
+    assert mem["perturbed"] and mem["peak"] is not None
+    extra = mem["held"] + mem["peak"]
+    assert extra <= target * mem["params"] + 2**20, extra / mem["params"]

@@ -3,6 +3,7 @@ traceback, and nothing already written is lost."""
 
 from __future__ import annotations
 
+import csv
 import errno
 import json
 import os
@@ -10,6 +11,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import warnings
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ import yaml
 
 from effsam.train import checkpoint as ck
 from effsam.train.cli import main
+from effsam.train.config import load_config
 from train.tiny_runs import TINY_ARGS
 
 
@@ -147,7 +150,9 @@ def test_max_skipped_is_validated(capsys):
 def test_too_few_steps_to_time_is_explained(tmp_path, capsys):
     argv = ["train", *TINY_ARGS, "--batch-size", "1000", "--epochs", "1", "--out", str(tmp_path)]
     code, out, _ = run([*argv, "--quiet"], capsys)
-    assert code == 0 and "too few steps to time" in out
+    assert code == 0
+    assert "speed not measured (too few steps: the first 2 are untimed warm-up)" in out
+    assert "images/s" not in out  # no "— (...) images/s"
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -423,3 +428,319 @@ def test_a_bad_label_noise_is_one_line_before_any_work(
     assert err == f"effsam {command}: error: {message}\n"  # one line, naming the value
     clean(err)
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- checkpoints prove their content
+def _flip_a_weight(ckpt) -> None:
+    """Changes one byte in the middle of the first convolution's weights, as a bad disk or
+    copy would: torch's zip reader does not notice it."""
+    state = ck.load_checkpoint(ckpt)
+    weight = next(v for k, v in state["model"].items() if k.endswith("weight") and v.dim() == 4)
+    data = bytearray(ckpt.read_bytes())
+    offset = bytes(data).find(weight.numpy().tobytes())
+    assert offset > 0
+    data[offset + weight.numel() * 2] ^= 0x7F
+    ckpt.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("command", ["train", "analyze"])
+def test_a_checkpoint_with_a_changed_byte_is_refused(tmp_path, capsys, command):
+    run_dir = _finished_run(tmp_path, capsys)  # one checkpoint: no previous one to fall back on
+    ckpt = run_dir / "checkpoint.pt"
+    _flip_a_weight(ckpt)
+    before = ckpt.read_bytes()
+    argv = ["train", "--resume", str(run_dir), "--quiet"] if command == "train" else []
+    code, out, err = run(argv or ["analyze", str(run_dir), "--quiet"], capsys)
+    assert code == 2 and f"checkpoint {ckpt} is damaged: its content does not match" in err
+    assert len(err.strip().splitlines()) == 1 and "finished" not in out
+    clean(err)
+    assert ckpt.read_bytes() == before
+    assert not (run_dir / "analysis.json").exists()
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    argv = ["train", *TINY_ARGS, "--stop-after", "2", "--out", str(tmp_path), "--name", "r"]
+    assert run([*argv, "--quiet"], capsys)[0] == 0
+    run_dir = tmp_path / "r"
+    prev = run_dir / "checkpoint.prev.pt"
+    assert ck.load_checkpoint(prev)["epoch"] == 1
+    _flip_a_weight(run_dir / "checkpoint.pt")
+    code, out, err = run(["train", "--resume", str(run_dir), "--quiet"], capsys)
+    assert code == 0 and "r: finished" in out, err
+    assert "is damaged" in err and f"Using the previous checkpoint {prev}" in err
+    assert "(epoch 1)" in err
+    clean(err)
+    assert [m["epoch"] for m in json_lines(run_dir / "metrics.jsonl")] == [1, 2, 3]
+    # the damaged file is set aside, not kept as the previous checkpoint
+    assert (run_dir / "checkpoint.damaged.pt").exists()
+    assert ck.load_checkpoint(prev)["epoch"] == 2
+    assert ck.load_checkpoint(run_dir / "checkpoint.pt")["epoch"] == 3
+
+
+def json_lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------- one divergence rule
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_plain_optimizer_that_diverges_fails_with_exit_1(tmp_path, capsys, optimizer):
+    base = (
+        ["--optimizer", "sgd"] if optimizer == "sgd" else ["--optimizer", "sgd", "--base", "adam"]
+    )
+    argv = ["train", *TINY_ARGS, *base, "--lr", "1e6", "--out", str(tmp_path), "--name", "d"]
+    if optimizer == "adam":
+        argv[argv.index("1e6")] = "1e30"
+    code, out, err = run([*argv, "--quiet"], capsys)
+    assert code == 1, err
+    assert "the run diverged" in err and "optim.lr" in err and "finished" not in out
+    clean(err)
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert "diverged" in summary["failed"] and summary["finished"] is False
+    # nothing non-finite was checkpointed
+    ckpt = tmp_path / "d" / "checkpoint.pt"
+    if ckpt.exists():
+        state = ck.load_checkpoint(ckpt)
+        assert all(
+            torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()
+        )
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "sam"])
+@pytest.mark.parametrize("what", ["weight", "running_var"])
+def test_divergence_in_a_later_epoch_keeps_the_last_good_checkpoint(
+    tmp_path, capsys, monkeypatch, optimizer, what
+):
+    import effsam.train.loop as loop
+
+    real = loop.train_epoch
+
+    def diverge_in_epoch_2(net, *args, **kwargs):
+        record, untimed = real(net, *args, **kwargs)
+        if args[5] == 1:  # the epoch index
+            tensor = dict(net.named_parameters(), **dict(net.named_buffers()))
+            name = next(n for n in tensor if n.endswith(what))
+            with torch.no_grad():
+                tensor[name].view(-1)[0] = float("inf")
+        return record, untimed
+
+    monkeypatch.setattr(loop, "train_epoch", diverge_in_epoch_2)
+    argv = ["train", *TINY_ARGS, "--optimizer", optimizer, "--out", str(tmp_path), "--name", "d"]
+    code, _, err = run([*argv, "--quiet"], capsys)
+    assert code == 1 and "the run diverged and was stopped after epoch 2 of 3" in err
+    assert "optim.lr" in err and "the last good checkpoint, of epoch 1, is kept" in err
+    clean(err)
+    state = ck.load_checkpoint(tmp_path / "d" / "checkpoint.pt")
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert summary["failed"] and not summary["finished"] and summary["completed_epochs"] == 2
+
+
+def test_a_run_that_diverges_in_its_last_epoch_is_not_finished(tmp_path, capsys):
+    argv = ["train", *TINY_ARGS, "--epochs", "1", "--lr", "1e6", "--out", str(tmp_path)]
+    code, _, err = run([*argv, "--name", "d", "--quiet"], capsys)
+    assert code == 1
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert summary["failed"] and summary["finished"] is False
+    # resumed, it stays failed (the limit still holds), and says so again
+    code, out, err = run(["train", "--resume", str(tmp_path / "d"), "--quiet"], capsys)
+    assert code == 1 and "skipped for non-finite gradients" in err and "finished" not in out
+
+
+# ---------------------------------------------------------------- compare marks failed runs
+def test_compare_marks_failed_runs_everywhere_and_exits_1(tmp_path, capsys):
+    argv = ["compare", *TINY_ARGS, "--epochs", "1", "--optimizers", "sgd,sam", "--seeds", "0"]
+    argv += ["--lr", "1e6", "--out", str(tmp_path), "--name", "c", "--quiet"]
+    for extra in ([], ["--resume"]):
+        code, out, err = run(argv + extra, capsys)
+        assert code == 1, err
+        assert "2 of 2 runs failed: SGD_s0, SAM_s0" in err
+        clean(err)
+        root = tmp_path / "c"
+        for label in ("SGD", "SAM"):
+            line = next(x for x in out.splitlines() if x.startswith(f"| {label} |"))
+            assert "**failed**" in line and "10.00" not in line
+        assert "**Failed:** SAM_s0" in out and "**Failed:** SGD_s0" in out
+        assert "**failed**" in (root / "compare.md").read_text()
+        with open(root / "compare.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert [(r["failed"], r["acc_mean"], r["seeds"]) for r in rows] == [("1", "", "0")] * 2
+        result = json.loads((root / "compare.json").read_text())
+        assert [r["failed"] for r in result["rows"]] == [1, 1]
+        assert all(r["failed"] and r["finished"] is False for r in result["runs"])
+        for summary in root.glob("runs/*/summary.json"):
+            data = json.loads(summary.read_text())
+            assert not (data["finished"] and data.get("failed"))
+    # a failed run is continued, not reused, on --resume: with the limit raised, SAM's run
+    # (whose steps were skipped, its weights finite) goes on and is no longer failed, even
+    # when its summary says both finished and failed (as older versions wrote)
+    summary = root / "runs" / "SAM_s0" / "summary.json"
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "finished": True}))
+    code, out, err = run([*argv, "--resume", "--max-skipped", "1"], capsys)
+    assert code == 1 and "1 of 2 runs failed: SGD_s0" in err
+    assert "failed" not in next(x for x in out.splitlines() if x.startswith("| SAM |"))
+
+
+# ---------------------------------------------------------------- tracebacks become messages
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seed", "1180591620717411303424"], "invalid seed: 1180591620717411303424"),
+        (["--name", "x" * 300], "invalid name: 'xxxxxxxxxxxxxxxxxxxx…xxxxxxxx' is 300 bytes long"),
+        (["--out", "y" * 300], "invalid out_dir: its part 'yyyyyyyyyyyyyyyyyyyy…yyyyyyyy' is 300"),
+        (["--set", "data.subset_seed=36893488147419103232"], "invalid data.subset_seed"),
+    ],
+    ids=["seed", "name", "out", "subset_seed"],
+)
+def test_oversized_values_are_one_line_errors(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(["train", *TINY_ARGS, "--out", str(tmp_path / "o"), *args], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    clean(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "content, where",
+    [
+        (random.Random(7).randbytes(2000), "byte 0x"),
+        (b'optim:\n  name: "\xff\xfe"\n', "byte 0xff at offset 16"),
+    ],
+    ids=["binary", "not-utf8"],
+)
+def test_a_config_file_that_is_not_text(tmp_path, capsys, content, where):
+    config = tmp_path / "c.yaml"
+    config.write_bytes(content)
+    code, _, err = run(["train", "--config", str(config), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and f"{config} is not a YAML text file: {where}" in err
+    assert len(err.strip().splitlines()) == 1
+    clean(err)
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- YAML: repeated keys, 1e-3
+@pytest.mark.parametrize(
+    "text, key, line",
+    [
+        ("optim: {name: esam, lr: 0.2}\ntrain: {epochs: 1}\noptim: {name: sam}\n", "optim", 3),
+        ("optim:\n  name: sam\n  args:\n    rho: 0.1\n    rho: 0.2\n", "optim.args.rho", 5),
+        (
+            "compare:\n  optimizers:\n    - {name: sam, lr: 1, lr: 2}\n",
+            "compare.optimizers[0].lr",
+            3,
+        ),
+    ],
+    ids=["top", "nested", "in-a-list"],
+)
+def test_a_repeated_yaml_key_is_an_error(tmp_path, capsys, text, key, line):
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    argv = ["train", "--config", str(config), "--out", str(tmp_path / "o"), "--dry-run"]
+    code, out, err = run(argv, capsys)
+    assert code == 2 and out == ""
+    assert f"{config}: duplicate key {key!r} at line {line}" in err
+    clean(err)
+
+
+def test_a_repeated_key_in_a_set_value_is_an_error(capsys):
+    code, _, err = run(["train", "--set", "model.kwargs={a: 1, a: 2}", "--dry-run"], capsys)
+    assert code == 2 and "--set model.kwargs: duplicate key 'a'" in err
+
+
+def test_numbers_written_with_an_exponent_are_numbers(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("optim:\n  lr: 2e-2\n  args: {rho: 5E-2}\n")
+    argv = ["train", "--config", str(config), "--set", "optim.weight_decay=1e-3", "--dry-run"]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    optim = yaml.safe_load(out)["optim"]
+    assert (optim["lr"], optim["weight_decay"], optim["args"]["rho"]) == (0.02, 0.001, 0.05)
+    assert isinstance(optim["weight_decay"], float)
+
+
+# ---------------------------------------------------------------- options the base does not take
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["--momentum", "0.5", "--nesterov"], "momentum: 0.5"),
+        (["--nesterov"], "nesterov: True"),
+    ],
+)
+@pytest.mark.parametrize("base", ["adam", "adamw"])
+def test_sgd_options_with_another_base_are_an_error(tmp_path, capsys, args, option, base):
+    argv = ["train", "--base", base, *args, "--out", str(tmp_path)]
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    assert f"invalid optim.{option} (the {base!r} base optimizer takes no" in err
+    clean(err)
+    assert not any(tmp_path.iterdir())
+    assert run(["train", "--base", base, "--dry-run"], capsys)[0] == 0  # defaults are fine
+
+
+# ---------------------------------------------------------------- a bad model option
+def test_a_bad_model_option_leaves_no_run_directory(tmp_path, capsys):
+    for dry in ([], ["--dry-run"]):
+        argv = ["train", "--set", "model.kwargs.foo=1", "--out", str(tmp_path), "--name", "r"]
+        code, out, err = run(argv + dry, capsys)
+        assert code == 2 and "model 'small_cnn' got unexpected options ['foo']" in err
+        clean(err)
+        assert not any(tmp_path.iterdir()) and out == ""
+
+
+# ---------------------------------------------------------------- threads and width
+def test_more_threads_than_cores_warn(capsys, monkeypatch):
+    import importlib
+
+    pf = importlib.import_module("effsam.train.preflight")  # (the package exports a function
+    monkeypatch.setattr(pf, "available_cores", lambda: 2)  # of the same name)
+    code, _, err = run(["train", *TINY_ARGS, "--threads", "3", "--dry-run"], capsys)
+    assert code == 0
+    assert "warning: train.threads 3 is more than the 2 CPU cores" in err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # as many threads as cores: no warning
+        pf.check_threads(load_config(None, {"train.threads": 2}))
+
+
+@pytest.mark.parametrize("width", ["1e-9", "0.01"])
+def test_a_width_that_leaves_layers_without_channels_is_refused(tmp_path, capsys, width):
+    code, _, err = run(["train", "--width", width, "--out", str(tmp_path)], capsys)
+    assert code == 2 and f"invalid model.width: {float(width):g}" in err
+    assert "use a width of at least 1/16 = 0.0625" in err
+    clean(err)
+    assert not any(tmp_path.iterdir())
+    assert run(["train", "--width", "0.0625", "--dry-run"], capsys)[0] == 0
+
+
+# ---------------------------------------------------------------- grammar
+def test_one_epoch_is_singular_in_the_start_line(tmp_path, capsys):
+    argv = ["train", *TINY_ARGS, "--epochs", "1", "--batch-size", "96", "--out", str(tmp_path)]
+    code, out, _ = run(argv, capsys)
+    assert code == 0
+    assert ", 1 epoch of 1 step, cpu" in out and "1 epochs" not in out
+
+
+# ---------------------------------------------------------------- SIGTERM
+def test_sigterm_stops_a_run_with_a_message_and_an_intact_checkpoint(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "o"
+    argv = [sys.executable, "-m", "effsam", "train", *TINY_ARGS, "--epochs", "400"]
+    argv += ["--out", str(out), "--name", "r", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    ckpt = out / "r" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert ckpt.exists(), proc.stderr.read() if proc.poll() is not None else "no checkpoint"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    err = err.decode()
+    assert proc.returncode == 143, err
+    assert "effsam train: terminated; the last finished epoch is checkpointed in" in err
+    assert f"continue with: effsam train --resume {out / 'r'}" in err
+    clean(err)
+    epoch = ck.load_checkpoint(ckpt)["epoch"]
+    assert 1 <= epoch < 400
+    assert not [p.name for p in (out / "r").iterdir() if p.name.startswith(".")]

@@ -23,6 +23,7 @@ def test_run_writes_config_env_metrics_summary_and_checkpoint(tiny, tmp_path):
     summary = train(cfg, quiet=True)
     run = tmp_path / "r"
     assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoint.prev.pt",  # epoch 2's, kept in case the latest is damaged
         "checkpoint.pt",
         "config.yaml",
         "env.json",

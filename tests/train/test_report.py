@@ -119,3 +119,53 @@ def test_the_title_says_what_was_run():
     assert describe_comparison(cfg, [0]) == (
         "digits, 30% noisy labels, small_cnn, 10 epochs, batch 128, seed 0"
     )
+
+
+def test_failed_runs_are_left_out_and_marked_in_table_csv_and_plot():
+    from effsam.train.report import accuracy_speed_figure, csv_table
+
+    failed = {**_run("SAM", 0.10, 9000.0), "name": "SAM_s1", "failed": "the run diverged"}
+    runs = [_run("SGD", 0.9, 1000.0), _run("SAM", 0.8, 500.0), failed]
+    runs += [{**_run("ESAM", 0.1, 700.0), "name": "ESAM_s0", "failed": "the run diverged"}]
+    rows = aggregate([("SGD", "sgd"), ("SAM", "sam"), ("ESAM", "esam")], runs)
+    by = {r["label"]: r for r in rows}
+    # the failed SAM run's 10% and 9,000 img/s are in no number
+    assert by["SAM"]["acc_mean"] == pytest.approx(0.8) and by["SAM"]["images_per_s"] == 500.0
+    assert (by["SAM"]["seeds"], by["SAM"]["failed"]) == (1, 1)
+    assert by["SAM"]["failed_runs"] == {"SAM_s1": "the run diverged"}
+    assert by["ESAM"]["acc_mean"] is None and by["ESAM"]["speed_vs_sam"] is None
+    md = markdown_table(rows)
+    assert "| SAM | 80.00 (**1 of 2 runs failed**) | 500 |" in md
+    assert "| ESAM | **failed** (1 run diverged) | — |" in md
+    assert "**Failed:** SAM_s1 (left out of the numbers): the run diverged" in md
+    assert "**Failed:** ESAM_s0" in md
+    assert csv_table(rows).splitlines()[0].endswith(",timed_steps,failed")
+    assert [line.rsplit(",", 1)[1] for line in csv_table(rows).splitlines()[1:]] == ["0", "1", "1"]
+    fig = accuracy_speed_figure(rows)
+    notes = [t.get_text() for t in fig.texts]
+    assert "SAM: 1 of 2 runs failed (diverged; left out)" in notes
+    assert "ESAM: 1 of 1 run failed (diverged; not shown)" in notes
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert [x.split(":")[0] for x in legend] == ["SGD", "SAM"]
+
+
+def test_speeds_from_few_timed_steps_carry_a_caveat():
+    from effsam.train.report import MIN_TIMED_STEPS, accuracy_speed_figure
+
+    runs = [{**_run("SAM", 0.5, 100.0), "timed_steps": 2}]
+    runs += [{**_run("ESAM", 0.5, 210.0), "timed_steps": 2}]
+    rows = aggregate([("SAM", "sam"), ("ESAM", "esam")], runs)
+    md = markdown_table(rows)
+    assert "| ESAM | 50.00 | 210† | 210.0%† |" in md
+    assert "† Speed measured over only 2 timed steps per run" in md
+    assert "a rough figure, and so is every ratio built on it" in md
+    fig = accuracy_speed_figure(rows)
+    assert "† speed from only 2 timed steps per run: rough" in [t.get_text() for t in fig.texts]
+    assert "ESAM: 50.00 %, 210† img/s" in [
+        t.get_text() for t in fig.axes[0].get_legend().get_texts()
+    ]
+    # enough timed steps, or runs that did not record them: no caveat
+    for steps in (MIN_TIMED_STEPS, None):
+        runs = [{**_run("SAM", 0.5, 100.0), "timed_steps": steps}]
+        md = markdown_table(aggregate([("SAM", "sam")], runs))
+        assert "†" not in md

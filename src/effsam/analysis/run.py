@@ -18,7 +18,7 @@ import torch
 
 from effsam.data import DatasetError
 from effsam.train.build import build_model, load_data, make_loaders, make_loss_fn
-from effsam.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from effsam.train.checkpoint import CHECKPOINT_NAME, load_run_checkpoint
 from effsam.train.config import Config, ConfigError, load_config
 from effsam.train.distributed import resolve_device
 from effsam.train.preflight import check_device, check_out_dir
@@ -99,7 +99,7 @@ def analyze_run(
     config_path, ckpt_path = run_dir / "config.yaml", run_dir / CHECKPOINT_NAME
     if not config_path.is_file():
         raise ConfigError(f"{run_dir} is not a run directory: it has no config.yaml")
-    if not ckpt_path.is_file():
+    if not ckpt_path.is_file() and not ckpt_path.with_suffix(".prev.pt").is_file():
         raise ConfigError(
             f"{run_dir} has no {CHECKPOINT_NAME} (was it trained with --no-checkpoint?)"
         )
@@ -134,7 +134,7 @@ def _analyze(
 ) -> dict[str, Any]:
     device = resolve_device(cfg.train.device)
     stage(f"loading {run_dir}: {cfg.model.name} on {cfg.data.dataset}")
-    state = load_checkpoint(ckpt_path, ("epoch", "model"))
+    state, ckpt_path = load_run_checkpoint(ckpt_path, ("epoch", "model"))
     try:
         data = load_data(cfg)
         model = build_model(cfg, data.num_classes, data.train_x.shape[1]).to(device)
@@ -145,6 +145,14 @@ def _analyze(
     except (ValueError, TypeError, RuntimeError) as exc:
         # a config edited or a code change since training: report it, not a traceback
         raise ConfigError(f"cannot rebuild the run in {run_dir}: {exc}") from exc
+
+    bad, total = _nonfinite(model)
+    if bad:
+        raise ConfigError(
+            f"nothing to analyse: {bad:,} of the {total:,} weights and statistics in "
+            f"{ckpt_path} (epoch {int(state['epoch'])}) are not finite, so the run diverged "
+            "(its summary.json says why); analyse a run that trained"
+        )
 
     plain = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, augment="none", cutout=0))
     loader, _ = make_loaders(plain, data, 0, 1, device)
@@ -163,11 +171,24 @@ def _analyze(
         loss = float(losses.mean())
         accuracy = float((logits.argmax(1) == batch[1]).double().mean())
     n = int(batch[1].numel())
-    stage(f"Hessian top eigenvalue on {n:,} images (power iteration, up to {iters} steps)")
+    if not math.isfinite(loss):
+        raise ConfigError(
+            f"nothing to analyse: the loss of {ckpt_path} (epoch {int(state['epoch'])}) on "
+            f"{n:,} training images is {loss}, so the run diverged; analyse a run that trained"
+        )
+    stage(
+        f"Hessian top eigenvalue on {n:,} images (power iteration, up to {iters} step{'s' if iters != 1 else ''})"
+    )
     top = hessian_top_eigenvalue(model, batch, loss_fn, iters=iters, tol=tol, seed=seed)
     stage(f"Hessian trace ({samples} Hutchinson samples)")
     traces = hessian_trace_samples(model, batch, loss_fn, samples=samples, seed=seed)
     stderr = float(traces.std() / math.sqrt(samples)) if samples > 1 else None
+    if not (math.isfinite(top) and bool(torch.isfinite(traces).all())):
+        raise ConfigError(
+            f"the Hessian of {ckpt_path} (epoch {int(state['epoch'])}) overflows: top "
+            f"eigenvalue {top}, trace samples {traces.tolist()[:3]}…; the loss surface is too "
+            "steep to measure (the run was probably diverging). Nothing was written"
+        )
 
     result: dict[str, Any] = {
         "run": run_dir.name,
@@ -212,6 +233,16 @@ def _analyze(
     write_json(out / "analysis.json", result)
     stage(None)
     return result
+
+
+def _nonfinite(model: torch.nn.Module) -> tuple[int, int]:
+    """(non-finite values, all values) over the model's floating-point weights and buffers."""
+    bad = total = 0
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            bad += int((~torch.isfinite(tensor.detach())).sum())
+            total += tensor.numel()
+    return bad, total
 
 
 class _Stages:

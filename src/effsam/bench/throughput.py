@@ -143,17 +143,24 @@ class VariantStats:
     forward_samples: float = 0.0  # sample-forwards per step / batch size
     backward_samples: float = 0.0
     optimizer_mb: float = 0.0
-    peak_mb: float | None = None  # memory allocated during one step, at its highest
+    #: memory allocated during one step, at its highest: the larger of the first step's
+    #: (which allocates the θ backups and the base optimizer's state) and a later one's
+    peak_mb: float | None = None
     #: extra memory of the ascent / parameter bytes: persistent (θ backup, masks) and the
-    #: transient peak of first_step (None for plain optimizers)
+    #: transient peak of first_step (None for plain optimizers), after the warm-up
     ascent_persistent: float | None = None
     ascent_transient: float | None = None
+    #: the same total on the optimizer's very first first_step (its θ backups allocated
+    #: inside it), measured before the warm-up
+    ascent_first: float | None = None
 
     @property
     def ascent_ratio(self) -> float | None:
+        """The extra memory of the ascent at its highest: on the first call or later."""
         if self.ascent_persistent is None or self.ascent_transient is None:
-            return None
-        return self.ascent_persistent + self.ascent_transient
+            return self.ascent_first
+        later = self.ascent_persistent + self.ascent_transient
+        return later if self.ascent_first is None else max(later, self.ascent_first)
 
     @property
     def amortised(self) -> list[float]:
@@ -319,6 +326,7 @@ def run(
     dev = torch.device(workload.device)
     benches = [build_bench(v, workload, compile_model) for v in variants]
     stats = {b.name: VariantStats(b.name) for b in benches}
+    first_peak: dict[str, float | None] = {}
     for b in benches:
         opt = b.opt
         if isinstance(opt, SharpnessAware) and opt.mask.needs_data:
@@ -334,8 +342,17 @@ def run(
             opt.refresh_mask(b.model, b.batch, _loss)
             stats[b.name].refresh_time = time.perf_counter() - start
             stats[b.name].refresh_interval = int(VARIANTS[b.name]["update_interval"])
-        for _ in range(warmup):
-            b.step()
+        if isinstance(opt, SharpnessAware):
+            # the first call, before any step: the θ backups are allocated inside it
+            mem = ascent_memory(opt, b.model, b.batch, _ascent_loss(opt))
+            if mem is not None and mem.parameters:
+                stats[b.name].ascent_first = mem.ratio
+        for i in range(warmup):
+            if i == 0:  # the first step's peak (profiled; warm-up steps are not timed)
+                peak = peak_allocated_bytes(b.step, b.batch[0].device)
+                first_peak[b.name] = None if peak is None else peak / 2**20
+            else:
+                b.step()
         b.own.clear()
         b.base_step.clear()
         b.counter.grad = b.counter.nograd = 0
@@ -363,7 +380,9 @@ def run(
             s.overhead = [own / n_steps]
         s.optimizer_mb = optimizer_megabytes(b.opt)
     for b in benches:  # last: the profiled step must not count in the times or passes
-        stats[b.name].peak_mb = step_peak_megabytes(b)
+        later = step_peak_megabytes(b)
+        first = first_peak.get(b.name)
+        stats[b.name].peak_mb = later if first is None else max(first, later or 0.0)
         if isinstance(b.opt, SharpnessAware):
             mem = ascent_memory(b.opt, b.model, b.batch, _ascent_loss(b.opt))
             if mem is not None and mem.parameters:

@@ -5,7 +5,7 @@
 * :mod:`effsam.integrations.transformers` — ``SharpnessAwareTrainer``;
 * :mod:`effsam.integrations.timm` — ``register()`` for timm's optimizer factory and
   ``train_step`` for timm-style loops;
-* :mod:`effsam.integrations.accelerate` — ``prepare_step`` for an accelerate loop.
+* :mod:`effsam.integrations.accelerate` — ``sharpness_aware_step`` for an accelerate loop.
 
 What is supported and what is refused, with the test behind each cell:
 docs/integrations.md.

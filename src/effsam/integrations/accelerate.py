@@ -3,11 +3,13 @@
 Two recipes, after ``model, opt, loader = accelerator.prepare(model, opt, loader)``:
 
 * the closure — ``opt.step(closure)`` with ``accelerator.backward`` in the closure, for
-  fp32 and bf16. Not for fp16: accelerate's GradScaler path unscales before it runs the
-  closure, and torch's GradScaler then fails ("No inf checks were recorded"). Nor inside
-  ``accelerator.accumulate``: on the micro-batches where accelerate does not step, it
-  never calls the closure, so those micro-batches would be dropped. BatchNorm
-  statistics are updated by both passes, as with any closure;
+  fp32 and bf16, with ``effsam.preserve_bn_stats(model, enabled=opt.optimizer.perturbed)``
+  around the forward and backward (without it BatchNorm statistics are updated by both
+  passes, as with any closure). Not for fp16: accelerate's GradScaler path unscales
+  before it runs the closure, and torch's GradScaler then fails ("No inf checks were
+  recorded"). With accelerate's gradient accumulation (``accelerator.accumulate``) it
+  raises at the first step: accelerate does not step on the first micro-batches, so the
+  closure would never see them;
 * :func:`sharpness_aware_step` — effsam's full step (BatchNorm kept as pass 1 left it,
   SDS, accumulation, clipping) with the accelerator's mixed precision: ``"bf16"`` is bf16
   autocast, ``"fp16"`` is fp16 autocast with the accelerator's GradScaler, unscaled once

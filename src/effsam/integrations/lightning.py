@@ -6,14 +6,19 @@ calls ``opt.step(closure)`` and effsam calls the closure twice::
     trainer = L.Trainer(callbacks=[SharpnessAwareCallback()], ...)
     # fp16 (GradScaler): plugins=[SharpnessAwarePrecision("16-mixed", "cuda")]
 
-:class:`SharpnessAwareCallback` keeps BatchNorm statistics exactly as pass 1 left them
-(Lightning runs pass 2's forward in the same train mode), schedules the refresh of
-data-dependent masks (SSAM), and refuses, when training starts, what automatic
-optimisation cannot do right:
+:class:`SharpnessAwareCallback` is required (without it the first step raises). It runs
+each step of an effsam optimizer itself, in :func:`effsam.sharpness_aware_step`'s order:
+Lightning's gradient clipping (norm or value) applies once, to the gradient the base
+optimizer steps with, so ε comes from the unclipped pass-1 gradient and AE-SAM decides
+on it. It keeps BatchNorm statistics exactly as pass 1 left them (Lightning runs pass
+2's forward in the same train mode), schedules the refresh of data-dependent masks
+(SSAM), and refuses, when training starts, what automatic optimisation cannot do right:
 
 * ``accumulate_grad_batches > 1`` (Lightning's closure covers only the last micro-batch:
   pass 2 would see one micro-batch while pass 1 saw all of them);
-* sample selection (ESAM's SDS: pass 2 runs on a subset the closure cannot choose);
+* sample selection (ESAM's SDS, K-SAM: pass 2 runs on a subset the closure cannot
+  choose) and the reduced-batch ascent (``ascent_fraction < 1``);
+* precision plugins that step the optimizer their own way (DeepSpeed, FSDP, XLA);
 * fp16 with a GradScaler through Lightning's own plugin (it steps the optimizer without
   a closure); :class:`SharpnessAwarePrecision` does it: the scaler unscales each pass and
   the step is skipped if either pass overflows;
@@ -42,7 +47,7 @@ from ..step import StepResult, _reset_scaler, sharpness_aware_step
 try:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback
-    from lightning.pytorch.plugins.precision import MixedPrecision
+    from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 except ImportError as e:  # pragma: no cover - exercised only without lightning
     raise ImportError(
         "effsam.integrations.lightning needs Lightning: pip install 'effsam[lightning]'"
@@ -109,6 +114,13 @@ class SharpnessAwareCallback(Callback):
                     "cannot run through Lightning's closure: use manual optimisation with "
                     "effsam.integrations.lightning.manual_step"
                 )
+            if opt.ascent_slice.slices:
+                raise ValueError(
+                    f"ascent_fraction={opt.ascent_slice.fraction}: pass 1 runs on a slice "
+                    "of the batch, which Lightning's closure (training_step on the whole "
+                    "batch) cannot choose: use manual optimisation with "
+                    "effsam.integrations.lightning.manual_step"
+                )
             if (
                 isinstance(plugin, MixedPrecision)
                 and plugin.scaler is not None
@@ -121,6 +133,8 @@ class SharpnessAwareCallback(Callback):
                     "'16-mixed', device)] instead of precision='16-mixed' (or use "
                     "'bf16-mixed', which needs no scaler)"
                 )
+        if automatic:
+            _take_over_the_step(plugin)
         if automatic and trainer.world_size > 1:
             warnings.warn(
                 "effsam under Lightning's automatic optimisation with several processes: "
@@ -160,6 +174,109 @@ class SharpnessAwareCallback(Callback):
     def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
         self._bn.clear()
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        plugin = trainer.precision_plugin
+        if getattr(plugin.__dict__.get("optimizer_step"), "_effsam", False):
+            del plugin.optimizer_step
+
+
+def _clip(model: pl.LightningModule, plugin: Any, opt: Any) -> None:
+    """Lightning's gradient clipping (``gradient_clip_val`` / ``_algorithm``, or the
+    module's ``configure_gradient_clipping``), once, on the gradient the base steps with."""
+    trainer = model.trainer
+    plugin._clip_gradients(
+        model,
+        opt,
+        trainer.gradient_clip_val,
+        gradient_clip_algorithm=trainer.gradient_clip_algorithm,
+    )
+
+
+def _hooks(model: pl.LightningModule, opt: Any) -> None:
+    """Lightning's ``on_before_optimizer_step`` (callbacks, then the module), after a pass."""
+    from lightning.pytorch.trainer import call
+
+    trainer = model.trainer
+    call._call_callback_hooks(trainer, "on_before_optimizer_step", opt)
+    call._call_lightning_module_hook(trainer, "on_before_optimizer_step", opt)
+
+
+def _two_pass_step(
+    plugin: Any,
+    opt: SharpnessAware,
+    model: pl.LightningModule,
+    closure: Callable[[], Any],
+    scaler: torch.amp.GradScaler | None = None,
+) -> Any:
+    """One effsam step from Lightning's closure (training_step + backward), as
+    :func:`effsam.sharpness_aware_step` orders it: pass 1, ``on_before_optimizer_step``,
+    ``first_step`` (the schedule's decision from the unclipped pass-1 gradient); pass 2
+    and ``on_before_optimizer_step`` again on a sharpness-aware step; then Lightning's
+    gradient clipping, once, on the final gradient (on a plain step: pass 1's, after the
+    method's own transform — LookSAM's g_v, MSAM's); ``second_step``."""
+    try:
+        with torch.enable_grad(), opt.first_pass():
+            loss = closure()
+        if loss is None and model.automatic_optimization:
+            opt.abort_step()  # training_step returned None: skip, as Lightning does
+            return None
+        if scaler is not None:
+            scaler.unscale_(opt)  # pass 1, keyed by the wrapper
+        _hooks(model, opt)
+        if opt.first_step(zero_grad=True):
+            with torch.enable_grad():
+                closure()
+            if scaler is not None:
+                scaler.unscale_(opt.base)  # pass 2, keyed by the base
+            _hooks(model, opt)
+        _clip(model, plugin, opt)
+        opt.second_step()
+    except BaseException:
+        opt.abort_step()
+        if scaler is not None:
+            _reset_scaler(scaler, opt, opt.base)
+        raise
+    if scaler is not None:
+        scaler.update()  # backs off if either pass overflowed (the step was skipped)
+    return loss
+
+
+def _take_over_the_step(plugin: Any) -> None:
+    """Run effsam optimizers' automatic-optimisation steps through :func:`_two_pass_step`
+    (Lightning's own plugin clips after each closure call: pass 1's clipped gradient
+    would make ε — value clipping turns it, and AE-SAM would decide on it)."""
+    if isinstance(plugin, SharpnessAwarePrecision):
+        return  # runs the two passes itself
+    current = plugin.__dict__.get("optimizer_step")
+    if getattr(current, "_effsam", False):
+        return
+    own = type(plugin).optimizer_step
+    plain = own is Precision.optimizer_step or (
+        own is MixedPrecision.optimizer_step and getattr(plugin, "scaler", None) is None
+    )
+    if not plain:
+        raise ValueError(
+            f"effsam under Lightning's automatic optimisation with the "
+            f"{type(plugin).__name__} precision plugin is not supported (it steps the "
+            "optimizer its own way). Use manual optimisation with "
+            "effsam.integrations.lightning.manual_step, or a 32/64-bit or 'bf16-mixed' "
+            "precision"
+        )
+    original = plugin.optimizer_step
+
+    def optimizer_step(
+        optimizer: Any, model: pl.LightningModule, closure: Callable[[], Any], **kwargs: Any
+    ) -> Any:
+        opt = _raw(optimizer)
+        if not isinstance(opt, SharpnessAware) or not model.automatic_optimization:
+            return original(optimizer, model=model, closure=closure, **kwargs)
+        if kwargs:
+            raise TypeError(f"effsam's step takes no extra arguments, got {sorted(kwargs)}")
+        return _two_pass_step(plugin, opt, model, closure)
+
+    optimizer_step._effsam = True  # type: ignore[attr-defined]
+    plugin.optimizer_step = optimizer_step
+
 
 class SharpnessAwarePrecision(MixedPrecision):
     """Lightning's ``MixedPrecision`` for effsam optimizers under fp16 with a GradScaler.
@@ -168,8 +285,8 @@ class SharpnessAwarePrecision(MixedPrecision):
     wrapper), ``first_step``; pass 2, unscale (keyed by the base), ``second_step``; then
     ``scaler.update()``, which backs off if either pass overflowed (the step is then
     skipped: weights restored, base not stepped). Lightning's ``on_before_optimizer_step``
-    and gradient clipping run after each pass, on unscaled gradients. Other optimizers
-    get Lightning's behaviour.
+    runs after each pass, and its gradient clipping once, on the unscaled final
+    gradient. Other optimizers get Lightning's behaviour.
     """
 
     def optimizer_step(  # type: ignore[override]
@@ -186,27 +303,7 @@ class SharpnessAwarePrecision(MixedPrecision):
             raise TypeError(f"effsam's step takes no extra arguments, got {sorted(kwargs)}")
         if opt.selection.needs_per_sample:
             raise ValueError("sample selection cannot run through Lightning's closure")
-        scaler = self.scaler
-        try:
-            with torch.enable_grad(), opt.first_pass():
-                loss = closure()
-            if loss is None and model.automatic_optimization:
-                opt.abort_step()  # training_step returned None: skip, as Lightning does
-                return None
-            scaler.unscale_(opt)
-            self._after_closure(model, opt)
-            if opt.first_step(zero_grad=True):
-                with torch.enable_grad():
-                    closure()
-                scaler.unscale_(opt.base)
-                self._after_closure(model, opt)
-            opt.second_step()
-        except BaseException:
-            opt.abort_step()
-            _reset_scaler(scaler, opt, opt.base)
-            raise
-        scaler.update()
-        return loss
+        return _two_pass_step(self, opt, model, closure, self.scaler)
 
 
 _AUTOCAST = {"bf16-mixed": "bf16", "16-mixed": "fp16"}

@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from ..optim.ssam import SSAM
 from ..optim.variants import ASAM, ESAM, SAM
 from ..step import StepResult, sharpness_aware_step
+from ._frameworks import TIMM_BUILT
 
 __all__ = ["BASES", "VARIANTS", "register", "soft_target_loss", "train_step"]
 
@@ -49,7 +50,9 @@ _DESCRIPTION = "effsam:"
 def _factory(variant: type, base: type, fixed: dict[str, Any]) -> Callable[..., Any]:
     @functools.wraps(variant)
     def build(params: Any, **kwargs: Any) -> Any:
-        return variant(params, base=base, **{**fixed, **kwargs})
+        opt = variant(params, base=base, **{**fixed, **kwargs})
+        TIMM_BUILT.add(opt)  # a stray optimizer.step() then names train_step
+        return opt
 
     return build
 
@@ -57,7 +60,13 @@ def _factory(variant: type, base: type, fixed: dict[str, Any]) -> Callable[..., 
 def register(registry: Any = None) -> list[str]:
     """Add the effsam names to timm's optimizer registry (default: timm's default
     registry); returns the names. Calling it again changes nothing."""
-    from timm.optim._optim_factory import OptimInfo, default_registry
+    try:
+        from timm.optim._optim_factory import OptimInfo, default_registry
+    except ImportError as e:
+        raise ImportError(
+            "effsam.integrations.timm.register() needs timm (with its optimizer factory, "
+            "timm >= 1.0): pip install 'effsam[timm]'"
+        ) from e
 
     registry = default_registry if registry is None else registry
     names = []

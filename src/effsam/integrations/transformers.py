@@ -22,9 +22,15 @@ bf16 autocast comes from the Trainer; checkpoints keep effsam's state, so
 With several processes (DDP) each pass is all-reduced once, on its last micro-batch: ε is
 the global one (``sharpness_aware_step(sync_ascent=True)``).
 
+Step-skipping methods (the schedules, LookSAM, MSAM, the stale ascent) run as in
+:func:`effsam.sharpness_aware_step`: on a plain step ``first_step`` returns False, pass 2
+is skipped, and the Trainer clips pass 1's gradient (after the method's own transform)
+and calls ``optimizer.step()``, which finishes the plain step.
+
 Refused with a clear error: DeepSpeed and FSDP through the Trainer, fp16 with a
-GradScaler (use ``bf16=True``), ESAM's sample selection (``gamma < 1``: the Trainer's loss
-is a batch mean), and SSAM-F (its Fisher mask needs per-sample losses).
+GradScaler (use ``bf16=True``), sample selection (ESAM ``gamma < 1``, K-SAM: the
+Trainer's loss is a batch mean), SSAM-F (its Fisher mask needs per-sample losses) and
+the reduced-batch ascent (``ascent_fraction < 1``).
 Any other optimizer gets the Trainer's own ``training_step``.
 """
 
@@ -82,6 +88,12 @@ class SharpnessAwareTrainer(Trainer):
             raise ValueError(
                 f"the {opt.mask.name!r} mask is computed from per-sample losses, which the "
                 "Trainer's compute_loss does not give: use SSAM's mask='dynamic'"
+            )
+        if opt.ascent_slice.slices:
+            raise ValueError(
+                f"ascent_fraction={opt.ascent_slice.fraction}: pass 1 would run on a slice "
+                "of each micro-batch, which the Trainer's compute_loss cannot be given: use "
+                "ascent_fraction=1, or effsam.sharpness_aware_step in your own loop"
             )
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and scaler.is_enabled():

@@ -2,6 +2,7 @@
 
 from .ascent import AdaptiveAscent, L2Ascent, asam_reference_params
 from .cheap import FixedTensors, PartialSAM, StaleSAM, last_layer_params, norm_params
+from .flatlora import FlatLoRA
 from .ksam import KSAM
 from .looksam import LookSAM
 from .masks import PerturbationMask, RandomTensorSubset
@@ -39,6 +40,7 @@ __all__ = [
     "EveryStep",
     "FisherMask",
     "FixedTensors",
+    "FlatLoRA",
     "Interval",
     "KeptFraction",
     "L2Ascent",

@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import types
 from collections.abc import Callable
 from itertools import chain
 from typing import Any
@@ -212,26 +213,40 @@ def _checked_closure(opt: Any, closure: Callable[[], Any]) -> Callable[[], Any]:
     return checked
 
 
+def _plain_closure(closure: Any) -> bool:
+    """A closure no framework wrapped (a plain function or lambda): nothing to check."""
+    return isinstance(closure, types.FunctionType) and "accelerate" not in sys.modules
+
+
 def _wrap_step(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def step(self: Any, closure: Callable[[], Any] | None = None) -> Any:
         with _Enter(self, "step"):
             if closure is None:
-                if self.perturbed:
-                    # A framework ran pass 2's backward and now asks for the update.
+                # --- "no step is pending" (framework glue: effsam/integrations) -------
+                if self.perturbed or getattr(self, "_ascended", False):
+                    # A framework ran pass 2's backward (or first_step() chose a plain
+                    # step, whose pass 1 is the update) and now asks for the update.
                     self.second_step()
                     return None
                 if _is_state_initialisation(self):
                     _initialise_state(self)
                     return None
+                from ..integrations._frameworks import pending_step_hint
+
                 raise RuntimeError(
                     f"{type(self).__name__}.step() was called without a closure and no "
                     "step is pending. Either pass a closure (zero grads, forward, backward, "
                     "return loss) that step() calls twice, or run pass 1 (under "
                     "opt.first_pass()), opt.first_step(zero_grad=True), pass 2, then "
                     "opt.step() or opt.second_step(); effsam.sharpness_aware_step(model, "
-                    "opt, batch, loss_fn) does the whole step"
+                    "opt, batch, loss_fn) does the whole step." + pending_step_hint(self)
                 )
+            if not _plain_closure(closure):
+                from ..integrations._frameworks import check_closure
+
+                check_closure(self, closure)  # Lightning without its callback, accelerate GA
+                # --- end of the framework glue --------------------------------------
             try:
                 return fn(self, _checked_closure(self, closure))
             except _SkipStep:

@@ -46,6 +46,14 @@ class L2Ascent(Policy):
         dtypes); return False when T = 1 (then ``out`` is left untouched)."""
         return False
 
+    def mul_scales_(
+        self, params: Sequence[Tensor], tensors: Sequence[Tensor], thetas: Sequence[Tensor]
+    ) -> bool:
+        """``tensors[i] ← tensors[i] ⊙ T_i`` with T computed from ``thetas[i]`` (the values
+        of ``params[i]``, which may hold something else by now), a chunk at a time, so no
+        parameter-sized temporary is made. Return False when T = 1 (nothing done)."""
+        return False
+
 
 class AdaptiveAscent(L2Ascent):
     """ASAM's ascent: with T = |θ| + η, ε = ρ T² g / (‖T g‖₂ + δ).
@@ -91,9 +99,31 @@ class AdaptiveAscent(L2Ascent):
                     t.add_(self.eta)
         return True
 
+    def mul_scales_(
+        self, params: Sequence[Tensor], tensors: Sequence[Tensor], thetas: Sequence[Tensor]
+    ) -> bool:
+        for p, t, theta in zip(params, tensors, thetas):
+            if self._only is not None and id(p) not in self._only:
+                continue  # T = 1
+            for tc, thc in zip(_chunks(t), _chunks(theta)):
+                scale = torch.abs(thc)  # the same operations as scales_: |θ|, then + η
+                if self.eta:
+                    scale.add_(self.eta)
+                tc.mul_(scale)
+                del scale  # before the next chunk's is allocated
+        return True
+
     def extra_repr(self) -> str:
         only = "" if self._only is None else f", only={len(self._only)} tensors"
         return f"eta={self.eta}{only}"
+
+
+def _chunks(t: Tensor) -> list[Tensor]:
+    """Views of ``t`` of about NORM_CHUNK elements covering it (along dim 0 when it is not
+    contiguous, e.g. channels_last), for elementwise work in place."""
+    if t.dim() == 0 or t.is_contiguous():
+        return list(t.view(-1).split(NORM_CHUNK))
+    return list(t.split(max(1, NORM_CHUNK // max(1, t[0].numel()))))
 
 
 def asam_reference_params(model: torch.nn.Module) -> list[Tensor]:
@@ -198,6 +228,7 @@ def ascend_(
     eps_denominator: float = 1e-12,
     foreach: bool = True,
     check_finite: bool = True,
+    keep_grads: bool = False,
 ) -> tuple[bool, Tensor]:
     """θ ← θ + ε in place; the θ copy goes into ``backups``.
 
@@ -218,6 +249,10 @@ def ascend_(
         eps_denominator: δ.
         foreach: foreach kernels (True) or the per-tensor reference loop (False).
         check_finite: refuse the step when the norm is not finite.
+        keep_grads: leave ``grads`` as they were: θ is copied into the backups first and
+            ε is formed in the parameters themselves (T a chunk at a time, through the
+            policy's ``mul_scales_``), so this too allocates nothing of the parameters'
+            size; the result is the same, bit for bit.
 
     Returns:
         (done, N): ``done`` is False when the norm was not finite and ``check_finite``
@@ -228,6 +263,11 @@ def ascend_(
         raise ValueError("ascend_ needs at least one tensor")
     if not (len(params) == len(grads) == len(backups) == len(coefs)):
         raise ValueError("ascend_: params, grads, backups and coefs differ in length")
+    if keep_grads:
+        return _ascend_keeping_grads(
+            params, grads, backups, coefs, ascent, masks, normalise_masked, eps_denominator,
+            foreach, check_finite,
+        )  # fmt: skip
     groups = group_by_device_and_dtype(params)
     scaled: list[bool] = []
     for idx in groups:
@@ -270,4 +310,69 @@ def ascend_(
                 for i, g in zip(sub, gs):
                     g.mul_(coef)
                     params[i].add_(g)
+    return True, norm
+
+
+def _copy_(dst: list[Tensor], src: list[Tensor], foreach: bool) -> None:
+    if foreach:
+        torch._foreach_copy_(dst, src)
+    else:
+        for d, t in zip(dst, src):
+            d.copy_(t)
+
+
+def _ascend_keeping_grads(
+    params: list[Tensor],
+    grads: list[Tensor],
+    backups: list[Tensor],
+    coefs: Sequence[float],
+    ascent: L2Ascent,
+    masks: Sequence[Tensor | None] | None,
+    normalise_masked: bool,
+    eps_denominator: float,
+    foreach: bool,
+    check_finite: bool,
+) -> tuple[bool, Tensor]:
+    """:func:`ascend_` that leaves the gradients: the parameters are the work space.
+
+    backup ← θ;  θ ← g;  θ ← T ⊙ θ;  θ ← m ⊙ θ (if normalise_masked);  N = ‖θ‖₂;
+    θ ← T ⊙ θ;  θ ← m ⊙ θ;  θ ← (c / (N + δ)) · θ;  θ ← θ + backup.
+
+    Each product is the one :func:`ascend_` forms in the gradients (the same operands in
+    the same order, T recomputed from the backup), so the two agree bit for bit. A
+    refused step copies θ back from the backup."""
+    groups = group_by_device_and_dtype(params)
+    for idx in groups:
+        ps = [params[i] for i in idx]
+        _copy_([backups[i] for i in idx], ps, foreach)
+        _copy_(ps, [grads[i] for i in idx], foreach)
+    scaled = [ascent.mul_scales_(params, params, backups)]
+    if masks is not None and normalise_masked:
+        _mask_(params, masks)
+    norm = _stack_norm(_tensor_norms(params, foreach))
+    if check_finite and not bool(torch.isfinite(norm)):
+        for idx in groups:
+            _copy_([params[i] for i in idx], [backups[i] for i in idx], foreach)
+        return False, norm
+    if scaled[0]:
+        ascent.mul_scales_(params, params, backups)
+    if masks is not None:
+        _mask_(params, masks)
+    denom = norm + eps_denominator
+    for idx in groups:
+        by_coef: dict[float, list[int]] = {}
+        for i in idx:
+            by_coef.setdefault(coefs[i], []).append(i)
+        device = params[idx[0]].device
+        for c, sub in by_coef.items():
+            coef = (c / denom).to(device)
+            ps = [params[i] for i in sub]
+            bs = [backups[i] for i in sub]
+            if foreach:
+                torch._foreach_mul_(ps, coef)
+                torch._foreach_add_(ps, bs)
+            else:
+                for p, b in zip(ps, bs):
+                    p.mul_(coef)
+                    p.add_(b)
     return True, norm

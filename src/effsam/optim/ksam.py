@@ -19,7 +19,7 @@ from typing import Any
 from ._contract import resolve_base
 from .ascent import AdaptiveAscent, L2Ascent
 from .selection import TopLoss
-from .sharpness_aware import SharpnessAware
+from .sharpness_aware import SharpnessAware, refuse_nonfinite
 
 
 class TopLossBeforePass1(TopLoss):
@@ -56,6 +56,7 @@ class KSAM(SharpnessAware):
         **kwargs,
     ) -> None:
         base, kwargs = resolve_base(params, base, kwargs, type(self).__name__)
+        refuse_nonfinite("K-SAM", eta=eta)
         ascent = AdaptiveAscent(eta) if adaptive else L2Ascent()
         selection = TopLossBeforePass1(gamma)
         super().__init__(base, rho, ascent=ascent, selection=selection, **kwargs)

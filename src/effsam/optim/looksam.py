@@ -39,7 +39,7 @@ from torch import Tensor
 from ._contract import resolve_base
 from .ascent import AdaptiveAscent, L2Ascent
 from .schedule import Interval
-from .sharpness_aware import SharpnessAware
+from .sharpness_aware import SharpnessAware, refuse_nonfinite
 
 #: how α is read: the paper's absolute weight, or a multiple of SAM's measured correction
 ALPHA_MODES = ("absolute", "relative", "adaptive")
@@ -108,6 +108,7 @@ class LookSAM(SharpnessAware):
             or not 0 <= ratio_ema < 1
         ):
             raise ValueError(f"Invalid LookSAM ratio_ema: {ratio_ema!r} (must be in [0, 1))")
+        refuse_nonfinite("LookSAM", eta=eta)
         ascent = AdaptiveAscent(eta) if adaptive else L2Ascent()
         super().__init__(base, rho, ascent=ascent, schedule=Interval(k, offset=0), **kwargs)
         self.k = k

@@ -8,6 +8,7 @@ any base name used as the optimizer name) returns the plain base optimizer.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,6 +120,11 @@ def available_optimizers() -> list[str]:
 
 
 def get_spec(name: str) -> OptimizerSpec:
+    if not isinstance(name, str):
+        raise TypeError(
+            f"the optimizer name must be a string, got {type(name).__name__} {name!r:.60}; "
+            f"choose from {', '.join(REGISTRY)}"
+        )
     key = name.lower()
     if key not in REGISTRY:
         raise ValueError(f"Unknown optimizer {name!r}; choose from {', '.join(REGISTRY)}")
@@ -202,6 +208,10 @@ def create_optimizer(
     if nesterov is not None and "nesterov" in accepted:
         bkw["nesterov"] = nesterov
     bkw.update(base_kwargs or {})
+    for key, value in {**bkw, **kwargs}.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"Invalid {key}: {value!r} for {spec.name!r} (must be finite)")
+    params = _trainable_checked(params, spec.name)
     if spec.factory is None:
         if kwargs:
             raise TypeError(
@@ -232,6 +242,23 @@ def create_optimizer(
                 del merged[k]
         merged["schedule"] = sched(**sched_args)
     return spec.factory(base_cls(params, **bkw), **merged)
+
+
+def _trainable_checked(params: Iterable[Any], name: str) -> list[Any]:
+    """The parameters (or param groups) as a list; none of them trainable is an error."""
+    params = list(params)
+    tensors = [
+        p
+        for item in params
+        for p in (item["params"] if isinstance(item, dict) else [item])
+        if isinstance(p, torch.Tensor)
+    ]
+    if tensors and not any(p.requires_grad for p in tensors):
+        raise ValueError(
+            f"{name!r}: none of the {len(tensors)} parameters is trainable (every one has "
+            "requires_grad=False): there is nothing to train"
+        )
+    return params
 
 
 _SAM_ARGS = frozenset({"rho", "adaptive", "eta"}) | SLICE_ARGS
@@ -590,5 +617,25 @@ register(
         args=_SAM_ARGS,
         example={"total_steps": 10},
         schedule=SCHEDULES["late"],
+    )
+)
+
+# ---------------------------------------------------------------- Flat-LoRA (LoRA models)
+# σ 0.05: the authors' setting; σ rises from 0 on a cosine over total_steps, as in the paper.
+# It needs the model (its LoRA layers); on a model without LoRA layers it perturbs every
+# trainable nn.Linear / Conv1D weight. Its σ schedule is its own (not schedulable).
+from .flatlora import FlatLoRA  # noqa: E402
+
+register(
+    OptimizerSpec(
+        "flat-lora",
+        "Flat-LoRA: a seeded Gaussian perturbation of each LoRA layer's merged weight "
+        "W + s·BA, scaled per row by its norm, one pass (Li et al., 2025); needs total_steps",
+        FlatLoRA,
+        defaults={"rho": 0.05},
+        args=frozenset({"rho", "total_steps", "seed"}),
+        example={"total_steps": 10},
+        schedulable=False,
+        needs_model=True,
     )
 )

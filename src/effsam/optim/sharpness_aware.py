@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..batching import batch_size, batch_tensors, index_batch
+from ..bn import BNSnapshot, bn_finite, restore_bn, snapshot_bn, watching_bn
 from . import _contract
 from .ascent import L2Ascent, ascend_, global_norm, group_by_device_and_dtype
 from .masks import PerturbationMask, kept_fraction
@@ -37,6 +40,62 @@ class KeptFraction:
 
     tensors: float
     elements: float
+
+
+#: Where the core library's own frames are: a warning about a step points past them, at
+#: the line of the caller's code that drove the step (torch's own wrappers skipped too).
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CORE = tuple(
+    os.path.join(_PACKAGE, name)
+    for name in ("optim" + os.sep, "step.py", "bn.py", "parallel.py", "batching.py")
+)
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning issued by the function calling this one
+    point at the first frame outside the core library and torch: the user's line."""
+    frame = sys._getframe(1)  # the function that issues the warning: stacklevel 1
+    level = 1
+    while frame is not None:
+        name = os.path.abspath(frame.f_code.co_filename)
+        if not (name.startswith(_CORE) or name.startswith(_TORCH)):
+            return level
+        frame = frame.f_back
+        level += 1
+    return 1
+
+
+def _nonfinite_hyperparameters(places: list[tuple[str, Any]]) -> None:
+    """Refuse a NaN or infinite float among the base optimizer's hyper-parameters (lr,
+    momentum, weight_decay, betas, eps, ...): torch.optim accepts them, and the first step
+    then makes every weight non-finite."""
+
+    def bad(value: Any) -> bool:
+        if isinstance(value, bool):
+            return False
+        if isinstance(value, float):
+            return not math.isfinite(value)
+        if isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point():
+            return not bool(torch.isfinite(value))
+        if isinstance(value, (tuple, list)):
+            return any(bad(v) for v in value if not isinstance(v, Tensor) or v.numel() == 1)
+        return False
+
+    for where, values in places:
+        for key, value in (values or {}).items():
+            if key != "params" and bad(value):
+                raise ValueError(
+                    f"Invalid {key}: {value!r} in {where} (a hyper-parameter must be finite)"
+                )
+
+
+def refuse_nonfinite(who: str, **values: Any) -> None:
+    """A NaN or infinite float among ``values`` (arguments that may go unused by the
+    chosen mode, e.g. ``eta`` without ``adaptive``) is a ValueError naming it."""
+    for key, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"Invalid {who} {key}: {value!r} (must be finite)")
 
 
 def _check_rho(rho: Any, where: str = "rho") -> float:
@@ -78,9 +137,10 @@ class SharpnessAware(Optimizer):
     Pass 2 must not run after a False (a backward then is detected and raises; it is never
     silently applied).
 
-    Non-finite gradients in either pass: the step changes nothing (weights restored, base
-    optimizer not stepped), ``skipped_steps`` counts it, ``last_step_skipped`` is set and a
-    warning is issued.
+    Non-finite gradients in either pass, or non-finite BatchNorm running statistics: the
+    step changes nothing (weights restored, base optimizer not stepped, the BN buffers the
+    optimizer sees put back — see :meth:`watch_bn`), ``skipped_steps`` counts it,
+    ``last_step_skipped`` is set and a warning points at the caller's line.
 
     Args:
         base: the optimizer instance to make sharpness-aware.
@@ -124,6 +184,16 @@ class SharpnessAware(Optimizer):
         if isinstance(base, SharpnessAware):
             raise TypeError("base is already sharpness-aware; wrap the plain optimizer instead")
         rho = _check_rho(rho)
+        who = f"the {type(base).__name__} optimizer's"
+        _nonfinite_hyperparameters(
+            [(f"{who} defaults", base.defaults)]
+            + [(f"{who} param group {i}", g) for i, g in enumerate(base.param_groups)]
+        )
+        if not any(p.requires_grad for g in base.param_groups for p in g["params"]):
+            raise ValueError(
+                f"the {type(base).__name__} optimizer holds no trainable parameter (every "
+                "one has requires_grad=False): there is nothing to train"
+            )
         if not (eps_denominator > 0 and math.isfinite(eps_denominator)):
             raise ValueError(f"Invalid eps_denominator: {eps_denominator!r} (must be > 0)")
         self.base = base
@@ -170,6 +240,10 @@ class SharpnessAware(Optimizer):
         self._pass1_skipped = False
         # the mask policy's state before a refresh_mask of this step (abort_step undoes it)
         self._refresh_undo: dict[str, Any] | None = None
+        # BN buffers as they were at the start of this step's pass 1 (see watch_bn): a
+        # skipped or failed step puts them back; a step whose statistics turned non-finite
+        # is skipped
+        self._bn_watch: list[BNSnapshot] = []
         #: steps that were sharpness-aware (the rest were plain base steps)
         self.sharpness_aware_steps = 0
         self.last_step_sharpness_aware: bool | None = None
@@ -216,6 +290,7 @@ class SharpnessAware(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "rho" in param_group:
             _check_rho(param_group["rho"], "rho of the param group")
+        _nonfinite_hyperparameters([("the param group being added", param_group)])
         for key, value in self.defaults.items():
             param_group.setdefault(key, value)
         if any(param_group is g for g in self.base.param_groups):
@@ -305,13 +380,39 @@ class SharpnessAware(Optimizer):
             self.last_kept = KeptFraction(tensors, elements)
         return self._keep
 
+    def watch_bn(self, model: nn.Module | BNSnapshot) -> None:
+        """Keep this step's BatchNorm buffers of ``model`` as they are now (call it before
+        pass 1's forward; :meth:`first_pass` with a model does). If the step is skipped
+        (non-finite gradients, or non-finite running statistics, which skip the step too)
+        or fails, they are put back exactly — running_mean, running_var and
+        num_batches_tracked — as if the batch had never been seen. Until the step ends."""
+        self._bn_watch.append(model if isinstance(model, list) else snapshot_bn(model))
+
+    def _restore_bn(self) -> None:
+        for snapshot in reversed(self._bn_watch):  # the earliest snapshot wins
+            restore_bn(snapshot)
+
+    def _bn_finite(self) -> bool:
+        return all(bn_finite(snapshot) for snapshot in self._bn_watch)
+
     @contextlib.contextmanager
-    def first_pass(self) -> Iterator[None]:
+    def first_pass(self, model: nn.Module | None = None) -> Iterator[None]:
         """Wrap pass 1's forward AND backward: tensors the mask does not keep get no
         weight gradients (``requires_grad`` off for this pass only; each tensor's own flag
         is restored, so frozen parameters stay frozen). On a plain scheduled step, or one
-        decided after pass 1, pass 1 is dense. Single-pass methods (MSAM) move θ here."""
+        decided after pass 1, pass 1 is dense. Single-pass methods (MSAM) move θ here.
+
+        ``model``: its BatchNorm buffers are kept (:meth:`watch_bn`), so that a skipped
+        step leaves them as they were. ``effsam.preserve_bn_stats(model, ...)`` entered
+        inside the block does the same."""
         decision = self.begin_step()
+        if model is not None:
+            self.watch_bn(model)
+        with watching_bn(self.watch_bn), self._first_pass(decision):
+            yield
+
+    @contextlib.contextmanager
+    def _first_pass(self, decision: bool | None) -> Iterator[None]:
         if self.single_pass:
             if decision:
                 self._pre_pass1_perturb()
@@ -382,14 +483,27 @@ class SharpnessAware(Optimizer):
         """Ascend: θ ← θ + ε from the current gradients. Returns False if the gradients were
         not finite (then nothing is perturbed and :meth:`second_step` will not step).
 
-        ε is formed in the pass-1 gradients themselves (no parameter-sized temporary):
-        with ``zero_grad=True`` (what every caller of the sharpness-aware step wants) they
-        are cleared afterwards; with ``zero_grad=False`` the ascent works on a copy and
-        the gradients are left as they were.
+        No parameter-sized temporary is made, on the first call as on later ones: the
+        only extra memory is the θ backup (allocated once). With ``zero_grad=True`` (what
+        every caller of the sharpness-aware step wants) ε is formed in the pass-1
+        gradients, which are cleared afterwards; with ``zero_grad=False`` it is formed in
+        the parameters after the backup took θ, and the gradients are left as they were
+        (the same θ + ε bit for bit; with ``ascent_noise`` > 0 it works on a copy).
+
+        Raises RuntimeError, changing nothing, if no parameter has a gradient.
         """
         if self._pass1_skipped or self._ascended:
             raise RuntimeError("first_step called twice without second_step in between")
+        if not any(p.grad is not None for p in self.params):
+            self.abort_step()
+            raise RuntimeError(
+                f"first_step: no parameter of the optimizer has a gradient ({len(self.params)} "
+                "parameters): run pass 1's forward and backward on the model whose "
+                "parameters this optimizer holds first. Nothing was changed"
+            )
         decision = self.begin_step()
+        if self.check_finite and self._bn_watch and not self._bn_finite():
+            return self._skip_pass1("BatchNorm running statistics after pass 1", None, zero_grad)
         if self.single_pass:
             self._ascended = True
             return self._single_pass_done() if decision else self._start_plain()
@@ -397,12 +511,7 @@ class SharpnessAware(Optimizer):
             gs = self.trainable_grads()
             norm = global_norm(gs, self.foreach) if gs else torch.zeros(())
             if self.check_finite and not bool(torch.isfinite(norm)):
-                self._ascended = True
-                self._skip("pass 1", norm)
-                self._pass1_skipped = True
-                if zero_grad:
-                    self.zero_grad(set_to_none=True)
-                return False
+                return self._skip_pass1("pass 1", norm, zero_grad)
             decision = self.decide_after_pass1()
         if not decision:
             self._ascended = True
@@ -444,8 +553,12 @@ class SharpnessAware(Optimizer):
         masks = self.mask.element_masks(ps)
         if masks is not None and all(m is None for m in masks):
             masks = None
-        if not zero_grad:
-            gs = [g.clone() for g in gs]
+        # zero_grad=False leaves the gradients: ε is then formed in the parameters (after
+        # the backup took θ), unless noise must be added to g or the ascent policy cannot
+        # apply T in place: then on a copy of the gradients
+        keep = not zero_grad
+        if keep and (self.ascent_slice.noise or not hasattr(self.ascent, "mul_scales_")):
+            gs, keep = [g.clone() for g in gs], False
         self.ascent_slice.add_noise_(gs, self.foreach)
         backups = [self._backup(p) for p in ps]
         done, norm = ascend_(
@@ -459,17 +572,26 @@ class SharpnessAware(Optimizer):
             eps_denominator=self.eps_denominator,
             foreach=self.foreach,
             check_finite=self.check_finite,
+            keep_grads=keep,
         )
         if not done:
-            self._skip("pass 1", norm)
-            self._pass1_skipped = True
-            if zero_grad:
-                self.zero_grad(set_to_none=True)
-            return False
+            return self._skip_pass1("pass 1", norm, zero_grad)
         self._perturbed = list(zip(ps, backups))
         if zero_grad:
             self.zero_grad(set_to_none=True)
         return True
+
+    def _skip_pass1(self, where: str, norm: Tensor | None, zero_grad: bool) -> bool:
+        """Pass 1 was not finite: nothing is perturbed (a single-pass method's moved θ is
+        put back), BN buffers are put back, and :meth:`second_step` will not step."""
+        self.restore()
+        self._ascended = True
+        self._pass1_skipped = True
+        self._restore_bn()
+        self._skip(where, norm)
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+        return False
 
     def _start_plain(self) -> bool:
         """A plain step: pass 1's gradient (after the method's own transform) is the
@@ -565,6 +687,12 @@ class SharpnessAware(Optimizer):
                 if not bool(torch.isfinite(norm)):
                     self._skip("pass 2", norm)
                     skipped = True
+            if not skipped and self._bn_watch and not self._bn_finite():
+                # (a reduced-batch ascent's statistics come from pass 2)
+                self._skip("BatchNorm running statistics", None)
+                skipped = True
+        if skipped:
+            self._restore_bn()
         if not skipped:
             if not plain:
                 self._before_descent()
@@ -600,11 +728,14 @@ class SharpnessAware(Optimizer):
         self._single_pass_moved = False
         self._sliced = False
         self._slice_before = None
+        self._bn_watch = []
 
     def abort_step(self) -> None:
         """Undo a step that failed part-way: weights restored, mask draw, mask refresh and
-        schedule rolled back, gradients cleared. The base optimizer has not been stepped."""
+        schedule rolled back, watched BN buffers put back, gradients cleared. The base
+        optimizer has not been stepped."""
         self.restore()
+        self._restore_bn()
         if self._drawn:
             self.mask.rollback_draw()
         if self._refresh_undo is not None:
@@ -620,14 +751,14 @@ class SharpnessAware(Optimizer):
         self._end_step()
         self.zero_grad(set_to_none=True)
 
-    def _skip(self, where: str, norm: Tensor) -> None:
+    def _skip(self, where: str, norm: Tensor | None) -> None:
         self.skipped_steps += 1
+        what = f"gradient norm ({float(norm)}) in {where}" if norm is not None else where
         warnings.warn(
-            f"effsam: non-finite gradient norm ({float(norm)}) in {where}; step skipped, "
-            f"weights restored, base optimizer not stepped (skipped so far: "
-            f"{self.skipped_steps})",
+            f"effsam: non-finite {what}; step skipped, weights and BatchNorm statistics "
+            f"restored, base optimizer not stepped (skipped so far: {self.skipped_steps})",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=caller_stacklevel(),
         )
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -682,8 +813,15 @@ class SharpnessAware(Optimizer):
     def refresh_mask(
         self, model: torch.nn.Module | None, batch: Any, loss_fn: Callable | None
     ) -> bool:
-        """Recompute a data-dependent mask (SSAM-F's Fisher, SSAM-D's drop/grow). Part of
-        the step: :meth:`abort_step` undoes it too."""
+        """Recompute a data-dependent mask (SSAM-F's Fisher, SSAM-D's drop/grow). Inside a
+        step (after :meth:`begin_step`, as :func:`effsam.sharpness_aware_step` and the
+        data-free refreshes do) it is part of the step: :meth:`abort_step` undoes it too.
+        Called between steps (by hand, before ``opt.step(closure)``), it is an operation of
+        its own: a later step that fails rolls back to the state after it."""
+        if not self._begun and not self._ascended:
+            # Outside a step (a manual refresh before it): a finished operation of its own,
+            # which a later failed step must not undo.
+            return self.mask.refresh(model, self.params, batch, loss_fn, self.steps)
         undo = self.mask.state_dict() if self._refresh_undo is None else self._refresh_undo
         changed = self.mask.refresh(model, self.params, batch, loss_fn, self.steps)
         self._refresh_undo = undo
@@ -765,6 +903,17 @@ class SharpnessAware(Optimizer):
                 "optimizer (load a plain optimizer's state into opt.base instead)"
             )
         self._check_compatible(ours)
+        counters = {
+            key: _saved_count(ours, key)
+            for key in ("steps", "skipped_steps", "sharpness_aware_steps")
+            if key in ours
+        }
+        for key in ("mask", "selection", "schedule", "ascent_slice"):
+            if ours.get(key) is not None and not isinstance(ours[key], dict):
+                raise ValueError(
+                    f"state_dict['effsam'][{key!r}] is damaged: expected a dict, got "
+                    f"{type(ours[key]).__name__} {ours[key]!r:.60}. Nothing was loaded."
+                )
         old_state, old_groups = self.base.state, self.base.param_groups
         old_counters = (self.steps, self.skipped_steps)
         old_mask = self.mask.state_dict()
@@ -776,16 +925,17 @@ class SharpnessAware(Optimizer):
         try:
             self.base.load_state_dict(state_dict)
             self.param_groups = self.base.param_groups
-            self.steps = int(ours["steps"])
-            self.skipped_steps = int(ours["skipped_steps"])
-            self.sharpness_aware_steps = int(ours.get("sharpness_aware_steps", self.steps))
-            self.mask.load_state_dict(ours["mask"])
-            self.selection.load_state_dict(ours.get("selection", {}))
+            self.steps = counters["steps"]
+            self.skipped_steps = counters["skipped_steps"]
+            self.sharpness_aware_steps = counters.get("sharpness_aware_steps", self.steps)
+            _load_part("mask", self.mask.load_state_dict, ours["mask"])
+            _load_part("selection", self.selection.load_state_dict, ours.get("selection") or {})
             if "schedule" in ours:
-                self.schedule.load_state_dict(ours["schedule"])
+                _load_part("schedule", self.schedule.load_state_dict, ours["schedule"])
             self._check_slice_state(ours.get("ascent_slice"))
-            self.ascent_slice.load_state_dict(ours.get("ascent_slice") or {})
-            self._load_extra_state(ours)
+            slice_state = ours.get("ascent_slice") or {}
+            _load_part("ascent_slice", self.ascent_slice.load_state_dict, slice_state)
+            _load_part("the method's own entries", self._load_extra_state, ours)
         except Exception:
             self.base.state, self.base.param_groups = old_state, old_groups
             self.param_groups = old_groups
@@ -830,6 +980,37 @@ class SharpnessAware(Optimizer):
             if extra:
                 parts.append(f"{policy.name}({extra})")
         return f"{type(self).__name__}({', '.join(parts)}, base={type(self.base).__name__})"
+
+
+def _saved_count(ours: dict[str, Any], key: str) -> int:
+    """A saved counter: a non-negative integer (a 0-d integer tensor too, as a
+    checkpointing framework may store it), else a ValueError naming it."""
+    value = ours[key]
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = int(value.item())
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"state_dict['effsam'][{key!r}] is damaged: {value!r:.60} is not a non-negative "
+            "integer. Nothing was loaded."
+        )
+    return value
+
+
+class DamagedStateError(ValueError, TypeError):
+    """A damaged part of a saved ``"effsam"`` entry (a ValueError; also a TypeError, as
+    the policies' own type checks raised before)."""
+
+
+def _load_part(key: str, load: Callable[[Any], None], state: Any) -> None:
+    """Load one part of the ``"effsam"`` entry; a damaged part is a ValueError naming it
+    (the caller then puts everything back)."""
+    try:
+        load(state)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+        raise DamagedStateError(
+            f"state_dict['effsam'][{key!r}] is damaged ({type(err).__name__}: {err}). Nothing "
+            "was loaded."
+        ) from err
 
 
 def _copy_state(state: dict[str, Any]) -> dict[str, Any]:

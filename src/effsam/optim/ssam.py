@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._contract import resolve_base
-from .sharpness_aware import SharpnessAware
+from .sharpness_aware import SharpnessAware, refuse_nonfinite
 from .sparse import DynamicMask, FisherMask, SparseMask
 
 MASKS = ("fisher", "dynamic")
@@ -88,6 +88,7 @@ class SSAM(SharpnessAware):
         **kwargs: Any,
     ) -> None:
         base, kwargs = resolve_base(params, base, kwargs, type(self).__name__)
+        refuse_nonfinite("SSAM", drop_rate=drop_rate)
         if not isinstance(mask, str):
             raise TypeError(
                 f"Invalid SSAM mask: {mask!r} (a name, 'fisher' or 'dynamic'; to plug in a "

@@ -12,7 +12,7 @@ from .ascent import AdaptiveAscent, L2Ascent
 from .masks import RandomTensorSubset
 from .sds_variants import RandomSubset, mix_gradients
 from .selection import SELECTIONS, AllSamples
-from .sharpness_aware import SharpnessAware
+from .sharpness_aware import SharpnessAware, refuse_nonfinite
 
 #: ESAM's selection modes: the paper's, the cheap one, and the random control
 ESAM_SELECTIONS = {**SELECTIONS, "random": RandomSubset}
@@ -51,6 +51,7 @@ class SAM(SharpnessAware):
         **kwargs: Any,
     ) -> None:
         base, kwargs = resolve_base(params, base, kwargs, type(self).__name__)
+        refuse_nonfinite("ASAM", eta=eta)
         if adaptive_only is not None and not adaptive:
             raise ValueError("adaptive_only needs adaptive=True (it selects ASAM's tensors)")
         only = None if adaptive_only is None else list(adaptive_only)
@@ -134,6 +135,7 @@ class ESAM(SharpnessAware):
         **kwargs,
     ) -> None:
         base, kwargs = resolve_base(params, base, kwargs, type(self).__name__)
+        refuse_nonfinite("ESAM", eta=eta)
         if selection not in ESAM_SELECTIONS:
             raise ValueError(
                 f"Invalid ESAM selection: {selection!r} (choose from {sorted(ESAM_SELECTIONS)})"

@@ -10,13 +10,14 @@ Example:
 
 from .compare import run_compare
 from .config import Config, ConfigError, load_config
-from .loop import RunFailed, train
+from .loop import RunDiverged, RunFailed, train
 from .preflight import preflight
 from .validate import validate
 
 __all__ = [
     "Config",
     "ConfigError",
+    "RunDiverged",
     "RunFailed",
     "load_config",
     "preflight",

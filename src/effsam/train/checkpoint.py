@@ -1,16 +1,25 @@
-"""Atomic, ``weights_only``-loadable checkpoints and the random-number state they carry.
+"""Atomic, ``weights_only``-loadable checkpoints that prove their content, and the
+random-number state they carry.
 
 A checkpoint holds only tensors and plain containers (dicts, lists, numbers, strings), so it
 loads with ``torch.load(..., weights_only=True)``: no pickled code runs on load.
+
+Every checkpoint carries a SHA-256 digest of its content (each tensor's dtype, shape and
+bytes, and every other value), recomputed and compared on load: torch's zip reader does not
+check its CRCs, so bytes damaged on disk or in a copy would otherwise load as different
+weights. The checkpoint written before the latest one is kept as ``checkpoint.prev.pt``: a
+damaged latest checkpoint falls back to it (with a warning) instead of ending the run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import random
 import shutil
-import zipfile
+import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +30,13 @@ from torch import nn
 
 from . import distributed as ddp
 from .config import Config, ConfigError, deep_merge, to_dict
+from .preflight import ToolkitWarning
 
 CHECKPOINT_NAME = "checkpoint.pt"
+#: The checkpoint before the latest one (same directory), the fallback of a damaged latest.
+PREVIOUS_NAME = "checkpoint.prev.pt"
+#: The key of a checkpoint's content digest (next to the state's own keys).
+DIGEST_KEY = "sha256"
 
 #: What every toolkit checkpoint holds (see :func:`checkpoint_state`).
 CHECKPOINT_KEYS = ("epoch", "config", "model", "optimizer", "scheduler", "scaler", "metrics", "rng")
@@ -32,32 +46,101 @@ class CheckpointError(ConfigError):
     """A checkpoint cannot be read (empty, truncated, not a checkpoint) or does not fit the run."""
 
 
+class CheckpointWarning(ToolkitWarning):
+    """A checkpoint was loaded with a caveat: unverified (no digest), or the previous one
+    was loaded because the latest is damaged."""
+
+
 class CheckpointWriteError(OSError):
     """Writing a checkpoint failed (full disk, lost permissions); the previous one is intact."""
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Writes ``state`` to ``path`` atomically.
+def previous_path(path: str | Path) -> Path:
+    """Where the checkpoint before ``path`` is kept (``checkpoint.pt`` → ``checkpoint.prev.pt``)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any], *, keep_previous: bool = True) -> None:
+    """Writes ``state`` and its content digest to ``path`` atomically.
 
     The bytes go to a temporary file in the same directory, are flushed to disk, and the file
     is renamed over ``path`` (``os.replace`` is atomic within one file system): a crash at any
-    moment leaves either the previous checkpoint or the new one, never a torn file.
+    moment leaves either the previous checkpoint or the new one, never a torn file. With
+    ``keep_previous``, the checkpoint being replaced is kept as :func:`previous_path` (a hard
+    link where the file system has them, else a copy), so ``path`` exists at every moment.
     """
     path = Path(path)
+    if DIGEST_KEY in state:
+        raise ValueError(f"a checkpoint's state may not use the key {DIGEST_KEY!r}")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    prev_tmp = path.with_name(f".{previous_path(path).name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            torch.save({**state, DIGEST_KEY: content_digest(state)}, f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and path.is_file():
+            try:
+                os.link(path, prev_tmp)
+            except OSError:  # no hard links here (some network and FUSE file systems)
+                shutil.copyfile(path, prev_tmp)
+            os.replace(prev_tmp, previous_path(path))
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:
         # torch.save reports a full disk as a RuntimeError ("unexpected pos ...")
         raise CheckpointWriteError(_write_failure(path, exc)) from exc
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for leftover in (tmp, prev_tmp):
+            if leftover.exists():
+                leftover.unlink()
     _fsync_dir(path.parent)
+
+
+def content_digest(state: Any) -> str:
+    """SHA-256 over everything ``state`` holds, as it loads back: for each tensor its dtype,
+    shape and bytes; for every other value its type and exact value; containers in order.
+
+    Two states with the same digest hold the same values (a byte changed anywhere, a tensor
+    reshaped or retyped, a key renamed or a number changed gives another digest).
+    """
+    h = hashlib.sha256()
+    _feed(h, state)
+    return h.hexdigest()
+
+
+def _feed(h: Any, value: Any) -> None:
+    def tag(kind: str, text: str = "") -> None:
+        data = text.encode("utf-8", "surrogatepass")
+        h.update(f"{kind}:{len(data)}:".encode())
+        h.update(data)
+
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+        if t.layout != torch.strided or t.is_quantized:
+            raise TypeError(f"cannot digest a {t.layout} tensor; checkpoints hold dense tensors")
+        t = t.cpu().contiguous()
+        tag("tensor", f"{t.dtype}{tuple(t.shape)}")
+        raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+        h.update(struct.pack("<Q", raw.numel()))
+        h.update(raw.numpy().tobytes())
+    elif isinstance(value, dict):
+        tag(type(value).__name__, str(len(value)))
+        for key, item in value.items():
+            _feed(h, key)
+            _feed(h, item)
+    elif isinstance(value, (list, tuple)):
+        tag(type(value).__name__, str(len(value)))
+        for item in value:
+            _feed(h, item)
+    elif isinstance(value, float):
+        tag("float", value.hex())
+    elif value is None or isinstance(value, (bool, int, str)):
+        tag(type(value).__name__, str(value))
+    elif isinstance(value, bytes):
+        tag("bytes", value.hex())
+    else:  # torch.dtype, torch.Size, torch.device ...: what weights_only loads beside these
+        tag(type(value).__qualname__, repr(value))
 
 
 def _write_failure(path: Path, exc: BaseException) -> str:
@@ -87,17 +170,27 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | Path, keys: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Loads a checkpoint onto the CPU with ``weights_only=True``.
+def load_checkpoint(
+    path: str | Path, keys: tuple[str, ...] = (), *, legacy: bool = True
+) -> dict[str, Any]:
+    """Loads a checkpoint onto the CPU with ``weights_only=True`` and checks its digest.
 
     Args:
         path: the file.
         keys: entries the checkpoint must hold (a run's: :data:`CHECKPOINT_KEYS`).
+        legacy: accept a run checkpoint written before checkpoints carried a digest
+            (exactly the :data:`CHECKPOINT_KEYS`, no digest), with a warning that its
+            content cannot be verified, so that runs begun with an older effsam resume.
+            Any other file without a digest is refused.
+
+    Returns:
+        The state as saved (without the digest).
 
     Raises:
         CheckpointError: naming the file and what is wrong with it (missing, empty,
-            truncated, not a checkpoint, or holding objects other than tensors and plain
-            containers, which are refused rather than unpickled).
+            truncated, damaged: its content does not match its digest, not a checkpoint, or
+            holding objects other than tensors and plain containers, which are refused
+            rather than unpickled).
     """
     path = Path(path)
     try:
@@ -122,26 +215,81 @@ def load_checkpoint(path: str | Path, keys: tuple[str, ...] = ()) -> dict[str, A
             f"checkpoint {path} is not an effsam checkpoint: it is damaged, or it holds "
             "objects other than tensors and plain containers, which are not loaded for safety"
         ) from None
-    except (
-        RuntimeError,
-        EOFError,
-        KeyError,
-        ValueError,
-        IndexError,  # the weights-only unpickler on some random bytes (its stack underflows)
-        TypeError,
-        AttributeError,
-        zipfile.BadZipFile,
-        OSError,
-    ) as exc:
+    except Exception as exc:  # any failure to decode the bytes means they are damaged
         raise CheckpointError(
             f"checkpoint {path} ({size:,} bytes) cannot be read: it is truncated or damaged "
             f"({type(exc).__name__}: {_first_line(exc)})"
         ) from None
-    missing = [k for k in keys if k not in state] if isinstance(state, dict) else None
-    if missing is None or missing:
-        what = f"lacks {', '.join(missing)}" if missing else f"holds a {type(state).__name__}"
-        raise CheckpointError(f"checkpoint {path} is not an effsam run checkpoint: it {what}")
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"checkpoint {path} is not an effsam run checkpoint: it holds a {type(state).__name__}"
+        )
+    saved = state.pop(DIGEST_KEY, None)
+    if saved is None:
+        if not (legacy and set(state) == set(CHECKPOINT_KEYS)):
+            raise CheckpointError(
+                f"checkpoint {path} has no content digest: it is damaged, or it is not an "
+                "effsam checkpoint"
+            )
+        warnings.warn(
+            f"checkpoint {path} was written by an effsam without checkpoint digests: its "
+            "content cannot be verified (the next checkpoint of the run will carry one)",
+            CheckpointWarning,
+            stacklevel=2,
+        )
+    else:
+        try:
+            actual = content_digest(state)
+        except Exception as exc:  # e.g. a damaged tensor header that still loaded
+            actual = f"not computable ({type(exc).__name__})"
+        if actual != saved:
+            raise CheckpointError(
+                f"checkpoint {path} is damaged: its content does not match the digest it was "
+                "saved with (bytes changed on disk or in a copy), so it is not loaded. "
+                "Restore a copy, or delete it to start the run afresh"
+            )
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} is not an effsam run checkpoint: it lacks {', '.join(missing)}"
+        )
     return state
+
+
+def load_run_checkpoint(
+    path: str | Path, keys: tuple[str, ...] = CHECKPOINT_KEYS
+) -> tuple[dict[str, Any], Path]:
+    """The run checkpoint at ``path``, or, when it cannot be loaded (damaged, truncated,
+    empty), the previous one (:func:`previous_path`) if that one loads, with a warning
+    saying so.
+
+    Returns:
+        The state and the file it came from.
+
+    Raises:
+        CheckpointError: ``path`` cannot be loaded and there is no good previous checkpoint
+            (the message names both files).
+    """
+    path = Path(path)
+    try:
+        return load_checkpoint(path, keys, legacy=True), path
+    except CheckpointError as exc:
+        prev = previous_path(path)
+        if not prev.is_file():
+            raise
+        try:
+            state = load_checkpoint(prev, keys, legacy=True)
+        except CheckpointError as prev_exc:
+            raise CheckpointError(
+                f"{exc}; the previous one cannot be used either: {prev_exc}"
+            ) from None
+        warnings.warn(
+            f"{exc}. Using the previous checkpoint {prev} instead (epoch "
+            f"{state.get('epoch', '?')}): the epochs after it are trained again",
+            CheckpointWarning,
+            stacklevel=2,
+        )
+        return state, prev
 
 
 def _first_line(exc: BaseException) -> str:
@@ -243,18 +391,20 @@ def resume_state(
             config differs from the checkpoint's in a key that changes the computation.
     """
     ckpt = run_dir / CHECKPOINT_NAME
+    prev = previous_path(ckpt)
     if not resume:
-        if not overwrite and (ckpt.exists() or (run_dir / "metrics.jsonl").exists()):
+        if not overwrite and any(p.exists() for p in (ckpt, prev, run_dir / "metrics.jsonl")):
             raise ConfigError(
                 f"run directory {run_dir} already holds a run: pass --resume to continue it, "
                 "--overwrite to start it afresh, or choose another --name / --out"
             )
         return None
-    if not ckpt.exists():
+    if not ckpt.exists() and not prev.exists():
         return None
-    state = load_checkpoint(ckpt, CHECKPOINT_KEYS)
+    state, source = load_run_checkpoint(ckpt)
     if not isinstance(state["config"], dict):
-        raise CheckpointError(f"checkpoint {ckpt} is not an effsam run checkpoint: bad config")
+        raise CheckpointError(f"checkpoint {source} is not an effsam run checkpoint: bad config")
+    state[LOADED_FROM] = str(source)
     changed = changed_since(state["config"], cfg)
     if changed:
         raise ConfigError(
@@ -262,6 +412,10 @@ def resume_state(
             f"{', '.join(sorted(changed))}"
         )
     return state
+
+
+#: Set by :func:`resume_state` on the state it returns: the file it was loaded from.
+LOADED_FROM = "loaded_from"
 
 
 def changed_since(saved: dict[str, Any], cfg: Config) -> set[str]:

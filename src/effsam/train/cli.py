@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -220,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", type=Path, default=None, metavar="DIR", help="default RUN_DIR")
     a.add_argument("--quiet", action="store_true", help="no progress lines")
     sub.add_parser("list", help="list data sets, models, optimizers and configs")
+    sub.add_parser(
+        "frontier",
+        add_help=False,
+        help="SGD, SAM and the efficient methods on your config: does a cheaper method keep "
+        "SAM's accuracy, and at what speed (effsam frontier --help)",
+    )
     return parser
 
 
@@ -308,13 +315,19 @@ def _cmd_train(args: argparse.Namespace, cfg: Config) -> int:
     if s.get("world_size", 1) > 1 and _rank() != 0:
         return 0
     state = "finished" if s["finished"] else f"stopped after epoch {s['completed_epochs']}"
-    skipped = f", {s['skipped_steps']} of {s['steps']} steps skipped" if s["skipped_steps"] else ""
-    rate = _rate(s["images_per_s"])
+    steps = f"{s['steps']} step{'s' if s['steps'] != 1 else ''}"
+    skipped = f", {s['skipped_steps']} of {steps} skipped" if s["skipped_steps"] else ""
     if s["images_per_s"] is None:
-        rate += f" (too few steps to time: the first {cfg.train.timing_warmup_steps} are warm-up)"
+        warmup = cfg.train.timing_warmup_steps
+        rate = (
+            f"speed not measured (too few steps: the first {warmup} "
+            f"{'is' if warmup == 1 else 'are'} untimed warm-up)"
+        )
+    else:
+        rate = f"{_rate(s['images_per_s'])} images/s"
     print(
         f"{s['name']}: {state}; test accuracy {_percent(s['final_test_acc'])} "
-        f"(best {_percent(s['best_test_acc'])}), {rate} images/s{skipped}"
+        f"(best {_percent(s['best_test_acc'])}), {rate}{skipped}"
     )
     return 0
 
@@ -343,6 +356,16 @@ def _cmd_compare(args: argparse.Namespace, cfg: Config) -> int:
     print(result["markdown"])
     files = "compare.md, compare.csv, compare.json" + ("" if args.no_plot else ", compare.png")
     print(f"written to {result['dir']}: {files}")
+    failed = result["failed"]
+    if failed:
+        names = ", ".join(f.split(":", 1)[0] for f in failed)
+        print(
+            f"effsam compare: error: {len(failed)} of {len(result['runs'])} "
+            f"run{'s' if len(result['runs']) != 1 else ''} failed: "
+            f"{names} (marked in the table; the reasons are listed under it)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -387,6 +410,46 @@ def _dry_run(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+class Terminated(Exception):
+    """SIGTERM arrived (e.g. ``kill``, a job scheduler's time limit): raised in the main
+    thread, so the run stops between two statements and its checkpoint is left intact (a
+    checkpoint being written is either complete or not there: writes are atomic)."""
+
+
+def _on_sigterm() -> Any:
+    """Turns SIGTERM into :class:`Terminated` (like Ctrl-C into KeyboardInterrupt) while the
+    command runs; returns the previous handler (None where signals cannot be set)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (a library call): leave signals alone
+        return None
+
+
+def _resume_advice(args: argparse.Namespace, cfg: Config | None) -> str:
+    """Where the checkpoint of an interrupted run is and how to continue it."""
+    if cfg is None:  # stopped before the config was read: nothing ran
+        return "nothing was started"
+    if args.command == "compare":
+        from .compare import compare_name
+
+        where = Path(cfg.out_dir) / compare_name(cfg)
+        return (
+            f"each run's last finished epoch is checkpointed under {where}/runs; continue "
+            "with the same command and --resume"
+        )
+    if not cfg.checkpoint:
+        return "no checkpoint is written (--no-checkpoint): the run cannot be continued"
+    run_dir = Path(args.resume) if args.resume else Path(cfg.out_dir) / cfg.run_name()
+    return (
+        f"the last finished epoch is checkpointed in {run_dir / 'checkpoint.pt'}; continue "
+        f"with: effsam train --resume {run_dir}"
+    )
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None, *, command=""):
     """Toolkit warnings as one clean line; others as Python shows them."""
     from .preflight import ToolkitWarning
@@ -405,8 +468,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Exit status: 0 done; 2 bad input (a config value, device, output folder, data or
     checkpoint: nothing was trained); 1 a run failed (it diverged, or its files could not
-    be written; the last checkpoint is intact); 130 interrupted.
+    be written; the last checkpoint is intact); 130 interrupted (Ctrl-C, SIGINT); 143
+    terminated (SIGTERM).
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["frontier"]:  # its own parser and exit statuses
+        from effsam.frontier.command import main as frontier_main
+
+        return frontier_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -429,6 +498,8 @@ def _main(args: argparse.Namespace) -> int:
         return _cmd_list()
     previous = warnings.showwarning
     warnings.showwarning = lambda *a, **k: _show_warning(*a, **k, command=args.command)
+    previous_term = _on_sigterm()
+    cfg = None
     try:
         if args.command == "analyze":
             return _cmd_analyze(args)
@@ -446,18 +517,17 @@ def _main(args: argparse.Namespace) -> int:
     except RunFailed as exc:
         print(f"effsam {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as exc:
+        how, status = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
         if args.command == "analyze":  # writes nothing until it has finished
-            print("effsam analyze: interrupted", file=sys.stderr)
-            return 130
-        print(
-            f"effsam {args.command}: interrupted; the last finished epoch is checkpointed, "
-            "continue with --resume",
-            file=sys.stderr,
-        )
-        return 130
+            print(f"effsam analyze: {how}; nothing was written", file=sys.stderr)
+            return status
+        print(f"effsam {args.command}: {how}; {_resume_advice(args, cfg)}", file=sys.stderr)
+        return status
     finally:
         warnings.showwarning = previous
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ from typing import Any
 import yaml
 
 from .checkpoint import changed_since, resume_state
-from .config import Config, ConfigError, dump_yaml, load_config, to_dict
+from .config import Config, ConfigError, dump_yaml, load_config, load_yaml_text, to_dict
 from .distributed import resolve_device
-from .loop import train
+from .loop import RunDiverged, train
 from .preflight import preflight
 from .progress import format_duration
 from .records import environment, write_json, write_text_atomic
@@ -97,10 +97,13 @@ def run_compare(
     """Trains every optimizer of ``cfg.compare`` for every seed and writes the table.
 
     Runs go one after another in this process, so they share the machine's state equally;
-    a finished run is not repeated with ``resume`` (a partial one continues).
+    a finished run is not repeated with ``resume`` (a partial or failed one continues from
+    its checkpoint, and fails again unless what made it fail changed). A run that diverges
+    does not end the comparison: it is marked failed in every output.
 
     Returns:
-        ``{"rows": [...], "runs": [...], "dir": str, "markdown": str}``.
+        ``{"rows": [...], "runs": [...], "dir": str, "markdown": str, "failed": [...]}``,
+        ``failed`` naming each failed run with the reason.
     """
     plan = plan_compare(cfg, resume=resume, overwrite=overwrite)
     entries = compare_entries(cfg)
@@ -129,14 +132,19 @@ def run_compare(
                 per_run = (time.perf_counter() - started) / trained
                 eta = f"; about {format_duration(per_run * left)} left for the comparison"
             print(f"[{i + 1}/{total}] {label} (seed {seed}){eta}", flush=True)
-        summary = train(
-            run_cfg,
-            run_dir=run_dir,
-            resume=resume,
-            overwrite=overwrite,
-            quiet=quiet,
-            label=label,
-        )
+        try:
+            summary = train(
+                run_cfg,
+                run_dir=run_dir,
+                resume=resume,
+                overwrite=overwrite,
+                quiet=quiet,
+                label=label,
+            )
+        except RunDiverged as exc:  # recorded as failed; the other runs go on
+            summary = {**exc.summary, "label": label}
+            if not quiet:
+                print(f"{label} (seed {seed}): failed: {exc}", flush=True)
         runs.append(summary)
         trained += 1
     # each run applies the thread policy to the same model, so they agree
@@ -161,7 +169,8 @@ def run_compare(
     )
     if plot:
         plot_accuracy_speed(rows, root / "compare.png", title)
-    return {"rows": rows, "runs": runs, "dir": str(root), "markdown": md}
+    failed = [f"{r['name']}: {r['failed']}" for r in runs if r.get("failed")]
+    return {"rows": rows, "runs": runs, "dir": str(root), "markdown": md, "failed": failed}
 
 
 def _plural(n: int, word: str) -> str:
@@ -191,9 +200,9 @@ def _finished_summary(run_dir: Path, cfg: Config) -> dict[str, Any] | None:
         return None
     try:
         summary = json.loads(path.read_text())
-        if not summary.get("finished"):
-            return None
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        if not summary.get("finished") or summary.get("failed"):
+            return None  # continued (a failed run fails again, or goes on if e.g. the limit rose)
+        saved = load_yaml_text((run_dir / "config.yaml").read_text())
     except (OSError, ValueError, AttributeError, yaml.YAMLError) as exc:
         raise ConfigError(
             f"cannot reuse the run {run_dir}: its summary.json or config.yaml cannot be read "

@@ -8,6 +8,7 @@ explicit command-line flags, then ``--set section.key=value`` overrides.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -208,6 +209,88 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 # ---------------------------------------------------------------------------- YAML files
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping repeats a key (YAML would keep the last value and drop the first silently)."""
+
+    def __init__(self, key: str, line: int, first_line: int) -> None:
+        super().__init__(f"duplicate key {key!r} at line {line} (first at line {first_line})")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+#: Floats as YAML 1.2 (and a person) writes them, which YAML 1.1 reads as strings: an
+#: exponent without a decimal point (``1e-3``, ``5E4``) or a point without digits before it
+#: (``.5``). YAML 1.1's own floats (``0.5``, ``1.0e-3``, ``.inf``) resolve as before.
+_FLOAT_1_2 = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (no Python objects), with two changes for configs:
+
+    * ``1e-3`` is the number 0.001, as a person means it (YAML 1.1 reads it as a string);
+    * a repeated key in any mapping is a :class:`DuplicateKeyError`, not a silent overwrite.
+    """
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_duplicates(node, set())
+        return super().construct_document(node)
+
+
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_1_2, list("-+0123456789."))
+
+
+def _check_duplicates(node: yaml.Node, seen: set[int], where: str = "") -> None:
+    """Raises :class:`DuplicateKeyError` for the first mapping (at any depth) that repeats a
+    key, naming it by its dotted path (``optim.args.rho``)."""
+    if id(node) in seen:  # an alias to a node already checked
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            inner = where
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                ident = (key_node.tag, key_node.value)
+                line = key_node.start_mark.line + 1
+                inner = f"{where}.{key_node.value}" if where else key_node.value
+                if ident in first:
+                    raise DuplicateKeyError(inner, line, first[ident])
+                first[ident] = line
+            _check_duplicates(key_node, seen, where)
+            _check_duplicates(value_node, seen, inner)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicates(item, seen, f"{where}[{i}]")
+
+
+def load_yaml_text(text: str) -> Any:
+    """YAML text read with :class:`ConfigLoader` (numbers like ``1e-3``, no repeated keys)."""
+    return yaml.load(text, Loader=ConfigLoader)  # a SafeLoader: builds no Python objects
+
+
+def read_yaml_file(path: str | Path) -> Any:
+    """A YAML file read with :class:`ConfigLoader`, every failure as one :class:`ConfigError`
+    naming the file: not UTF-8 text (e.g. a binary file), invalid YAML, a repeated key."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path} is not a YAML text file: byte 0x{exc.object[exc.start]:02x} at offset "
+            f"{exc.start} is not UTF-8 text"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return load_yaml_text(text)
+    except DuplicateKeyError as exc:
+        raise ConfigError(
+            f"{path}: duplicate key {exc.key!r} at line {exc.line} (first at line "
+            f"{exc.first_line}); YAML would keep only the last one, dropping the first silently"
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+
+
 def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Reads a YAML config, following ``extends: other.yaml`` (relative to the file) first.
 
@@ -219,10 +302,7 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     resolved = path.resolve()
     if resolved in _seen:
         raise ConfigError(f"config {path} extends itself (cycle through {_seen[-1].name})")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    data = read_yaml_file(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping at the top level")
     parent = data.pop("extends", None)
@@ -253,7 +333,9 @@ def parse_assignment(text: str) -> tuple[list[str], Any]:
     if not parts:
         raise ConfigError(f"--set has an empty key: {text!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml_text(raw) if raw.strip() else None
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"--set {key}: duplicate key {exc.key!r} in {raw!r}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {key}: cannot read value {raw!r}: {exc}") from exc
     return parts, value

@@ -46,7 +46,10 @@ def train_epoch(
             fed outside the timed step.
 
     Non-finite steps are counted in the record's ``skipped_steps`` rather than warned
-    about one by one (the loop reports them per epoch and stops a run that skips too many).
+    about one by one (the loop reports them per epoch and stops a run that skips too many);
+    ``nonfinite_steps`` counts the steps whose loss was not finite and whose update was
+    applied all the same (a plain optimizer does not skip), which the loop treats as a
+    divergence.
 
     Returns:
         The epoch's record, summed over all workers, and the remaining ``untimed`` count.
@@ -54,8 +57,9 @@ def train_epoch(
     net.train()
     loader.set_epoch(epoch)
     device = ctx.device
-    # loss and correct stay on the device (no sync per step); the rest are Python numbers
-    on_device = torch.zeros(2, dtype=torch.float64, device=device)
+    # loss, correct and applied non-finite steps stay on the device (no sync per step); the
+    # rest are Python numbers
+    on_device = torch.zeros(3, dtype=torch.float64, device=device)
     seen = timed_images = selected = skipped = refreshes = sa_steps = 0
     kept_sum = 0.0
     train_time = 0.0
@@ -93,6 +97,8 @@ def train_epoch(
             correct = torch.zeros_like(y, dtype=torch.bool)
         on_device[0] += res.loss.detach().double() * n
         on_device[1] += correct.sum()
+        if not res.skipped:
+            on_device[2] += (~torch.isfinite(res.loss.detach())).double()
         if diagnostics is not None:
             bs = loader.batch_size
             diagnostics.record(ids[i * bs : i * bs + n], optimizer.selection.last_indices, correct)
@@ -111,7 +117,16 @@ def train_epoch(
         [
             on_device,
             torch.tensor(
-                [seen, timed_images, selected, skipped, kept_sum, refreshes, sa_steps],
+                [
+                    seen,
+                    timed_images,
+                    selected,
+                    skipped,
+                    kept_sum,
+                    refreshes,
+                    sa_steps,
+                    len(rates),
+                ],  # fmt: skip
                 dtype=torch.float64,
                 device=device,
             ),
@@ -121,9 +136,10 @@ def train_epoch(
     slowest = ddp.all_reduce(
         torch.tensor([train_time], dtype=torch.float64, device=device), ctx, op="max"
     )
-    (loss_sum, correct, seen, timed_images, selected, skipped, kept_sum, refreshes, sa_steps) = (
-        sums.tolist()
-    )
+    (
+        loss_sum, correct, nonfinite, seen, timed_images, selected, skipped, kept_sum,
+        refreshes, sa_steps, timed_steps,
+    ) = sums.tolist()  # fmt: skip
     train_time = float(slowest[0])
     record = {
         "epoch": epoch + 1,
@@ -132,11 +148,13 @@ def train_epoch(
         "train_acc": correct / seen,
         "steps": steps,
         "skipped_steps": int(round(skipped / ctx.world_size)),
+        "nonfinite_steps": int(round(nonfinite / ctx.world_size)),
         "selected_fraction": selected / seen,
         "kept_fraction": kept_sum / (steps * ctx.world_size) if tracks_kept else None,
         "mask_refreshes": int(round(refreshes / ctx.world_size)),
         "sharpness_aware_steps": int(round(sa_steps / ctx.world_size)),
         "timed_images": int(timed_images),
+        "timed_steps": int(round(timed_steps / ctx.world_size)),
         "train_time_s": train_time,
         "images_per_s": timed_images / train_time if train_time > 0 else None,
         "images_per_s_median": world_size_rate(rates, ctx.world_size),
@@ -144,8 +162,8 @@ def train_epoch(
     return record, untimed
 
 
-#: The wrappers' per-step warning about a skipped step (counted in the record instead).
-_SKIP_WARNING = "effsam: non-finite gradient norm"
+#: The wrappers' per-step warnings about a skipped step (counted in the record instead).
+_SKIP_WARNING = "effsam: non-finite"
 
 
 def world_size_rate(rates: list[float], world_size: int) -> float | None:

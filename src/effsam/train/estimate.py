@@ -113,7 +113,8 @@ def format_estimate(estimate: dict[str, Any]) -> str:
     for r in runs:
         seeds = f" × {r['seeds']} seeds" if r["seeds"] > 1 else ""
         lines.append(
-            f"#   {r['label']:<{width}}  {r['steps']:,} steps × {_seconds(r['step_s'])} + "
+            f"#   {r['label']:<{width}}  {r['steps']:,} step{'s' if r['steps'] != 1 else ''} × "
+            f"{_seconds(r['step_s'])} + "
             f"{r['evals']} evaluation{'s' if r['evals'] != 1 else ''} × "
             f"{_seconds(r['eval_s'])} = {format_duration(r['run_s'])} per run{seeds}"
         )

@@ -32,10 +32,12 @@ from .build import (
 )
 from .checkpoint import (
     CHECKPOINT_NAME,
+    LOADED_FROM,
     CheckpointError,
     CheckpointWriteError,
     checkpoint_state,
     gather_rng,
+    previous_path,
     save_checkpoint,
     set_rng_state,
 )
@@ -57,6 +59,15 @@ from .threads import set_threads
 class RunFailed(RuntimeError):
     """A run stopped because its result cannot be trusted (e.g. most steps were skipped as
     non-finite) or its files cannot be written. The last checkpoint is intact."""
+
+
+class RunDiverged(RunFailed):
+    """A run diverged (non-finite loss or weights, or too many skipped steps): its
+    ``summary.json`` says ``failed`` and its last good checkpoint is intact."""
+
+    def __init__(self, message: str, summary: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
 def train(
@@ -131,20 +142,6 @@ def _train(
             ToolkitWarning,
             stacklevel=3,
         )
-    # ---- the run directory, once the data have loaded: bad data leave nothing behind, and
-    # an --overwrite'd run is kept until then
-    if ctx.is_main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:  # checked before; the file system changed since
-            raise ConfigError(f"cannot create the run directory {run_dir}: {exc}") from exc
-        if overwrite and not resume:
-            # a later --resume must not pick up the replaced run's state
-            for old in (CHECKPOINT_NAME, "metrics.jsonl", "metrics.csv", "summary.json"):
-                (run_dir / old).unlink(missing_ok=True)
-        write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
-    ddp.barrier(ctx)
-
     train_loader, test_loader = make_loaders(cfg, data, ctx.rank, ctx.world_size, device)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
@@ -152,9 +149,25 @@ def _train(
             f"invalid data.batch_size: {cfg.data.batch_size} (larger than the "
             f"{train_loader.samples_per_rank} training images per worker with drop_last)"
         )
-
-    # ---- model, optimizer, schedule, loss
     model = _user_errors(build_model, cfg, data.num_classes, data.train_x.shape[1]).to(device)
+
+    # ---- the run directory, once the data and the model are built: bad data or a bad
+    # model option leave nothing behind, and an --overwrite'd run is kept until then
+    if ctx.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # checked before; the file system changed since
+            raise ConfigError(f"cannot create the run directory {run_dir}: {exc}") from exc
+        if overwrite and not resume:
+            # a later --resume must not pick up the replaced run's state
+            for old in (CHECKPOINT_NAME, previous_path(CHECKPOINT_NAME).name, "metrics.jsonl",
+                        "metrics.csv", "summary.json"):  # fmt: skip
+                (run_dir / old).unlink(missing_ok=True)
+        _set_aside_damaged(state, ckpt_path)
+        write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
+    ddp.barrier(ctx)
+
+    # ---- optimizer, schedule, loss
     threads, why_threads = set_threads(t.threads, model)
     if ctx.is_main:
         env = environment(device, ctx.world_size, t.amp, t.compile)
@@ -181,7 +194,8 @@ def _train(
         except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
             # a checkpoint whose config was edited, or one from another optimizer or model
             raise CheckpointError(
-                f"checkpoint {ckpt_path} does not fit this run's model and optimizer "
+                f"checkpoint {state.get(LOADED_FROM, ckpt_path)} does not fit this run's model "
+                f"and optimizer "
                 f"({cfg.model.name}, {cfg.optim.name}): {type(exc).__name__}: "
                 f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else 'no details'}"
             ) from None
@@ -223,17 +237,24 @@ def _train(
     progress.write(
         f"{label + ': ' if label else ''}{run_dir}: {cfg.model.name} "
         f"({info['params']:,} parameters) on {cfg.data.dataset} ({len(data.train_y):,} training, "
-        f"{len(data.test_y):,} test images), {cfg.optim.name}, {t.epochs} epochs of "
-        f"{steps_per_epoch} steps, {device}"
+        f"{len(data.test_y):,} test images), {cfg.optim.name}, {_plural(t.epochs, 'epoch')} "
+        f"of {_plural(steps_per_epoch, 'step')}, {device}"
         + (f" × {ctx.world_size} workers" if ctx.world_size > 1 else "")
         + f", {threads} thread{'s' if threads != 1 else ''}"
     )
     if state is not None:
         progress.write(
             f"{label + ': ' if label else ''}resumed from epoch {start_epoch} of {t.epochs} "
-            f"({ckpt_path})"
+            f"({state.get(LOADED_FROM, ckpt_path)})"
         )
+        # a run that failed stays failed on resume (unless e.g. --max-skipped was raised)
+        diverged = _divergence(metrics, model, t.max_skipped_fraction, t.epochs, cfg.optim.lr)
+        if diverged:
+            progress.close()
+            note = _checkpoint_note(start_epoch, Path(state[LOADED_FROM]), True)
+            _fail(run_dir, metrics, info, t.epochs, diverged[0] + note, ctx)
 
+    saved_epoch = start_epoch if state is not None else None
     try:
         for epoch in range(start_epoch, last_epoch):
             epoch_start = time.perf_counter()
@@ -264,21 +285,26 @@ def _train(
                     run_dir, f"{label or cfg.optim.name}, seed {cfg.seed}: SDS diagnostics"
                 )
             rngs = gather_rng(ctx)  # collective: every worker's generators
-            failure = _too_many_skipped(metrics, t.max_skipped_fraction, t.epochs)
+            diverged = _divergence(metrics, model, t.max_skipped_fraction, t.epochs, cfg.optim.lr)
+            failure, keep = diverged if diverged else (None, True)
+            if cfg.checkpoint and keep:
+                saved_epoch = epoch + 1
+            if failure:
+                failure += _checkpoint_note(saved_epoch, ckpt_path, cfg.checkpoint)
             summary = summarize(metrics, info, t.epochs)
             if failure:
-                summary["failed"] = failure
+                summary.update(finished=False, failed=failure)
             if ctx.is_main:
                 ckpt = (
                     checkpoint_state(cfg, model, optimizer, scheduler, scaler, metrics, rngs)
-                    if cfg.checkpoint
+                    if cfg.checkpoint and keep
                     else None
                 )
                 _write_epoch(run_dir, ckpt_path, ckpt, summary, metrics)
                 progress.write(_epoch_line(record, t.epochs, label))
             ddp.barrier(ctx)
             if failure:
-                raise RunFailed(f"{run_dir.name}: {failure}")
+                raise RunDiverged(f"{run_dir.name}: {failure}", summary)
     finally:
         progress.close()
 
@@ -302,6 +328,90 @@ def _recompute_bn(optimizer: Any, model: nn.Module, loader: Any, ctx: ddp.DistCo
         for buf in norm_buffers(model):
             if buf.is_floating_point():
                 ddp.all_reduce(buf, ctx).div_(ctx.world_size)
+
+
+def _set_aside_damaged(state: dict[str, Any] | None, ckpt_path: Path) -> None:
+    """After a resume from the previous checkpoint because the latest is damaged: the damaged
+    file moves to ``checkpoint.damaged.pt`` (kept for a look), so that the next checkpoint
+    does not keep it as the previous one."""
+    if state is None or Path(state.get(LOADED_FROM, ckpt_path)) == ckpt_path:
+        return
+    if ckpt_path.exists():
+        ckpt_path.replace(ckpt_path.with_name(f"{ckpt_path.stem}.damaged{ckpt_path.suffix}"))
+
+
+def _fail(
+    run_dir: Path,
+    metrics: list[dict[str, Any]],
+    info: dict[str, Any],
+    epochs: int,
+    failure: str,
+    ctx: ddp.DistContext,
+) -> None:
+    """Records ``failure`` in summary.json (the checkpoint is left as it is) and raises."""
+    summary = summarize(metrics, info, epochs)
+    summary.update(finished=False, failed=failure)
+    if ctx.is_main:
+        _write_files(run_dir, lambda: write_json(run_dir / "summary.json", summary))
+    raise RunDiverged(f"{run_dir.name}: {failure}", summary)
+
+
+def _divergence(
+    metrics: list[dict[str, Any]], model: nn.Module, limit: float, epochs: int, lr: float
+) -> tuple[str, bool] | None:
+    """Why the run must stop and whether its state may still be checkpointed, or None; one
+    rule for every optimizer:
+
+    * the weights or the BatchNorm statistics are not finite (no checkpoint: the last good
+      one stays);
+    * a step applied an update from a non-finite loss, as a plain optimizer does (no
+      checkpoint either);
+    * more than ``limit`` of the steps so far were skipped as non-finite (the
+      sharpness-aware optimizers skip such steps and leave the weights finite, so the
+      state is checkpointed: a resume with a higher --max-skipped continues from it).
+    """
+    done = len(metrics)
+    hint = f"is optim.lr = {lr:g} too high? it is set with --lr"
+    bad, total = _nonfinite_values(model)
+    if bad:
+        return (
+            f"the run diverged and was stopped after epoch {done} of {epochs}: {bad:,} of the "
+            f"model's {total:,} weights and statistics are not finite ({hint})",
+            False,
+        )
+    applied = sum(m.get("nonfinite_steps") or 0 for m in metrics)
+    if applied:
+        return (
+            f"the run diverged and was stopped after epoch {done} of {epochs}: "
+            f"{_plural(applied, 'training step')} had a non-finite loss and updated the "
+            f"weights all the same ({hint})",
+            False,
+        )
+    skipped = _too_many_skipped(metrics, limit, epochs)
+    return None if skipped is None else (skipped, True)
+
+
+def _checkpoint_note(epoch: int | None, path: Path, checkpointing: bool) -> str:
+    """Where the run's last good checkpoint is, for a failure message."""
+    if not checkpointing:
+        return "; no checkpoint is written (--no-checkpoint)"
+    if epoch is None:
+        return "; no checkpoint was written (the first epoch already diverged)"
+    return f"; the last good checkpoint, of epoch {epoch}, is kept in {path}"
+
+
+def _nonfinite_values(model: nn.Module) -> tuple[int, int]:
+    """(non-finite values, all values) over the model's floating-point weights and buffers."""
+    bad = total = 0
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point() or tensor.is_complex():
+            bad += int((~torch.isfinite(tensor.detach())).sum())
+            total += tensor.numel()
+    return bad, total
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
 def _too_many_skipped(metrics: list[dict[str, Any]], limit: float, epochs: int) -> str | None:
@@ -415,5 +525,5 @@ def _epoch_line(record: dict[str, Any], epochs: int, label: str) -> str:
             else ""
         )
         + f"{'-' if ips is None else f'{ips:,.0f}'} img/s"
-        + (f"  ({skipped} of {record['steps']} steps skipped)" if skipped else "")
+        + (f"  ({skipped} of {_plural(record['steps'], 'step')} skipped)" if skipped else "")
     )

@@ -27,6 +27,7 @@ TIMING_FIELDS = (
     "images_per_s_median",
     "train_time_s",
     "timed_images",
+    "timed_steps",
     "eval_time_s",
     "epoch_time_s",
 )
@@ -40,6 +41,7 @@ METRIC_FIELDS = (
     "test_acc",
     "steps",
     "skipped_steps",
+    "nonfinite_steps",
     "selected_fraction",
     "kept_fraction",
     "mask_refreshes",
@@ -112,6 +114,12 @@ def summarize(metrics: list[dict[str, Any]], info: dict[str, Any], epochs: int) 
     """The run's results: final and best accuracy, overall images/s (timed steps only)."""
     last = metrics[-1] if metrics else {}
     timed = sum(m.get("timed_images") or 0 for m in metrics)
+    # records written before timed_steps existed: unknown (None), not 0
+    timed_steps = (
+        sum(m["timed_steps"] for m in metrics)
+        if metrics and all("timed_steps" in m for m in metrics)
+        else None
+    )
     seconds = sum(m.get("train_time_s") or 0.0 for m in metrics)
     medians = [m["images_per_s_median"] for m in metrics if m.get("images_per_s_median")]
     accs = [m["test_acc"] for m in metrics if m.get("test_acc") is not None]
@@ -126,11 +134,13 @@ def summarize(metrics: list[dict[str, Any]], info: dict[str, Any], epochs: int) 
         "final_train_loss": last.get("train_loss"),
         "final_train_acc": last.get("train_acc"),
         "images_per_s": timed / seconds if seconds > 0 else None,
+        "timed_steps": timed_steps,
         "images_per_s_median": float(np.median(medians)) if medians else None,
         "train_time_s": seconds,
         "wall_time_s": sum(m.get("epoch_time_s") or 0.0 for m in metrics),
         "steps": sum(m.get("steps") or 0 for m in metrics),
         "skipped_steps": sum(m.get("skipped_steps") or 0 for m in metrics),
+        "nonfinite_steps": sum(m.get("nonfinite_steps") or 0 for m in metrics),
         "sharpness_aware_fraction": _share(metrics, "sharpness_aware_steps"),
     }
 

@@ -25,7 +25,15 @@ CSV_FIELDS = (
     "speed_vs_sgd",
     "train_time_s",
     "final_train_loss",
+    "timed_steps",
+    "failed",
 )
+
+#: A run's speed from fewer timed steps than this is marked rough (†) in tables and plots.
+MIN_TIMED_STEPS = 20
+
+#: The footnote marker of a rough speed.
+ROUGH = "†"
 
 
 def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
@@ -45,10 +53,19 @@ def aggregate(entries: Sequence[tuple[str, str]], runs: Sequence[dict[str, Any]]
 
     Accuracy is the mean ± sample std over seeds; images/s is the median over seeds of each
     run's images/s (with their std), so the speed ratios are robust to one disturbed run.
+
+    A failed run (``failed`` in its summary: it diverged) is left out of every number and
+    counted in the row's ``failed`` (its run names and reasons in ``failed_runs``): a
+    diverged run's 10% accuracy is not a result. ``timed_steps`` is the fewest timed steps
+    of the row's runs (None when a run did not record it); a speed from fewer than
+    :data:`MIN_TIMED_STEPS` is rough.
     """
     rows: list[dict[str, Any]] = []
     for label, name in entries:
-        mine = [r for r in runs if r["label"] == label]
+        everyone = [r for r in runs if r["label"] == label]
+        mine = [r for r in everyone if not r.get("failed")]
+        failed = [r for r in everyone if r.get("failed")]
+        timed = [r.get("timed_steps") for r in mine]
         acc, acc_std = mean_std([r["final_test_acc"] for r in mine])
         best, _ = mean_std([r["best_test_acc"] for r in mine])
         rates = [r["images_per_s"] for r in mine if r["images_per_s"] is not None]
@@ -71,6 +88,9 @@ def aggregate(entries: Sequence[tuple[str, str]], runs: Sequence[dict[str, Any]]
                 "images_per_s_median": med,
                 "train_time_s": time_s,
                 "final_train_loss": loss,
+                "timed_steps": None if None in timed or not timed else min(timed),
+                "failed": len(failed),
+                "failed_runs": {r.get("name", label): r["failed"] for r in failed},
             }
         )
     for ref in ("sam", "sgd"):
@@ -97,22 +117,72 @@ def _rate(x: float | None) -> str:
     return "—" if x is None or not math.isfinite(x) else f"{x:,.0f}"
 
 
+def is_rough(row: dict[str, Any]) -> bool:
+    """The row's speed comes from fewer than :data:`MIN_TIMED_STEPS` timed steps per run."""
+    steps = row.get("timed_steps")
+    return row.get("images_per_s") is not None and steps is not None and steps < MIN_TIMED_STEPS
+
+
+def _ratio_is_rough(row: dict[str, Any], rows: Sequence[dict[str, Any]], ref: str) -> bool:
+    base = next((r for r in rows if r.get("optimizer") == ref and r.get("images_per_s")), None)
+    return is_rough(row) or (base is not None and is_rough(base))
+
+
+def _accuracy_cell(row: dict[str, Any]) -> str:
+    failed = row.get("failed") or 0
+    if not failed:
+        return _acc(row)
+    total = failed + (row.get("seeds") or 0)
+    if failed == total:
+        return f"**failed** ({'all ' if total > 1 else ''}{_runs(total)} diverged)"
+    return f"{_acc(row)} (**{failed} of {_runs(total)} failed**)"
+
+
+def _runs(n: int) -> str:
+    return f"{n} run{'s' if n != 1 else ''}"
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], title: str = "") -> str:
-    """The ESAM paper's Table 1 layout: accuracy, images/s, speed relative to SAM and SGD."""
+    """The ESAM paper's Table 1 layout: accuracy, images/s, speed relative to SAM and SGD.
+
+    Failed runs are marked in the accuracy column and listed under the table; a speed from
+    too few timed steps (and every ratio built on it) carries a † and a note."""
     lines = [f"### {title}", ""] if title else []
     lines += [
         "| Optimizer | Test accuracy (%) | Images/s | vs SAM | vs SGD | Train time (s) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        mark = {ref: ROUGH if _ratio_is_rough(r, rows, ref) else "" for ref in ("sam", "sgd")}
         vs_sam = "—" if r["speed_vs_sam"] is None else f"{_pct(r['speed_vs_sam'], 1)}%"
         vs_sgd = "—" if r["speed_vs_sgd"] is None else f"{_pct(r['speed_vs_sgd'], 1)}%"
+        vs_sam += mark["sam"] if r["speed_vs_sam"] is not None else ""
+        vs_sgd += mark["sgd"] if r["speed_vs_sgd"] is not None else ""
+        rate = _rate(r["images_per_s"]) + (ROUGH if is_rough(r) else "")
         train_time = "—" if r["train_time_s"] is None else f"{r['train_time_s']:.1f}"
         lines.append(
-            f"| {r['label']} | {_acc(r)} | {_rate(r['images_per_s'])} | {vs_sam} | {vs_sgd} "
-            f"| {train_time} |"
+            f"| {r['label']} | {_accuracy_cell(r)} | {rate} | {vs_sam} | {vs_sgd} | {train_time} |"
         )
-    return "\n".join(lines) + "\n"
+    notes = table_notes(rows)
+    return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
+
+
+def table_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The notes under a table: failed runs with their reasons, rough speeds."""
+    notes = []
+    for r in rows:
+        for run, why in (r.get("failed_runs") or {}).items():
+            notes.append(f"**Failed:** {run} (left out of the numbers): {why}")
+    rough = [r for r in rows if is_rough(r)]
+    if rough:
+        fewest = min(r["timed_steps"] for r in rough)
+        notes.append(
+            f"{ROUGH} Speed measured over only {fewest} timed step{'s' if fewest != 1 else ''} "
+            f"per run (fewer than {MIN_TIMED_STEPS}; each run's first steps are warm-up and "
+            "not timed): a rough figure, and so is every ratio built on it. Train longer "
+            "(--epochs) for a speed worth comparing."
+        )
+    return notes
 
 
 def csv_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -157,11 +227,25 @@ def accuracy_speed_figure(rows: Sequence[dict[str, Any]], title: str = "") -> An
     FigureCanvasAgg(fig)  # off-screen: no display, pyplot's state left alone
     ax = fig.add_subplot()
     points = []
+    notes = []
+    for r in rows:
+        failed = r.get("failed") or 0
+        if failed:
+            total = failed + (r.get("seeds") or 0)
+            shown = "not shown" if failed == total else "left out"
+            notes.append(f"{r['label']}: {failed} of {_runs(total)} failed (diverged; {shown})")
+    rough = [r for r in rows if is_rough(r)]
+    if rough:
+        fewest = min(r["timed_steps"] for r in rough)
+        notes.append(
+            f"{ROUGH} speed from only {fewest} timed step{'s' if fewest != 1 else ''} per run: rough"
+        )
     for i, r in enumerate(rows):
         if r["acc_mean"] is None or r["images_per_s"] is None:
             continue
         x, y = r["images_per_s"], 100 * r["acc_mean"]
         acc = _acc(r)
+        rate = _rate(x) + (ROUGH if is_rough(r) else "")
         ax.errorbar(
             x,
             y,
@@ -171,7 +255,7 @@ def accuracy_speed_figure(rows: Sequence[dict[str, Any]], title: str = "") -> An
             color=f"C{i % 10}",
             markersize=7,
             capsize=3,
-            label=f"{r['label']}: {acc} %, {_rate(x)} img/s",
+            label=f"{r['label']}: {acc} %, {rate} img/s",
         )
         points.append((r["label"], x, y, f"C{i % 10}"))
     from matplotlib.ticker import FuncFormatter
@@ -185,7 +269,11 @@ def accuracy_speed_figure(rows: Sequence[dict[str, Any]], title: str = "") -> An
     ax.margins(0.2)
     if points:
         ax.legend(fontsize=8, loc="best", framealpha=0.9)
-    fig.tight_layout()
+    if not points and notes:
+        ax.text(0.5, 0.5, "no run to show", ha="center", va="center", transform=ax.transAxes)
+    for k, note in enumerate(notes):
+        fig.text(0.01, 0.01 + 0.035 * (len(notes) - 1 - k), note, fontsize=7, color="C3")
+    fig.tight_layout(rect=(0, 0.035 * len(notes), 1, 1))
     _place_labels(fig, ax, points)
     return fig
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from typing import Any
@@ -52,6 +53,34 @@ def _integer(key: str, value: Any, low: int) -> None:
         _fail(key, value, f"must be an integer >= {low}")
 
 
+#: The largest seed: torch's generators take 64-bit seeds, and a worker adds its rank.
+MAX_SEED = 2**63 - 1
+
+
+def _seed(key: str, value: Any) -> None:
+    _integer(key, value, 0)
+    if value > MAX_SEED:
+        _fail(key, value, "must be at most 2**63 - 1")
+
+
+#: The longest file name most file systems allow (bytes, POSIX NAME_MAX).
+MAX_NAME_BYTES = 255
+
+
+def check_name(key: str, name: str) -> None:
+    """``name`` can be a directory name: not empty, no path separator or NUL, not . or ..,
+    at most :data:`MAX_NAME_BYTES` bytes."""
+    if not name or "/" in name or "\0" in name or name in (".", ".."):
+        _fail(key, name, "must be a plain directory name")
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if size > MAX_NAME_BYTES:
+        shown = name[:20] + "…" + name[-8:]
+        raise ConfigError(
+            f"invalid {key}: {shown!r} is {size} bytes long (a directory name may have at most "
+            f"{MAX_NAME_BYTES})"
+        )
+
+
 def validate_optim(o: OptimConfig, where: str = "optim") -> None:
     """Checks one optimizer section, including a dry build of the optimizer."""
     _choice(f"{where}.name", o.name, available_optimizers(), "optimizer")
@@ -63,6 +92,7 @@ def validate_optim(o: OptimConfig, where: str = "optim") -> None:
     _number(f"{where}.weight_decay", o.weight_decay, 0.0)
     if o.nesterov and o.momentum <= 0:
         _fail(f"{where}.nesterov", o.nesterov, "Nesterov momentum needs momentum > 0")
+    _base_options(o, where)
     for key, value in o.args.items():
         if key in _ARG_RANGES:
             why, ok = _ARG_RANGES[key]
@@ -77,6 +107,29 @@ def validate_optim(o: OptimConfig, where: str = "optim") -> None:
             if not ok(value):
                 _fail(f"{where}.args.{key}", value, why)
     _dry_build(o, where)
+
+
+def _base_options(o: OptimConfig, where: str) -> None:
+    """``momentum`` and ``nesterov`` are options of the SGD base: given to a base that does
+    not take them (Adam, AdamW), they would be recorded and ignored.
+
+    The config cannot tell an explicit ``momentum: 0.9`` from the default 0.9, so only a
+    value other than the default counts as given."""
+    takes = inspect.signature(BASES[o.base].__init__).parameters
+    default = OptimConfig()
+    given = {"momentum": o.momentum != default.momentum, "nesterov": bool(o.nesterov)}
+    for option, is_given in given.items():
+        if is_given and option not in takes:
+            users = ", ".join(n for n, cls in BASES.items() if option in _init_params(cls))
+            raise ConfigError(
+                f"invalid {where}.{option}: {getattr(o, option)!r} (the {o.base!r} base "
+                f"optimizer takes no {option}; it is an option of {users or 'none'}: drop "
+                f"--{option} or use --base sgd)"
+            )
+
+
+def _init_params(cls: type) -> Any:
+    return inspect.signature(cls.__init__).parameters
 
 
 def _dry_build(o: OptimConfig, where: str) -> None:
@@ -113,9 +166,9 @@ def validate(cfg: Config, *, compare: bool = False) -> None:
     from effsam.data import DATASETS
     from effsam.models import MODELS
 
-    _integer("seed", cfg.seed, 0)
-    if cfg.name is not None and (not cfg.name or "/" in cfg.name or cfg.name in (".", "..")):
-        _fail("name", cfg.name, "must be a plain directory name")
+    _seed("seed", cfg.seed)
+    if cfg.name is not None:
+        check_name("name", cfg.name)
     d = cfg.data
     _choice("data.dataset", d.dataset, DATASETS, "data set")
     _integer("data.batch_size", d.batch_size, 1)
@@ -124,7 +177,7 @@ def validate(cfg: Config, *, compare: bool = False) -> None:
     if d.train_subset is not None:
         _integer("data.train_subset", d.train_subset, 1)
     if d.subset_seed is not None:
-        _integer("data.subset_seed", d.subset_seed, 0)
+        _seed("data.subset_seed", d.subset_seed)
     if (
         isinstance(d.label_noise, bool)
         or not isinstance(d.label_noise, (int, float))
@@ -132,7 +185,7 @@ def validate(cfg: Config, *, compare: bool = False) -> None:
         or not 0 <= d.label_noise < 1
     ):
         _fail("data.label_noise", d.label_noise, "must be a number in [0, 1)")
-    _integer("data.label_noise_seed", d.label_noise_seed, 0)
+    _seed("data.label_noise_seed", d.label_noise_seed)
     if d.image_size is not None:
         _integer("data.image_size", d.image_size, 1)
     _choice("data.augment", d.augment, AUGMENT_CHOICES, "augmentation")
@@ -144,6 +197,7 @@ def validate(cfg: Config, *, compare: bool = False) -> None:
 
     _choice("model.name", cfg.model.name, MODELS, "model")
     _number("model.width", cfg.model.width, 0.0, strict=True)
+    check_model(cfg.model.name, cfg.model.width, cfg.model.kwargs)
 
     if compare:
         _validate_compare(cfg)
@@ -202,7 +256,9 @@ def _validate_compare(cfg: Config) -> None:
         )
     seeds = compare_seeds(cfg)
     for s in seeds:
-        _integer("compare.seeds", s, 0)
+        _seed("compare.seeds", s)
+    for label, _ in entries:
+        check_name(f"compare.optimizers[{label}].label", label)
     if len(set(seeds)) != len(seeds):
         _fail("compare.seeds", seeds, "must not repeat")
 
@@ -248,3 +304,44 @@ def compare_entries(cfg: Config) -> list[tuple[str, OptimConfig]]:
     if len(set(labels)) != len(labels):
         _fail("compare.optimizers", labels, "labels must be unique (add 'label:' to repeats)")
     return out
+
+
+#: Output channels of each convolution at width 1, per (model, options): models are built
+#: once per process for this check.
+_CONV_CHANNELS: dict[tuple[str, str], list[int]] = {}
+
+
+def check_model(name: str, width: float, kwargs: dict[str, Any]) -> None:
+    """The model's options (``model.kwargs``) are ones it takes, with valid values, and
+    ``model.width`` is not so small that convolutions would have under one channel: they
+    are kept at one, so the model is not the architecture at that width but a degenerate
+    one (``small_cnn`` at width 1e-9 has 53 weights and trains at chance).
+
+    The model is built at width 1 on the meta device (no memory, no initialisation), once
+    per process; without options and at widths of 0.5 and more there is nothing to check.
+    """
+    if not kwargs and width >= 0.5:
+        return
+    from effsam.models import create_model
+
+    key = (name, repr(sorted(kwargs.items())))
+    channels = _CONV_CHANNELS.get(key)
+    if channels is None:
+        try:
+            with torch.device("meta"):
+                full = create_model(name, width=1.0, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"invalid model.kwargs: {exc}") from None
+        channels = [m.out_channels for m in full.modules() if isinstance(m, torch.nn.Conv2d)]
+        _CONV_CHANNELS[key] = channels
+    if not channels or width >= 0.5:
+        return
+    narrowest = min(channels)
+    lost = sum(1 for c in channels if round(c * width) < 1)
+    if lost:
+        raise ConfigError(
+            f"invalid model.width: {width:g} (so small that {lost} of the {len(channels)} "
+            f"convolutions of {name} would have no channel left and are kept at one: the "
+            f"model is degenerate; its narrowest layer has {narrowest} channels at width 1, "
+            f"so use a width of at least 1/{narrowest} = {1 / narrowest:.4g})"
+        )
