@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from effsam.frontier import runs as frontier_runs
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -318,7 +320,7 @@ HEAD = {"commit": "c0ffee" * 6 + "abcd", "dirty": False, "text": "c0ffeec0ffee",
 
 def test_stamps_commit_unknown_and_launch_and_finish(tmp_path, monkeypatch):
     fr = _module()
-    monkeypatch.setattr(fr, "code_stamp", lambda: dict(HEAD))
+    monkeypatch.setattr(frontier_runs, "code_stamp", lambda: dict(HEAD))
     old = _write(tmp_path, "SGD", "sgd", 0, 0.5)
     new = tmp_path / "seed0" / "proto" / "runs" / "SAM_s0"
     fr.stamp_launch([old, new], "noisy", "protocol")  # a finished run is not stamped
