@@ -73,6 +73,18 @@ def check_closure(opt: Any, closure: Any) -> None:
     module = _lightning_module(closure)
     if module is not None:
         trainer = getattr(module, "_trainer", None) or getattr(module, "trainer", None)
+        inner = closure.args[2] if len(closure.args) > 2 else None
+        if getattr(inner, "__name__", "") == "do_nothing_closure":
+            # LightningOptimizer.step() with no closure: one pass already ran
+            raise RuntimeError(
+                f"effsam: {type(opt).__name__}.step() was called through Lightning without "
+                "a closure, after a single backward: a sharpness-aware step needs two "
+                "passes. Under manual optimisation use "
+                "effsam.integrations.lightning.manual_step(self, batch, loss_fn) in "
+                "training_step (or opt.step(closure=...) with a closure that runs the "
+                "forward and self.manual_backward, and SharpnessAwareCallback among the "
+                "Trainer's callbacks). Nothing was changed"
+            )
         if trainer is not None and not _has_sharpness_aware_callback(trainer):
             raise RuntimeError(
                 f"effsam: Lightning called {type(opt).__name__}.step(closure) without "
