@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,8 +147,10 @@ class Protocol:
         shared args."""
         import yaml
 
+        # relative to the file, so that the run folder can move (it is kept with results)
+        parent = os.path.relpath(Path(self.config).resolve(), path.parent.resolve())
         cfg = {
-            "extends": str(Path(self.config).resolve()),
+            "extends": parent,
             "compare": {"optimizers": [self.entry_of(n) for n in names]},
         }
         path.parent.mkdir(parents=True, exist_ok=True)
