@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from .policy import Policy, seeded_generator
+from ._random import SeededPolicy
+from .policy import Policy
 
 
 def _check_int(value: Any, name: str, low: int) -> int:
@@ -137,7 +138,7 @@ class Late(EveryStep):
 PROBABILITY_SCHEDULES = ("constant", "linear", "step")
 
 
-class Randomized(EveryStep):
+class Randomized(EveryStep, SeededPolicy):
     """RST / G-RST: step t is sharpness-aware with probability p(t) (a Bernoulli trial).
 
     p(t) with x = t / T and the schedule's bounds p_min ≤ p_max:
@@ -151,6 +152,7 @@ class Randomized(EveryStep):
     """
 
     name = "random"
+    stream = "rst"
 
     def __init__(
         self,
@@ -181,8 +183,7 @@ class Randomized(EveryStep):
         self.total_steps = (
             None if total_steps is None else _check_int(total_steps, "total_steps", 1)
         )
-        self.generator = seeded_generator(seed, "RST")
-        self.seed = seed
+        self._seed_stream(seed, "RST")
 
     @property
     def needs_total_steps(self) -> bool:  # type: ignore[override]
@@ -207,7 +208,7 @@ class Randomized(EveryStep):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.t = int(state["t"])
-        self.generator.set_state(state["generator"].to("cpu"))
+        self._load_generator(state["generator"], "RST")
 
     def extra_repr(self) -> str:
         return (

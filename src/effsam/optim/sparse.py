@@ -40,9 +40,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..batching import batch_size
+from ._random import SeededPolicy
 from ._ranking import common_dtype, largest_indices, round_half_up, select_mask
 from .fisher import FISHER_MODES, empirical_fisher
-from .masks import PerturbationMask, cpu_generator_state
+from .masks import PerturbationMask
 
 __all__ = [
     "DynamicMask",
@@ -493,7 +494,7 @@ class FisherMask(SparseMask):
 
 
 # ---------------------------------------------------------------------- SSAM-D
-class DynamicMask(SparseMask):
+class DynamicMask(SparseMask, SeededPolicy):
     r"""SSAM-D: a random sparse mask updated by drop-and-grow (dynamic sparse training).
 
     The initial mask keeps k = round((1 − s) · N) perturbable elements drawn uniformly
@@ -522,11 +523,13 @@ class DynamicMask(SparseMask):
         drop_rate: r_0 ∈ [0, 1] (authors: 0.5).
         grow: ``"random"`` (the paper) or ``"gradient"``.
         normalisation: ``"authors"`` (default) or ``"masked"``.
-        seed: seed of the generator for the initial mask and random regrowth (its state is
-            in ``state_dict``; equal seeds give equal masks on every worker).
+        seed: seed of the generator for the initial mask and random regrowth (its stream
+            ``"ssam-d"`` is derived from it; its state is in ``state_dict``; equal seeds give
+            equal masks on every worker).
     """
 
     name = "dynamic"
+    stream = "ssam-d"
     #: needs no data: the random initial mask is made at the first step
     ready = True
 
@@ -549,11 +552,7 @@ class DynamicMask(SparseMask):
             raise ValueError(f"Invalid SSAM drop_rate: {drop_rate!r} (must be in [0, 1])")
         self.drop_rate = float(drop_rate)
         self.grow = _check_choice(grow, "grow", GROW_MODES)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"Invalid SSAM seed: {seed!r} (must be an int)")
-        self.seed = seed
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(seed)
+        self._seed_stream(seed, "SSAM")
         #: step whose pass-1 gradient the scheduled drop/grow will use (None: none due)
         self._pending: int | None = None
         #: the mask computed by the last drop/grow, installed at the next step's draw
@@ -614,7 +613,7 @@ class DynamicMask(SparseMask):
 
     def _restore(self, snap: dict[str, Any]) -> None:
         super()._restore(snap)
-        self.generator.set_state(cpu_generator_state(snap["generator"], "SSAM-D"))
+        self._load_generator(snap["generator"], "SSAM-D")
         self._pending = snap["pending"]
         self._next = snap.get("next_masks")
         self.last_drop_count = snap["last_drop_count"]

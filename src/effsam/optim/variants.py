@@ -97,7 +97,8 @@ class ESAM(SharpnessAware):
         rho: ρ (paper: 0.05 ResNet-18, 0.1 WRN-28-10, 0.2 PyramidNet-110).
         beta: SWP keep probability in (0, 1].
         gamma: SDS selection ratio in (0, 1].
-        seed: seed of the SWP mask generator (equal on every data-parallel worker).
+        seed: seed of the SWP mask generator and of the random-subset control (each derives
+            its own stream from it; equal on every data-parallel worker).
         selection: ``"sharpness"`` (paper), ``"loss"`` (cheap mode) or ``"random"`` (the
             control: a uniformly random subset of the same size).
         sds_update: ``"paper"`` (the update is the selected samples' perturbed gradient) or
