@@ -16,14 +16,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-__all__ = ["SeededPolicy", "check_seed", "cpu_generator_state", "stream_seed"]
+from ._validate import check_seed
 
-
-def check_seed(seed: Any, who: str) -> int:
-    """``seed`` if it is an int (not a bool); otherwise a TypeError naming ``who``'s seed."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"Invalid {who} seed: {seed!r} (must be an int)")
-    return seed
+__all__ = ["SeededPolicy", "cpu_generator_state", "stream_seed"]
 
 
 def stream_seed(seed: int, stream: str) -> int:

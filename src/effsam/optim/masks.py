@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ._random import SeededPolicy
 from ._ranking import round_half_up
+from ._validate import check_fraction
 from .policy import Policy
 
 __all__ = ["PerturbationMask", "RandomTensorSubset", "kept_fraction", "round_half_up"]
@@ -110,11 +111,9 @@ class RandomTensorSubset(PerturbationMask, SeededPolicy):
     stream = "swp"
 
     def __init__(self, beta: float, seed: int = 0, scaling: str = "authors") -> None:
-        if not isinstance(beta, (int, float)) or not (0.0 < beta <= 1.0):
-            raise ValueError(f"Invalid SWP beta: {beta!r} (must be in (0, 1])")
+        self.beta = check_fraction(beta, "SWP beta")
         if scaling not in ("authors", "unit"):
             raise ValueError(f"Invalid SWP scaling: {scaling!r} (choose 'authors' or 'unit')")
-        self.beta = float(beta)
         self.scaling = scaling
         self._seed_stream(seed, "SWP")
         self._before_draw: Tensor | None = None

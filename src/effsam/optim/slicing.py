@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ._random import SeededPolicy
 from ._ranking import round_half_up
+from ._validate import check_fraction, check_non_negative
 from .ascent import global_norm
 from .policy import Policy
 
@@ -46,16 +47,8 @@ class AscentSlice(Policy, SeededPolicy):
     stream = "ascent-slice"
 
     def __init__(self, fraction: float = 1.0, noise: float = 0.0, seed: int = 0) -> None:
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
-            raise TypeError(f"Invalid ascent_fraction: {fraction!r} (must be a number)")
-        if not (0.0 < fraction <= 1.0):
-            raise ValueError(f"Invalid ascent_fraction: {fraction!r} (must be in (0, 1])")
-        if isinstance(noise, bool) or not isinstance(noise, (int, float)):
-            raise TypeError(f"Invalid ascent_noise: {noise!r} (must be a number)")
-        if not math.isfinite(noise) or noise < 0:
-            raise ValueError(f"Invalid ascent_noise: {noise!r} (must be finite and >= 0)")
-        self.fraction = float(fraction)
-        self.noise = float(noise)
+        self.fraction = check_fraction(fraction, "ascent_fraction", typed=True)
+        self.noise = check_non_negative(noise, "ascent_noise")
         self._seed_stream(seed, "ascent_seed")
 
     @property

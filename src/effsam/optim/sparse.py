@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from ..batching import batch_size
 from ._random import SeededPolicy
 from ._ranking import common_dtype, largest_indices, round_half_up, select_mask
+from ._validate import check_choice, check_fraction, check_int
 from .fisher import FISHER_MODES, empirical_fisher
 from .masks import PerturbationMask
 
@@ -87,28 +88,6 @@ def _like_param(mask: Tensor, p: Tensor) -> Tensor:
     return mask
 
 
-def _check_sparsity(sparsity: Any) -> float:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise TypeError(f"Invalid SSAM sparsity: {sparsity!r} (must be a number in [0, 1))")
-    if not (0.0 <= sparsity < 1.0):  # also rejects NaN
-        raise ValueError(f"Invalid SSAM sparsity: {sparsity!r} (must be in [0, 1))")
-    return float(sparsity)
-
-
-def _check_count(value: Any, what: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"Invalid SSAM {what}: {value!r} (must be an int >= {minimum})")
-    if value < minimum:
-        raise ValueError(f"Invalid SSAM {what}: {value!r} (must be an int >= {minimum})")
-    return value
-
-
-def _check_choice(value: Any, what: str, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"Invalid SSAM {what}: {value!r} (choose from {list(choices)})")
-    return value
-
-
 def _all_reduce_sum(flat: Tensor) -> None:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(flat)
@@ -143,9 +122,9 @@ class SparseMask(PerturbationMask):
     granularity = "element"
 
     def __init__(self, sparsity: float, update_interval: int, normalisation: str) -> None:
-        self.sparsity = _check_sparsity(sparsity)
-        self.update_interval = _check_count(update_interval, "update_interval")
-        self.normalisation = _check_choice(normalisation, "normalisation", NORMALISATIONS)
+        self.sparsity = check_fraction(sparsity, "SSAM sparsity", "[0, 1)", typed=True)
+        self.update_interval = check_int(update_interval, "SSAM update_interval", typed=True)
+        self.normalisation = check_choice(normalisation, "SSAM normalisation", NORMALISATIONS)
         self.normalise_masked = normalisation == "masked"
         self._masks: list[Tensor] | None = None
         self._pool: list[bool] = []
@@ -378,8 +357,8 @@ class FisherMask(SparseMask):
         chunk_size: int | None = 16,
         fisher_mode: str = "eval",
     ) -> None:
-        self.granularity = _check_choice(granularity, "granularity", GRANULARITIES)
-        self.fisher_mode = _check_choice(fisher_mode, "fisher_mode", FISHER_MODES)
+        self.granularity = check_choice(granularity, "SSAM granularity", GRANULARITIES)
+        self.fisher_mode = check_choice(fisher_mode, "SSAM fisher_mode", FISHER_MODES)
         if normalisation is None:
             normalisation = "masked" if granularity == "tensor" else "authors"
         if granularity == "tensor" and normalisation != "masked":
@@ -389,8 +368,10 @@ class FisherMask(SparseMask):
                 "'masked')"
             )
         super().__init__(sparsity, update_interval, normalisation)
-        self.num_samples = _check_count(num_samples, "num_samples")
-        self.chunk_size = None if chunk_size is None else _check_count(chunk_size, "chunk_size")
+        self.num_samples = check_int(num_samples, "SSAM num_samples", typed=True)
+        self.chunk_size = (
+            None if chunk_size is None else check_int(chunk_size, "SSAM chunk_size", typed=True)
+        )
         #: samples the last refresh used (per worker)
         self.last_num_samples = 0
         self._warned_unscored = False
@@ -545,13 +526,9 @@ class DynamicMask(SparseMask, SeededPolicy):
         seed: int = 0,
     ) -> None:
         super().__init__(sparsity, update_interval, normalisation)
-        self.total_steps = _check_count(total_steps, "total_steps")
-        if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)):
-            raise TypeError(f"Invalid SSAM drop_rate: {drop_rate!r} (must be a number in [0, 1])")
-        if not (0.0 <= drop_rate <= 1.0):
-            raise ValueError(f"Invalid SSAM drop_rate: {drop_rate!r} (must be in [0, 1])")
-        self.drop_rate = float(drop_rate)
-        self.grow = _check_choice(grow, "grow", GROW_MODES)
+        self.total_steps = check_int(total_steps, "SSAM total_steps", typed=True)
+        self.drop_rate = check_fraction(drop_rate, "SSAM drop_rate", "[0, 1]", typed=True)
+        self.grow = check_choice(grow, "SSAM grow", GROW_MODES)
         self._seed_stream(seed, "SSAM")
         #: step whose pass-1 gradient the scheduled drop/grow will use (None: none due)
         self._pending: int | None = None

@@ -16,6 +16,9 @@ from .sharpness_aware import SharpnessAware, refuse_nonfinite
 
 #: ESAM's selection modes: the paper's, the cheap one, and the random control
 ESAM_SELECTIONS = {**SELECTIONS, "random": RandomSubset}
+#: ESAM's defaults, the paper's (Du et al., 2022; ResNet-18 on CIFAR): the class's and
+#: the registry's
+ESAM_DEFAULTS = {"rho": 0.05, "beta": 0.6, "gamma": 0.5}
 SDS_UPDATES = ("paper", "mix")
 SDS_PASS2 = ("subset", "batch")
 SDS_BN = ("subset", "batch")
@@ -120,11 +123,11 @@ class ESAM(SharpnessAware):
     def __init__(
         self,
         params: Any = None,
-        rho: float = 0.05,
+        rho: float = ESAM_DEFAULTS["rho"],
         *,
         base: Any = None,
-        beta: float = 0.6,
-        gamma: float = 0.5,
+        beta: float = ESAM_DEFAULTS["beta"],
+        gamma: float = ESAM_DEFAULTS["gamma"],
         seed: int = 0,
         selection: str = "sharpness",
         swp_scaling: str = "authors",
