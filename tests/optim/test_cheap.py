@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import effsam
+from effsam.optim._random import stream_seed
 from effsam.optim.cheap import PartialSAM, StaleSAM, last_layer_params, norm_params
 
 RHO, LR, DELTA = 0.3, 0.1, 1e-12
@@ -75,7 +76,7 @@ def sgd(model):
 
 # ------------------------------------------------------------------ reduced-batch ascent
 def expected_slice(seed: int, b: int, k: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(stream_seed(seed, "ascent-slice"))
     return torch.randperm(b, generator=gen)[:k].sort().values
 
 
@@ -121,7 +122,7 @@ def test_slice_is_f_b_samples_and_the_update_is_the_formula(api):
 def test_slice_noise_is_the_written_out_draw():
     x, y = data()
     sigma = 0.5
-    gen = torch.Generator().manual_seed(3)
+    gen = torch.Generator().manual_seed(stream_seed(3, "ascent-slice"))
     idx = torch.randperm(8, generator=gen)[:4].sort().values  # f = 1/2
     ref = mlp()
     zs = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in ref.parameters()]
@@ -169,7 +170,7 @@ def test_slice_bn_statistics_are_pass_two_of_the_whole_batch():
 
 def test_slice_under_accumulation_slices_each_micro_batch():
     x, y = data(n=9)  # micro-batches of 4 and 5: slices of 2 and 3 (⌊2.5 + ½⌋)
-    gen = torch.Generator().manual_seed(5)
+    gen = torch.Generator().manual_seed(stream_seed(5, "ascent-slice"))
     i0 = torch.randperm(4, generator=gen)[:2].sort().values
     i1 = torch.randperm(5, generator=gen)[:3].sort().values + 4
     idx = torch.cat([i0, i1])

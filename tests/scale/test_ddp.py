@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import effsam
+from effsam.optim._random import stream_seed
 from scale import _workers
 from scale._common import (
     LR,
@@ -133,7 +134,7 @@ def test_reduced_batch_ascent_slices_each_ranks_batch(suite: Path) -> None:
     model = mlp(0)
     w = weights_of(model)
     opt = SGDMomentum()
-    gen = torch.Generator().manual_seed(11)
+    gen = torch.Generator().manual_seed(stream_seed(11, "ascent-slice"))
     for step in range(steps):
         idx = torch.randperm(BATCH, generator=gen)[: BATCH // 2].sort().values
         batches = [local_batch(step, r) for r in range(WORLD)]

@@ -47,6 +47,8 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
+from ._dtensor import is_dtensor
+
 #: Methods that change per-step state: they run outside any compiled region.
 EAGER_METHODS = (
     "first_step",
@@ -103,12 +105,6 @@ class _Enter:
 
 
 # ---------------------------------------------------------------------- sharded params
-def is_dtensor(t: Any) -> bool:
-    # A DTensor exists only once torch.distributed.tensor is imported: no import here.
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
-
-
 def _is_fsdp1(p: Any) -> bool:
     return type(p).__name__ == "FlatParameter" or bool(getattr(p, "_fsdp_flattened", False))
 

@@ -29,20 +29,6 @@ def common_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
     return dtype
 
 
-def smallest_indices(scores: Tensor, k: int) -> Tensor:
-    """Sorted indices of the ``k`` smallest entries of a 1-D tensor; ties go to the lower
-    index (the mirror of :func:`largest_indices`, without a negated copy of the scores)."""
-    n = scores.numel()
-    if k <= 0:
-        return torch.empty(0, dtype=torch.long, device=scores.device)
-    if k >= n:
-        return torch.arange(n, device=scores.device)
-    threshold = torch.kthvalue(scores, k).values  # the k-th smallest value
-    below = (scores < threshold).nonzero().flatten()
-    ties = (scores == threshold).nonzero().flatten()[: k - below.numel()]
-    return torch.cat([below, ties]).sort().values
-
-
 def largest_indices(scores: Tensor, k: int) -> Tensor:
     """Sorted indices of the ``k`` largest entries of a 1-D tensor; ties go to the lower
     index. O(n) (one selection, no full sort), deterministic on every device."""

@@ -25,12 +25,12 @@ agree).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from ._validate import check_non_negative
 from .policy import Policy
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -70,11 +70,7 @@ class AdaptiveAscent(L2Ascent):
     name = "adaptive"
 
     def __init__(self, eta: float = 0.0, only: Sequence[Tensor] | None = None) -> None:
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)):
-            raise TypeError(f"Invalid ASAM eta: {eta!r} (must be a finite number >= 0)")
-        if not math.isfinite(eta) or eta < 0.0:
-            raise ValueError(f"Invalid ASAM eta: {eta!r} (must be a finite number >= 0)")
-        self.eta = float(eta)
+        self.eta = check_non_negative(eta, "ASAM eta")
         self._only: set[int] | None = None if only is None else {id(p) for p in only}
 
     def scales_(self, params: Sequence[Tensor], out: Sequence[Tensor], foreach: bool) -> bool:

@@ -69,6 +69,7 @@ import torch
 from torch import Tensor, nn
 
 from ._contract import resolve_base
+from ._validate import check_seed
 from .sharpness_aware import SharpnessAware
 
 #: how σ moves over training
@@ -330,8 +331,7 @@ class FlatLoRA(SharpnessAware):
                 f"schedule): give total_steps (an int >= 1, got {total_steps!r}), or "
                 "sigma_schedule='constant'"
             )
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"Invalid Flat-LoRA seed: {seed!r} (an int)")
+        check_seed(seed, "Flat-LoRA")
         if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int):
             raise TypeError(f"Invalid chunk_elements: {chunk_elements!r} (an int >= 1)")
         if chunk_elements < 1:

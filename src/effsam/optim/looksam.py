@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from ._contract import resolve_base
+from ._validate import check_fraction, check_non_negative
 from .ascent import AdaptiveAscent, L2Ascent
 from .schedule import Interval
 from .sharpness_aware import SharpnessAware, refuse_nonfinite
@@ -94,20 +95,12 @@ class LookSAM(SharpnessAware):
                     f"LookSAM sets its own {key}: its reused direction needs the dense "
                     "gradients of the whole batch"
                 )
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
-            raise ValueError(f"Invalid LookSAM alpha: {alpha!r} (must be a number >= 0)")
-        if not math.isfinite(alpha):
-            raise ValueError(f"Invalid LookSAM alpha: {alpha!r} (must be finite)")
+        check_non_negative(alpha, "LookSAM alpha", typed=False)
         if alpha_mode not in ALPHA_MODES:
             raise ValueError(
                 f"Invalid LookSAM alpha_mode: {alpha_mode!r} (choose from {', '.join(ALPHA_MODES)})"
             )
-        if (
-            isinstance(ratio_ema, bool)
-            or not isinstance(ratio_ema, (int, float))
-            or not 0 <= ratio_ema < 1
-        ):
-            raise ValueError(f"Invalid LookSAM ratio_ema: {ratio_ema!r} (must be in [0, 1))")
+        check_fraction(ratio_ema, "LookSAM ratio_ema", "[0, 1)")
         refuse_nonfinite("LookSAM", eta=eta)
         ascent = AdaptiveAscent(eta) if adaptive else L2Ascent()
         super().__init__(base, rho, ascent=ascent, schedule=Interval(k, offset=0), **kwargs)

@@ -23,7 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._random import SeededPolicy
 from ._ranking import round_half_up
+from ._validate import check_fraction
 from .policy import Policy
 
 __all__ = ["PerturbationMask", "RandomTensorSubset", "kept_fraction", "round_half_up"]
@@ -84,7 +86,7 @@ class PerturbationMask(Policy):
         return False
 
 
-class RandomTensorSubset(PerturbationMask):
+class RandomTensorSubset(PerturbationMask, SeededPolicy):
     """ESAM's Stochastic Weight Perturbation (Du et al., ICLR 2022).
 
     Each step every parameter tensor n is kept with probability β, m_n ~ Bernoulli(β),
@@ -100,24 +102,20 @@ class RandomTensorSubset(PerturbationMask):
 
     Args:
         beta: keep probability in (0, 1]; β = 1 is SAM.
-        seed: seed of the mask generator.
+        seed: seed of the mask generator (its stream ``"swp"`` is derived from it, see
+            :mod:`effsam.optim._random`).
         scaling: ``"authors"`` (‖ε‖ = ρ/β) or ``"unit"`` (‖ε‖ = ρ).
     """
 
     name = "swp"
+    stream = "swp"
 
     def __init__(self, beta: float, seed: int = 0, scaling: str = "authors") -> None:
-        if not isinstance(beta, (int, float)) or not (0.0 < beta <= 1.0):
-            raise ValueError(f"Invalid SWP beta: {beta!r} (must be in (0, 1])")
+        self.beta = check_fraction(beta, "SWP beta")
         if scaling not in ("authors", "unit"):
             raise ValueError(f"Invalid SWP scaling: {scaling!r} (choose 'authors' or 'unit')")
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise TypeError(f"Invalid SWP seed: {seed!r} (must be an int)")
-        self.beta = float(beta)
         self.scaling = scaling
-        self.seed = seed
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(seed)
+        self._seed_stream(seed, "SWP")
         self._before_draw: Tensor | None = None
 
     def draw(self, params: Sequence[Tensor]) -> list[bool] | None:
@@ -150,24 +148,10 @@ class RandomTensorSubset(PerturbationMask):
         return {"generator": self.generator.get_state(), "beta": self.beta}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(cpu_generator_state(state["generator"], "SWP"))
+        self._load_generator(state["generator"], "SWP")
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, scaling={self.scaling!r}, seed={self.seed}"
-
-
-def cpu_generator_state(state: Any, who: str) -> Tensor:
-    """A CPU generator's state as ``Generator.set_state`` wants it: a CPU uint8 tensor.
-
-    Frameworks move a whole optimizer state dict to the training device before loading it
-    (accelerate's ``prepare`` does), which would otherwise make ``set_state`` fail.
-    """
-    if not isinstance(state, Tensor) or state.dtype != torch.uint8:
-        raise TypeError(
-            f"Invalid {who} generator state: expected a uint8 tensor, got "
-            f"{getattr(state, 'dtype', type(state).__name__)}"
-        )
-    return state.detach().to("cpu")
 
 
 def kept_fraction(

@@ -139,13 +139,3 @@ class SelectionPolicy(Protocol):
     def select(self, loss_before: Tensor | None, loss_after: Tensor | None) -> Tensor | None:
         """Sorted indices of the chosen samples (None: all)."""
         ...
-
-
-def seeded_generator(seed: Any, who: str) -> torch.Generator:
-    """A CPU generator seeded with ``seed`` (an int; the error names ``who``'s seed). Its
-    state goes into the owning policy's ``state_dict``."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"Invalid {who} seed: {seed!r} (must be an int)")
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(seed)
-    return generator

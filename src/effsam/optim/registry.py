@@ -23,7 +23,7 @@ from .looksam import LookSAM
 from .msam import MSAM
 from .schedule import SCHEDULES, EveryStep
 from .ssam import SSAM
-from .variants import ASAM, ESAM, SAM
+from .variants import ASAM, ESAM, ESAM_DEFAULTS, SAM
 
 BASES: dict[str, type[Optimizer]] = {
     "sgd": torch.optim.SGD,
@@ -288,7 +288,7 @@ register(
         "esam",
         "ESAM: SWP + SDS (Du et al., 2022)",
         ESAM,
-        defaults={"rho": 0.05, "beta": 0.6, "gamma": 0.5},
+        defaults=dict(ESAM_DEFAULTS),
         args=_ESAM_ARGS,
     )
 )
@@ -298,7 +298,7 @@ register(
         "ESAM ablation: SWP alone (gamma = 1)",
         ESAM,
         fixed={"gamma": 1.0},
-        defaults={"rho": 0.05, "beta": 0.6},
+        defaults={"rho": ESAM_DEFAULTS["rho"], "beta": ESAM_DEFAULTS["beta"]},
         args=(_ESAM_ARGS | SLICE_ARGS) - {"gamma", "selection"},
     )
 )
@@ -308,7 +308,7 @@ register(
         "ESAM ablation: SDS alone (beta = 1)",
         ESAM,
         fixed={"beta": 1.0},
-        defaults={"rho": 0.05, "gamma": 0.5},
+        defaults={"rho": ESAM_DEFAULTS["rho"], "gamma": ESAM_DEFAULTS["gamma"]},
         args=_ESAM_ARGS - {"beta", "seed", "swp_scaling"},
     )
 )
@@ -318,7 +318,7 @@ register(
         "ESAM with cheap selection by pass-1 loss (no extra forward)",
         ESAM,
         fixed={"selection": "loss"},
-        defaults={"rho": 0.05, "beta": 0.6, "gamma": 0.5},
+        defaults=dict(ESAM_DEFAULTS),
         args=_ESAM_ARGS - {"selection"},
     )
 )
@@ -384,7 +384,7 @@ register(
         "esam-late",
         "SGD, then ESAM for the last part of training; needs total_steps",
         ESAM,
-        defaults={"rho": 0.05, "beta": 0.6, "gamma": 0.5, **_LATE},
+        defaults={**ESAM_DEFAULTS, **_LATE},
         args=_ESAM_ARGS,
         example={"total_steps": 10},
         schedule=SCHEDULES["late"],
@@ -482,7 +482,7 @@ register(
         "clean gradient of the whole batch (every sample stays in the update)",
         ESAM,
         fixed={"sds_update": "mix"},
-        defaults={"rho": 0.05, "beta": 0.6, "gamma": 0.5},
+        defaults=dict(ESAM_DEFAULTS),
         args=_ESAM_ARGS - {"selection"},
     )
 )
@@ -493,7 +493,7 @@ register(
         "back-propagates only SDS's top-sharpness samples (BN statistics of every sample)",
         ESAM,
         fixed={"sds_pass2": "batch"},
-        defaults={"rho": 0.05, "beta": 0.6, "gamma": 0.5},
+        defaults=dict(ESAM_DEFAULTS),
         args=_ESAM_ARGS - {"sds_bn"},  # its pass 2 already has the whole batch's statistics
     )
 )
@@ -503,7 +503,7 @@ register(
         "ESAM control: SDS's subset drawn uniformly at random (same size, no extra forward)",
         ESAM,
         fixed={"selection": "random"},
-        defaults={"rho": 0.05, "beta": 0.6, "gamma": 0.5},
+        defaults=dict(ESAM_DEFAULTS),
         args=_ESAM_ARGS - {"selection"},
     )
 )
@@ -514,7 +514,7 @@ register(
         "batch's statistics from the selection forward (no extra pass)",
         ESAM,
         fixed={"sds_bn": "batch"},
-        defaults={"rho": 0.05, "beta": 0.6, "gamma": 0.5},
+        defaults=dict(ESAM_DEFAULTS),
         args=_ESAM_ARGS - {"sds_bn"},
     )
 )

@@ -31,21 +31,10 @@ from typing import Any
 
 import torch
 
-from .policy import Policy, seeded_generator
-
-
-def _check_int(value: Any, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"Invalid {name}: {value!r} (must be an int >= {low})")
-    return value
-
-
-def _check_unit(value: Any, name: str, *, open_low: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not (0.0 < value <= 1.0 if open_low else 0.0 <= value <= 1.0):
-        interval = "(0, 1]" if open_low else "[0, 1]"
-        raise ValueError(f"Invalid {name}: {value!r} (must be in {interval})")
-    return float(value)
+from ._random import SeededPolicy
+from ._ranking import round_half_up
+from ._validate import check_fraction, check_int
+from .policy import Policy
 
 
 class EveryStep(Policy):
@@ -90,7 +79,7 @@ class Interval(EveryStep):
 
     def __init__(self, every: int = 10, offset: int | None = None) -> None:
         super().__init__()
-        self.every = _check_int(every, "interval", 1)
+        self.every = check_int(every, "interval", 1)
         offset = self.every - 1 if offset is None else offset
         if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < every:
             raise ValueError(f"Invalid interval offset: {offset!r} (must be in [0, {every}))")
@@ -117,14 +106,14 @@ class Late(EveryStep):
 
     def __init__(self, start: float = 0.875, total_steps: int | None = None) -> None:
         super().__init__()
-        self.start = _check_unit(start, "late start")
+        self.start = check_fraction(start, "late start", "[0, 1]")
         if total_steps is None:
             raise ValueError(
                 "the late schedule needs total_steps (epochs x steps per epoch); the toolkit "
                 "passes it, a hand-built optimizer must give it"
             )
-        self.total_steps = _check_int(total_steps, "total_steps", 1)
-        self.switch = int(math.floor(self.start * self.total_steps + 0.5))
+        self.total_steps = check_int(total_steps, "total_steps", 1)
+        self.switch = round_half_up(self.start * self.total_steps)
 
     def decide(self) -> bool:
         return self.t >= self.switch
@@ -137,7 +126,7 @@ class Late(EveryStep):
 PROBABILITY_SCHEDULES = ("constant", "linear", "step")
 
 
-class Randomized(EveryStep):
+class Randomized(EveryStep, SeededPolicy):
     """RST / G-RST: step t is sharpness-aware with probability p(t) (a Bernoulli trial).
 
     p(t) with x = t / T and the schedule's bounds p_min ≤ p_max:
@@ -151,6 +140,7 @@ class Randomized(EveryStep):
     """
 
     name = "random"
+    stream = "rst"
 
     def __init__(
         self,
@@ -168,8 +158,8 @@ class Randomized(EveryStep):
                 f"Invalid RST probability_schedule: {schedule!r} (choose from "
                 f"{', '.join(PROBABILITY_SCHEDULES)})"
             )
-        self.p_max = _check_unit(probability, "RST probability")
-        self.p_min = _check_unit(min_probability, "RST min_probability")
+        self.p_max = check_fraction(probability, "RST probability", "[0, 1]")
+        self.p_min = check_fraction(min_probability, "RST min_probability", "[0, 1]")
         if self.p_min > self.p_max:
             raise ValueError(
                 f"Invalid RST probabilities: min_probability {min_probability!r} > "
@@ -178,11 +168,8 @@ class Randomized(EveryStep):
         self.schedule = schedule
         if schedule != "constant" and total_steps is None:
             raise ValueError(f"the {schedule!r} RST schedule needs total_steps")
-        self.total_steps = (
-            None if total_steps is None else _check_int(total_steps, "total_steps", 1)
-        )
-        self.generator = seeded_generator(seed, "RST")
-        self.seed = seed
+        self.total_steps = None if total_steps is None else check_int(total_steps, "total_steps", 1)
+        self._seed_stream(seed, "RST")
 
     @property
     def needs_total_steps(self) -> bool:  # type: ignore[override]
@@ -207,7 +194,7 @@ class Randomized(EveryStep):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.t = int(state["t"])
-        self.generator.set_state(state["generator"].to("cpu"))
+        self._load_generator(state["generator"], "RST")
 
     def extra_repr(self) -> str:
         return (
@@ -248,7 +235,7 @@ class AdaptiveSchedule(EveryStep):
         super().__init__()
         if total_steps is None:
             raise ValueError("the adaptive (AE-SAM) schedule needs total_steps")
-        self.total_steps = _check_int(total_steps, "total_steps", 1)
+        self.total_steps = check_int(total_steps, "total_steps", 1)
         if not (isinstance(delta, (int, float)) and 0.0 <= delta < 1.0):
             raise ValueError(f"Invalid AE-SAM delta: {delta!r} (must be in [0, 1))")
         for name, v in (("lambda1", lambda1), ("lambda2", lambda2)):

@@ -23,19 +23,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .policy import seeded_generator
+from ._random import SeededPolicy
 from .selection import TopSharpness
 
 
-class RandomSubset(TopSharpness):
+class RandomSubset(TopSharpness, SeededPolicy):
     """The SDS control: k = max(1, round(γ b)) samples uniformly at random per batch."""
 
     name = "random"
+    stream = "random-subset"
 
     def __init__(self, gamma: float, seed: int = 0) -> None:
         super().__init__(gamma)
-        self.generator = seeded_generator(seed, "random-selection")
-        self.seed = seed
+        self._seed_stream(seed, "random-selection")
 
     @property
     def needs_perturbed_loss(self) -> bool:  # type: ignore[override]
@@ -59,7 +59,7 @@ class RandomSubset(TopSharpness):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "generator" in state:
-            self.generator.set_state(state["generator"].to("cpu"))
+            self._load_generator(state["generator"], "random-selection")
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, seed={self.seed}"

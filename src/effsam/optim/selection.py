@@ -17,13 +17,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from ._ranking import largest_indices, ranking_dtype, round_half_up
+from ._validate import check_fraction
 from .policy import Policy
-
-
-def _check_gamma(gamma: float) -> float:
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (0.0 < gamma <= 1.0):
-        raise ValueError(f"Invalid SDS gamma: {gamma!r} (must be in (0, 1])")
-    return float(gamma)
 
 
 class AllSamples(Policy):
@@ -59,7 +54,7 @@ class _TopK(Policy):
     last_indices: Tensor | None = None
 
     def __init__(self, gamma: float) -> None:
-        self.gamma = _check_gamma(gamma)
+        self.gamma = check_fraction(gamma, "SDS gamma")
 
     @property
     def needs_perturbed_loss(self) -> bool:

@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 from ..batching import batch_size, batch_tensors, index_batch
 from ..bn import BNSnapshot, bn_finite, restore_bn, snapshot_bn, watching_bn
 from . import _contract
+from ._validate import check_non_negative
 from .ascent import L2Ascent, ascend_, global_norm, group_by_device_and_dtype
 from .masks import PerturbationMask, kept_fraction
 from .policy import AscentPolicy, MaskPolicy, SelectionPolicy
@@ -98,14 +99,6 @@ def refuse_nonfinite(who: str, **values: Any) -> None:
             raise ValueError(f"Invalid {who} {key}: {value!r} (must be finite)")
 
 
-def _check_rho(rho: Any, where: str = "rho") -> float:
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)):
-        raise TypeError(f"Invalid {where}: {rho!r} (must be a number)")
-    if not math.isfinite(rho) or rho < 0:
-        raise ValueError(f"Invalid {where}: {rho!r} (must be finite and >= 0)")
-    return float(rho)
-
-
 class SharpnessAware(Optimizer):
     r"""Makes any ``torch.optim`` optimizer sharpness-aware.
 
@@ -183,7 +176,7 @@ class SharpnessAware(Optimizer):
             )
         if isinstance(base, SharpnessAware):
             raise TypeError("base is already sharpness-aware; wrap the plain optimizer instead")
-        rho = _check_rho(rho)
+        rho = check_non_negative(rho, "rho")
         who = f"the {type(base).__name__} optimizer's"
         _nonfinite_hyperparameters(
             [(f"{who} defaults", base.defaults)]
@@ -289,7 +282,7 @@ class SharpnessAware(Optimizer):
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "rho" in param_group:
-            _check_rho(param_group["rho"], "rho of the param group")
+            check_non_negative(param_group["rho"], "rho of the param group")
         _nonfinite_hyperparameters([("the param group being added", param_group)])
         for key, value in self.defaults.items():
             param_group.setdefault(key, value)

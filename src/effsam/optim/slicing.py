@@ -27,13 +27,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._random import SeededPolicy
 from ._ranking import round_half_up
+from ._validate import check_fraction, check_non_negative
 from .ascent import global_norm
-from .masks import cpu_generator_state
-from .policy import Policy, seeded_generator
+from .policy import Policy
 
 
-class AscentSlice(Policy):
+class AscentSlice(Policy, SeededPolicy):
     """Which samples pass 1 runs on (all, or a random fraction f), and the ascent noise σ.
 
     Args:
@@ -43,20 +44,12 @@ class AscentSlice(Policy):
     """
 
     name = "ascent-slice"
+    stream = "ascent-slice"
 
     def __init__(self, fraction: float = 1.0, noise: float = 0.0, seed: int = 0) -> None:
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
-            raise TypeError(f"Invalid ascent_fraction: {fraction!r} (must be a number)")
-        if not (0.0 < fraction <= 1.0):
-            raise ValueError(f"Invalid ascent_fraction: {fraction!r} (must be in (0, 1])")
-        if isinstance(noise, bool) or not isinstance(noise, (int, float)):
-            raise TypeError(f"Invalid ascent_noise: {noise!r} (must be a number)")
-        if not math.isfinite(noise) or noise < 0:
-            raise ValueError(f"Invalid ascent_noise: {noise!r} (must be finite and >= 0)")
-        self.fraction = float(fraction)
-        self.noise = float(noise)
-        self.seed = seed
-        self.generator = seeded_generator(seed, "ascent_seed")
+        self.fraction = check_fraction(fraction, "ascent_fraction", typed=True)
+        self.noise = check_non_negative(noise, "ascent_noise")
+        self._seed_stream(seed, "ascent_seed")
 
     @property
     def slices(self) -> bool:
@@ -99,7 +92,7 @@ class AscentSlice(Policy):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "generator" in state:
-            self.generator.set_state(cpu_generator_state(state["generator"], "ascent slice"))
+            self._load_generator(state["generator"], "ascent slice")
 
     def extra_repr(self) -> str:
         return f"fraction={self.fraction}, noise={self.noise}, seed={self.seed}"

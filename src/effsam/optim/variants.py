@@ -16,6 +16,9 @@ from .sharpness_aware import SharpnessAware, refuse_nonfinite
 
 #: ESAM's selection modes: the paper's, the cheap one, and the random control
 ESAM_SELECTIONS = {**SELECTIONS, "random": RandomSubset}
+#: ESAM's defaults, the paper's (Du et al., 2022; ResNet-18 on CIFAR): the class's and
+#: the registry's
+ESAM_DEFAULTS = {"rho": 0.05, "beta": 0.6, "gamma": 0.5}
 SDS_UPDATES = ("paper", "mix")
 SDS_PASS2 = ("subset", "batch")
 SDS_BN = ("subset", "batch")
@@ -97,7 +100,8 @@ class ESAM(SharpnessAware):
         rho: ρ (paper: 0.05 ResNet-18, 0.1 WRN-28-10, 0.2 PyramidNet-110).
         beta: SWP keep probability in (0, 1].
         gamma: SDS selection ratio in (0, 1].
-        seed: seed of the SWP mask generator (equal on every data-parallel worker).
+        seed: seed of the SWP mask generator and of the random-subset control (each derives
+            its own stream from it; equal on every data-parallel worker).
         selection: ``"sharpness"`` (paper), ``"loss"`` (cheap mode) or ``"random"`` (the
             control: a uniformly random subset of the same size).
         sds_update: ``"paper"`` (the update is the selected samples' perturbed gradient) or
@@ -119,11 +123,11 @@ class ESAM(SharpnessAware):
     def __init__(
         self,
         params: Any = None,
-        rho: float = 0.05,
+        rho: float = ESAM_DEFAULTS["rho"],
         *,
         base: Any = None,
-        beta: float = 0.6,
-        gamma: float = 0.5,
+        beta: float = ESAM_DEFAULTS["beta"],
+        gamma: float = ESAM_DEFAULTS["gamma"],
         seed: int = 0,
         selection: str = "sharpness",
         swp_scaling: str = "authors",
