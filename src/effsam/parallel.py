@@ -1,10 +1,11 @@
-"""Data-parallel support for :func:`effsam.sharpness_aware_step`: finding the DDP module,
-the hand-made pass-1 all-reduce of ``sync_ascent``, and the check that every worker runs
-the same step."""
+"""Data-parallel support for :func:`effsam.sharpness_aware_step`: walking the DDP/compile
+wrapper chain, the hand-made pass-1 all-reduce of ``sync_ascent``, AE-SAM's statistic
+averaged over the workers, and the check that every worker runs the same step."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -16,22 +17,36 @@ from .optim.ascent import group_by_device_and_dtype
 from .optim.sharpness_aware import SharpnessAware
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP and/or ``torch.compile`` wrappers."""
+def wrapper_chain(model: nn.Module) -> Iterator[nn.Module]:
+    """``model``, then each module it wraps through DDP (``.module``) and ``torch.compile``
+    (``._orig_mod``), outermost first: the one walk of the wrapper chain."""
     while True:
+        yield model
         if isinstance(model, DistributedDataParallel):
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod
         else:
-            return model
+            return
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP and/or ``torch.compile`` wrappers."""
+    *_, inner = wrapper_chain(model)
+    return inner
 
 
 def find_ddp(model: nn.Module) -> DistributedDataParallel | None:
-    if isinstance(model, DistributedDataParallel):
-        return model
-    inner = getattr(model, "_orig_mod", None)
-    return inner if isinstance(inner, DistributedDataParallel) else None
+    """The DDP wrapper in ``model``'s wrapper chain (None: not data-parallel)."""
+    return next((m for m in wrapper_chain(model) if isinstance(m, DistributedDataParallel)), None)
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """``torch.compile(model)`` (a wrapper) or ``model.compile()`` (in place), DDP or not."""
+    return any(
+        getattr(m, "_compiled_call_impl", None) is not None or hasattr(m, "_orig_mod")
+        for m in wrapper_chain(model)
+    )
 
 
 def allreduce_mean(grads: list[Tensor]) -> None:
@@ -66,6 +81,22 @@ def sync_ascent_grads(optimizer: SharpnessAware) -> None:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
         allreduce_mean(grads)
+
+
+def mean_grad_sq_norm(
+    optimizer: SharpnessAware, ddp: Any, scaler: torch.amp.GradScaler | None
+) -> float:
+    """‖g‖² of pass 1 (unscaled) for a schedule that decides from it (AE-SAM): under data
+    parallel the mean over the workers of their local ‖g‖², so that all decide alike."""
+    sq = optimizer.grad_sq_norm()
+    if scaler is not None and scaler.is_enabled():
+        sq = sq / float(scaler.get_scale()) ** 2
+    if ddp is not None:
+        device = next((g.device for g in optimizer.trainable_grads()), torch.device("cpu"))
+        t = torch.tensor([sq], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        sq = float(t) / dist.get_world_size()
+    return sq
 
 
 def _digest(data: bytes) -> str:

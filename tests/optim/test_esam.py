@@ -104,7 +104,7 @@ def test_swp_kept_fraction_averages_beta():
     for _ in range(300):
         opt._draw()
         fractions.append(opt.last_kept.tensors)
-        opt._drawn = False
+        opt._end_step()  # the next draw is the next step's
     mean = sum(fractions) / len(fractions)
     # 6,000 Bernoulli(0.6) draws: standard error 0.0063
     assert abs(mean - 0.6) < 0.025

@@ -255,7 +255,7 @@ class StaleSAM(SAM):
         return any("stale_grad" in self.state.get(p, {}) for p in self.params)
 
     def begin_step(self) -> bool | None:
-        first = not self._begun
+        first = self._txn is None or not self._txn.begun
         decision = super().begin_step()
         if first:
             self._stale_now = (
@@ -269,7 +269,8 @@ class StaleSAM(SAM):
 
     @torch.no_grad()
     def _pre_pass1_perturb(self) -> None:
-        self._pre_pass1_done = True
+        txn = self._open_step()
+        txn.pre_pass1_done = True
         groups = []
         for group in self.param_groups:
             pairs = [
@@ -281,13 +282,13 @@ class StaleSAM(SAM):
                 groups.append((self._rho(group), pairs))
         bufs = [s for _, pairs in groups for _, s in pairs]
         denom = float(global_norm(bufs, self.foreach)) + self.eps_denominator
-        self._perturbed = []
+        txn.perturbed = []
         for rho, pairs in groups:
             for p, s in pairs:
                 backup = self._backup(p)
                 backup.copy_(p)
                 p.add_(s.to(p.dtype), alpha=rho / denom)
-                self._perturbed.append((p, backup))
+                txn.perturbed.append((p, backup))
 
     @torch.no_grad()
     def _on_update(self) -> None:
@@ -304,7 +305,7 @@ class StaleSAM(SAM):
                 self.state[p].pop("stale_grad", None)
             else:
                 self.state[p]["stale_grad"] = g
-        if self._decision:
+        if self._txn is not None and self._txn.decision:
             self.aware_count += 1
 
     def _end_step(self) -> None:

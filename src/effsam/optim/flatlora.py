@@ -401,7 +401,7 @@ class FlatLoRA(SharpnessAware):
 
     @torch.no_grad()
     def _pre_pass1_perturb(self) -> None:
-        self._pre_pass1_done = True
+        self._open_step().pre_pass1_done = True
         sigma = self._sigma()
         self.last_sigma = sigma
         if sigma == 0:
@@ -437,7 +437,7 @@ class FlatLoRA(SharpnessAware):
     def _single_pass_done(self) -> bool:
         moved = bool(self._patched)
         result = super()._single_pass_done()
-        self._single_pass_moved = moved
+        self._open_step().single_pass_moved = moved
         return result
 
     # ------------------------------------------------------------------ state

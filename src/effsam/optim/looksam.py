@@ -112,8 +112,6 @@ class LookSAM(SharpnessAware):
         self.last_ratio: float | None = None
         #: r̄, the average of r over the refreshes (None before the first)
         self.ratio_average: float | None = None
-        # (last_ratio, ratio_average) before this step changed them: abort_step restores
-        self._ratio_undo: tuple[float | None, float | None] | None = None
 
     def _gv(self, p: Tensor) -> Tensor | None:
         return self.state[p].get("looksam_gv")
@@ -163,8 +161,13 @@ class LookSAM(SharpnessAware):
         self._record_ratio(ratio)
 
     def _record_ratio(self, ratio: float) -> None:
-        if self._ratio_undo is None:
-            self._ratio_undo = (self.last_ratio, self.ratio_average)
+        # a failed step puts r and r̄ back as they were before it
+        before = (self.last_ratio, self.ratio_average)
+
+        def undo() -> None:
+            self.last_ratio, self.ratio_average = before
+
+        self._open_step().on_rollback(undo)
         self.last_ratio = ratio
         if self.ratio_average is None:
             self.ratio_average = ratio
@@ -188,16 +191,6 @@ class LookSAM(SharpnessAware):
         coef = float(weight * g_norm / v_norm)
         for g, v in pairs:
             g.add_(v, alpha=coef)
-
-    def abort_step(self) -> None:
-        """As :meth:`SharpnessAware.abort_step`, and r, r̄ as they were before the step."""
-        if self._ratio_undo is not None:
-            self.last_ratio, self.ratio_average = self._ratio_undo
-        super().abort_step()
-
-    def _end_step(self) -> None:
-        super()._end_step()
-        self._ratio_undo = None
 
     def _extra_state(self) -> dict[str, Any]:
         return {

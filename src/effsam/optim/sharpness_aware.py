@@ -17,8 +17,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..batching import batch_size, batch_tensors, index_batch
-from ..bn import BNSnapshot, bn_finite, restore_bn, snapshot_bn, watching_bn
+from ..bn import BNSnapshot, snapshot_bn, watching_bn
 from . import _contract
+from ._transaction import Snapshot, StepTransaction
 from ._validate import check_non_negative
 from .ascent import L2Ascent, ascend_, global_norm, group_by_device_and_dtype
 from .masks import PerturbationMask, kept_fraction
@@ -220,44 +221,27 @@ class SharpnessAware(Optimizer):
         self.skipped_steps = 0
         self.last_step_skipped = False
         self.last_kept: KeptFraction | None = None
-        # The step's state machine:
-        #   _drawn          the mask policy has drawn this step's pass-1 flags (_keep)
-        #   _keep           those flags, one per parameter (None: every tensor)
-        #   _ascended       first_step ran (second_step requires it)
-        #   _perturbed      (parameter, θ backup) pairs while θ + ε is loaded
-        #   _pass1_skipped  first_step refused a non-finite pass 1 (second_step skips)
-        self._keep: list[bool] | None = None
-        self._drawn = False
-        self._ascended = False
-        self._perturbed: list[tuple[Tensor, Tensor]] = []
-        self._pass1_skipped = False
-        # the mask policy's state before a refresh_mask of this step (abort_step undoes it)
-        self._refresh_undo: dict[str, Any] | None = None
-        # BN buffers as they were at the start of this step's pass 1 (see watch_bn): a
-        # skipped or failed step puts them back; a step whose statistics turned non-finite
-        # is skipped
-        self._bn_watch: list[BNSnapshot] = []
         #: steps that were sharpness-aware (the rest were plain base steps)
         self.sharpness_aware_steps = 0
         self.last_step_sharpness_aware: bool | None = None
-        # The schedule's part of the state machine:
-        #   _begun            begin_step asked the schedule (until the step ends)
-        #   _decision         its answer: True, False, or None (decided after pass 1)
-        #   _schedule_before  the schedule's state before this step (abort_step restores it)
-        #   _plain            hook handles while a plain step waits for second_step
-        self._begun = False
-        self._decision: bool | None = None
-        self._schedule_before: dict[str, Any] | None = None
-        self._selection_before: dict[str, Any] | None = None
-        self._plain: list[Any] | None = None
-        self._plain_backward = False
-        self._pre_pass1_done = False
-        self._single_pass_moved = False
-        # Reduced-batch ascent: inside first_pass (_in_pass1), whether ascent_batch sliced
-        # this step's pass 1 (_sliced), and the generator's state before the step.
-        self._in_pass1 = False
-        self._sliced = False
-        self._slice_before: Tensor | None = None
+        # The step in progress (None between steps): its state and its undo, see
+        # StepTransaction.
+        self._txn: StepTransaction | None = None
+
+    #: (a class default too: instances unpickled from before the transaction have none)
+    _txn: StepTransaction | None = None
+
+    def _open_step(self) -> StepTransaction:
+        """The step in progress, opened if none is (by begin_step, or by watch_bn or the
+        mask's draw coming first)."""
+        if self._txn is None:
+            self._txn = StepTransaction()
+        return self._txn
+
+    @property
+    def _ascended(self) -> bool:
+        """first_step ran in the step in progress (second_step is pending)."""
+        return self._txn is not None and self._txn.ascended
 
     def _check_sliceable(self) -> None:
         """A sliced pass 1 is only an ascent: refuse methods whose pass 1 is more."""
@@ -303,7 +287,7 @@ class SharpnessAware(Optimizer):
         """This step's pass-1 flags, one per parameter in :attr:`params` order: which
         tensors get a weight gradient in pass 1 (``None``: all). Set by :meth:`first_pass`
         (or :meth:`first_step`) and valid until :meth:`second_step`."""
-        return self._keep
+        return None if self._txn is None else self._txn.keep
 
     def _rho(self, group: dict[str, Any]) -> float:
         return group.get("rho", self.defaults["rho"])
@@ -332,13 +316,10 @@ class SharpnessAware(Optimizer):
         sharpness-aware. Returns True (sharpness-aware), False (a plain base step: one
         forward and backward, then :meth:`second_step`) or None (the schedule decides from
         pass 1's gradient, in :meth:`first_step` or :meth:`decide_after_pass1`)."""
-        if not self._begun:
-            self._schedule_before = _copy_state(self.schedule.state_dict())
-            self._selection_before = _copy_state(self.selection.state_dict())
-            self._slice_before = self.ascent_slice.generator.get_state()
-            self._decision = None if self.schedule.needs_grad_norm else self.schedule.decide()
-            self._begun = True
-        return self._decision
+        txn = self._open_step()
+        if not txn.begun:
+            txn.begin(self)
+        return txn.decision
 
     @torch.no_grad()
     def decide_after_pass1(self, grad_sq_norm: Tensor | float | None = None) -> bool:
@@ -350,12 +331,14 @@ class SharpnessAware(Optimizer):
             return decision
         if grad_sq_norm is None:
             grad_sq_norm = self.grad_sq_norm()
-        self._decision = bool(self.schedule.decide_after(float(grad_sq_norm)))
-        return self._decision
+        txn = self._open_step()
+        txn.decision = bool(self.schedule.decide_after(float(grad_sq_norm)))
+        return txn.decision
 
     # ------------------------------------------------------------------ pass 1
     def _draw(self) -> list[bool] | None:
-        if not self._drawn:
+        txn = self._open_step()
+        if not txn.drawn:
             if self.mask.needs_data and not self.mask.ready:
                 raise RuntimeError(
                     f"the {self.mask.name!r} mask has not been computed yet: call "
@@ -367,11 +350,11 @@ class SharpnessAware(Optimizer):
                 # A data-free refresh (SSAM-D) needs no model or batch: schedule it here,
                 # so the closure and two-phase APIs get it too.
                 self.refresh_mask(None, None, None)  # type: ignore[arg-type]
-            self._keep = self.mask.draw(params)
-            self._drawn = True
-            tensors, elements = kept_fraction(params, self._keep, self.mask.element_counts())
+            txn.keep = self.mask.draw(params)
+            txn.drawn = True
+            tensors, elements = kept_fraction(params, txn.keep, self.mask.element_counts())
             self.last_kept = KeptFraction(tensors, elements)
-        return self._keep
+        return txn.keep
 
     def watch_bn(self, model: nn.Module | BNSnapshot) -> None:
         """Keep this step's BatchNorm buffers of ``model`` as they are now (call it before
@@ -379,14 +362,8 @@ class SharpnessAware(Optimizer):
         (non-finite gradients, or non-finite running statistics, which skip the step too)
         or fails, they are put back exactly — running_mean, running_var and
         num_batches_tracked — as if the batch had never been seen. Until the step ends."""
-        self._bn_watch.append(model if isinstance(model, list) else snapshot_bn(model))
-
-    def _restore_bn(self) -> None:
-        for snapshot in reversed(self._bn_watch):  # the earliest snapshot wins
-            restore_bn(snapshot)
-
-    def _bn_finite(self) -> bool:
-        return all(bn_finite(snapshot) for snapshot in self._bn_watch)
+        snapshot = model if isinstance(model, list) else snapshot_bn(model)
+        self._open_step().bn_watch.append(snapshot)
 
     @contextlib.contextmanager
     def first_pass(self, model: nn.Module | None = None) -> Iterator[None]:
@@ -422,11 +399,12 @@ class SharpnessAware(Optimizer):
                 if not k and p.requires_grad:
                     p.requires_grad_(False)
                     switched.append(p)
-        self._in_pass1 = True
+        txn = self._open_step()
+        txn.in_pass1 = True
         try:
             yield
         finally:
-            self._in_pass1 = False
+            txn.in_pass1 = False
             for p in switched:
                 p.requires_grad_(True)
 
@@ -449,12 +427,13 @@ class SharpnessAware(Optimizer):
         With f < 1 a sharpness-aware step whose pass 1 did not come through here is
         refused in :meth:`first_step` (it would silently ascend on the whole batch).
         """
-        if not self._in_pass1 or not self.ascent_slice.slices:
+        txn = self._txn
+        if txn is None or not txn.in_pass1 or not self.ascent_slice.slices:
             return batch
-        if self._decision is not True or self.single_pass:
+        if txn.decision is not True or self.single_pass:
             return batch
         idx = self.ascent_slice.draw(batch_size(batch))
-        self._sliced = True
+        txn.sliced = True
         first = next(iter(batch_tensors(batch)), None)
         if first is not None and first.device.type != "cpu":
             idx = idx.to(first.device)
@@ -468,7 +447,10 @@ class SharpnessAware(Optimizer):
     def perturbed(self) -> bool:
         """True between :meth:`first_step` and :meth:`second_step` (θ + ε is loaded). A
         single-pass method's moved point (MSAM) is its pass 1, not a perturbed pass 2."""
-        return (bool(self._perturbed) and not self.single_pass) or self._pass1_skipped
+        txn = self._txn
+        if txn is None:
+            return False
+        return (bool(txn.perturbed) and not self.single_pass) or txn.pass1_skipped
 
     # ------------------------------------------------------------------ the steps
     @torch.no_grad()
@@ -485,7 +467,36 @@ class SharpnessAware(Optimizer):
 
         Raises RuntimeError, changing nothing, if no parameter has a gradient.
         """
-        if self._pass1_skipped or self._ascended:
+        self._check_pass1()
+        decision = self.begin_step()
+        txn = self._open_step()
+        if self.check_finite and txn.bn_watch and not txn.bn_finite():
+            return self._skip_pass1("BatchNorm running statistics after pass 1", None, zero_grad)
+        if self.single_pass:
+            txn.ascended = True
+            return self._single_pass_done() if decision else self._start_plain()
+        if decision is None:  # AE-SAM: from pass 1's norm, taken once
+            norm = self._pass1_norm()
+            value = float(norm)
+            if self.check_finite and not math.isfinite(value):
+                return self._skip_pass1("pass 1", norm, zero_grad)
+            decision = self.decide_after_pass1(value**2)
+        if not decision:
+            txn.ascended = True
+            return self._start_plain()
+        self._check_sliced(txn)
+        ps, gs, coefs = self._collect(self._draw())
+        txn.ascended = True
+        if not ps:
+            txn.pass1_skipped = False
+            txn.perturbed = []
+            return True  # nothing to perturb: pass 2 is a plain step
+        return self._ascend(txn, ps, gs, coefs, zero_grad)
+
+    def _check_pass1(self) -> None:
+        """first_step is due: not twice in a step, and only after a pass 1 that left a
+        gradient (else the step is undone and a RuntimeError raised)."""
+        if self._txn is not None and (self._txn.pass1_skipped or self._txn.ascended):
             raise RuntimeError("first_step called twice without second_step in between")
         if not any(p.grad is not None for p in self.params):
             self.abort_step()
@@ -494,22 +505,15 @@ class SharpnessAware(Optimizer):
                 "parameters): run pass 1's forward and backward on the model whose "
                 "parameters this optimizer holds first. Nothing was changed"
             )
-        decision = self.begin_step()
-        if self.check_finite and self._bn_watch and not self._bn_finite():
-            return self._skip_pass1("BatchNorm running statistics after pass 1", None, zero_grad)
-        if self.single_pass:
-            self._ascended = True
-            return self._single_pass_done() if decision else self._start_plain()
-        if decision is None:
-            gs = self.trainable_grads()
-            norm = global_norm(gs, self.foreach) if gs else torch.zeros(())
-            if self.check_finite and not bool(torch.isfinite(norm)):
-                return self._skip_pass1("pass 1", norm, zero_grad)
-            decision = self.decide_after_pass1()
-        if not decision:
-            self._ascended = True
-            return self._start_plain()
-        if self.ascent_slice.slices and not self._sliced:
+
+    def _pass1_norm(self) -> Tensor:
+        """‖g‖ of pass 1: one global norm over the current gradients (0 without any)."""
+        gs = self.trainable_grads()
+        return global_norm(gs, self.foreach) if gs else torch.zeros(())
+
+    def _check_sliced(self, txn: StepTransaction) -> None:
+        """A reduced-batch ascent must have run pass 1 on ``ascent_batch``'s slice."""
+        if self.ascent_slice.slices and not txn.sliced:
             self.abort_step()
             raise RuntimeError(
                 f"ascent_fraction={self.ascent_slice.fraction}: pass 1 must run on "
@@ -517,7 +521,10 @@ class SharpnessAware(Optimizer):
                 "the closure); it did not, so the ascent would have used the whole batch. "
                 "Nothing was changed (effsam.sharpness_aware_step slices by itself)"
             )
-        keep = self._draw()
+
+    def _collect(self, keep: list[bool] | None) -> tuple[list[Tensor], list[Tensor], list[float]]:
+        """The tensors to perturb (kept by the mask, with a gradient), their pass-1
+        gradients and their coefficients ρ · scale (ρ of their param group)."""
         params = self.params
         self.mask.prepare(params)
         ps: list[Tensor] = []
@@ -537,11 +544,18 @@ class SharpnessAware(Optimizer):
                 ps.append(p)
                 gs.append(p.grad)
                 coefs.append(rho * scale)
-        self._ascended = True
-        if not ps:
-            self._pass1_skipped = False
-            self._perturbed = []
-            return True  # nothing to perturb: pass 2 is a plain step
+        return ps, gs, coefs
+
+    def _ascend(
+        self,
+        txn: StepTransaction,
+        ps: list[Tensor],
+        gs: list[Tensor],
+        coefs: list[float],
+        zero_grad: bool,
+    ) -> bool:
+        """θ ← θ + ε by the kernel (which takes its own norm: of T·g, masked), θ kept in
+        the backups; a non-finite norm skips the step."""
         self._on_ascent(ps, gs)
         masks = self.mask.element_masks(ps)
         if masks is not None and all(m is None for m in masks):
@@ -569,7 +583,7 @@ class SharpnessAware(Optimizer):
         )
         if not done:
             return self._skip_pass1("pass 1", norm, zero_grad)
-        self._perturbed = list(zip(ps, backups))
+        txn.perturbed = list(zip(ps, backups))
         if zero_grad:
             self.zero_grad(set_to_none=True)
         return True
@@ -578,9 +592,10 @@ class SharpnessAware(Optimizer):
         """Pass 1 was not finite: nothing is perturbed (a single-pass method's moved θ is
         put back), BN buffers are put back, and :meth:`second_step` will not step."""
         self.restore()
-        self._ascended = True
-        self._pass1_skipped = True
-        self._restore_bn()
+        txn = self._open_step()
+        txn.ascended = True
+        txn.pass1_skipped = True
+        txn.restore_bn()
         self._skip(where, norm)
         if zero_grad:
             self.zero_grad(set_to_none=True)
@@ -592,27 +607,29 @@ class SharpnessAware(Optimizer):
         should not have run) is detected by a post-accumulate-grad hook; edits such as
         clipping are allowed."""
         self._plain_update()
-        self._plain_backward = False
+        txn = self._open_step()
+        txn.plain_backward = False
 
         def hook(_: Tensor) -> None:
-            self._plain_backward = True
+            txn.plain_backward = True
 
-        self._plain = [
+        txn.plain_hooks = [
             p.register_post_accumulate_grad_hook(hook) for p in self.params if p.requires_grad
         ]
         return False
 
     def _single_pass_done(self) -> bool:
-        if not self._pre_pass1_done:
-            self._ascended = False
+        txn = self._open_step()
+        if not txn.pre_pass1_done:
+            txn.ascended = False
             raise RuntimeError(
                 f"{type(self).__name__} moves the weights before pass 1: run pass 1 inside "
                 "`with opt.first_pass():` (or use opt.step(closure) or "
                 "effsam.sharpness_aware_step)"
             )
-        self._single_pass_moved = bool(self._perturbed)
+        txn.single_pass_moved = bool(txn.perturbed)
         self.restore()
-        self._pre_pass1_done = False
+        txn.pre_pass1_done = False
         return self._start_plain()
 
     # Hooks for methods that reuse gradients across steps (LookSAM, ESAM-mix).
@@ -642,29 +659,33 @@ class SharpnessAware(Optimizer):
     @torch.no_grad()
     def restore(self) -> None:
         """Load back the exact pre-ascent weights (a copy, never θ + ε − ε)."""
-        if self._perturbed:
-            ps = [p for p, _ in self._perturbed]
-            backups = [b for _, b in self._perturbed]
+        txn = self._txn
+        if txn is None:
+            return
+        if txn.perturbed:
+            ps = [p for p, _ in txn.perturbed]
+            backups = [b for _, b in txn.perturbed]
             for idx in group_by_device_and_dtype(ps):
                 if self.foreach:
                     torch._foreach_copy_([ps[i] for i in idx], [backups[i] for i in idx])
                 else:
                     for i in idx:
                         ps[i].copy_(backups[i])
-        self._perturbed = []
+        txn.perturbed = []
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> bool:
         """Restore θ and step the base optimizer with the current (pass-2) gradients — or,
         after a plain scheduled step, with pass 1's. Returns False if the step was skipped
         (non-finite gradients in either pass)."""
-        if not self._ascended:
+        txn = self._txn
+        if txn is None or not txn.ascended:
             raise RuntimeError(
                 "second_step called without first_step: call first_step() after pass 1's "
                 "backward (or use opt.step(closure) / effsam.sharpness_aware_step)"
             )
-        plain = self._plain is not None
-        if plain and self._plain_backward:
+        plain = txn.plain_hooks is not None
+        if plain and txn.plain_backward:
             self.abort_step()
             raise RuntimeError(
                 "a backward ran after a plain scheduled step: first_step() returned False, "
@@ -672,20 +693,20 @@ class SharpnessAware(Optimizer):
                 "return value: `if opt.first_step(): <pass 2>`); nothing was stepped"
             )
         self.restore()
-        skipped = self._pass1_skipped
+        skipped = txn.pass1_skipped
         if not skipped and self.check_finite:
-            gs = [p.grad for p in self.params if p.grad is not None]
+            gs = self.trainable_grads()
             if gs:
                 norm = global_norm(gs, self.foreach)
                 if not bool(torch.isfinite(norm)):
                     self._skip("pass 2", norm)
                     skipped = True
-            if not skipped and self._bn_watch and not self._bn_finite():
+            if not skipped and txn.bn_watch and not txn.bn_finite():
                 # (a reduced-batch ascent's statistics come from pass 2)
                 self._skip("BatchNorm running statistics", None)
                 skipped = True
         if skipped:
-            self._restore_bn()
+            txn.restore_bn()
         if not skipped:
             if not plain:
                 self._before_descent()
@@ -694,7 +715,7 @@ class SharpnessAware(Optimizer):
             self._after_update()
             self.steps += 1
         self.last_step_skipped = skipped
-        aware = not plain or self._single_pass_moved
+        aware = not plain or txn.single_pass_moved
         self.last_step_sharpness_aware = aware
         self.sharpness_aware_steps += int(aware)
         self.schedule.commit()
@@ -706,41 +727,17 @@ class SharpnessAware(Optimizer):
         return not skipped
 
     def _end_step(self) -> None:
-        for handle in self._plain or []:
-            handle.remove()
-        self._plain = None
-        self._plain_backward = False
-        self._pass1_skipped = False
-        self._drawn = False
-        self._keep = None
-        self._ascended = False
-        self._refresh_undo = None
-        self._begun = False
-        self._decision = None
-        self._pre_pass1_done = False
-        self._single_pass_moved = False
-        self._sliced = False
-        self._slice_before = None
-        self._bn_watch = []
+        """The step is over: drop its transaction."""
+        if self._txn is not None:
+            self._txn.end()
+        self._txn = None
 
     def abort_step(self) -> None:
         """Undo a step that failed part-way: weights restored, mask draw, mask refresh and
         schedule rolled back, watched BN buffers put back, gradients cleared. The base
         optimizer has not been stepped."""
-        self.restore()
-        self._restore_bn()
-        if self._drawn:
-            self.mask.rollback_draw()
-        if self._refresh_undo is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self.mask.load_state_dict(self._refresh_undo)
-        if self._begun and self._schedule_before is not None:
-            self.schedule.load_state_dict(self._schedule_before)
-        if self._begun and self._selection_before:
-            self.selection.load_state_dict(self._selection_before)  # a random subset's draw
-        if self._begun and self._slice_before is not None:
-            self.ascent_slice.generator.set_state(self._slice_before)
+        if self._txn is not None:
+            self._txn.rollback(self)
         self._end_step()
         self.zero_grad(set_to_none=True)
 
@@ -811,13 +808,14 @@ class SharpnessAware(Optimizer):
         data-free refreshes do) it is part of the step: :meth:`abort_step` undoes it too.
         Called between steps (by hand, before ``opt.step(closure)``), it is an operation of
         its own: a later step that fails rolls back to the state after it."""
-        if not self._begun and not self._ascended:
+        txn = self._txn
+        if txn is None or not (txn.begun or txn.ascended):
             # Outside a step (a manual refresh before it): a finished operation of its own,
             # which a later failed step must not undo.
             return self.mask.refresh(model, self.params, batch, loss_fn, self.steps)
-        undo = self.mask.state_dict() if self._refresh_undo is None else self._refresh_undo
+        undo = self.mask.state_dict() if txn.refresh_undo is None else txn.refresh_undo
         changed = self.mask.refresh(model, self.params, batch, loss_fn, self.steps)
-        self._refresh_undo = undo
+        txn.refresh_undo = undo
         return changed
 
     # ------------------------------------------------------------------ state
@@ -907,14 +905,7 @@ class SharpnessAware(Optimizer):
                     f"state_dict['effsam'][{key!r}] is damaged: expected a dict, got "
                     f"{type(ours[key]).__name__} {ours[key]!r:.60}. Nothing was loaded."
                 )
-        old_state, old_groups = self.base.state, self.base.param_groups
-        old_counters = (self.steps, self.skipped_steps)
-        old_mask = self.mask.state_dict()
-        old_selection = self.selection.state_dict()
-        old_schedule = _copy_state(self.schedule.state_dict())
-        old_extra = self._extra_state()
-        old_aware = self.sharpness_aware_steps
-        old_slice = self.ascent_slice.generator.get_state()
+        before = Snapshot(self, whole=True)
         try:
             self.base.load_state_dict(state_dict)
             self.param_groups = self.base.param_groups
@@ -930,17 +921,7 @@ class SharpnessAware(Optimizer):
             _load_part("ascent_slice", self.ascent_slice.load_state_dict, slice_state)
             _load_part("the method's own entries", self._load_extra_state, ours)
         except Exception:
-            self.base.state, self.base.param_groups = old_state, old_groups
-            self.param_groups = old_groups
-            self.steps, self.skipped_steps = old_counters
-            self.sharpness_aware_steps = old_aware
-            self.schedule.load_state_dict(old_schedule)
-            self.ascent_slice.generator.set_state(old_slice)
-            self._load_extra_state(old_extra)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self.mask.load_state_dict(old_mask)
-            self.selection.load_state_dict(old_selection)
+            before.rollback(self)
             raise
 
     def _check_slice_state(self, saved: Any) -> None:
@@ -1004,11 +985,6 @@ def _load_part(key: str, load: Callable[[Any], None], state: Any) -> None:
             f"state_dict['effsam'][{key!r}] is damaged ({type(err).__name__}: {err}). Nothing "
             "was loaded."
         ) from err
-
-
-def _copy_state(state: dict[str, Any]) -> dict[str, Any]:
-    """A snapshot of a policy's state dict (tensors cloned)."""
-    return {k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()}
 
 
 # torch.optim contract (hooks, step() without closure, pickling, defaults, compile, FSDP):

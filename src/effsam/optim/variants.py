@@ -171,22 +171,18 @@ class ESAM(SharpnessAware):
         self.pass2_whole_batch = sds_pass2 == "batch"
         #: pass 2 normalised with the whole batch's BN statistics (the BN repair)
         self.sds_bn_batch = sds_bn == "batch"
-        self._clean: list[Tensor | None] | None = None
 
     def _on_ascent(self, params: list[Tensor], grads: list[Tensor]) -> None:
         # pass 2's select() records k / b: no selection this step (ρ = 0) leaves it None
         self.selection.last_fraction = None
         if self.sds_update == "mix" and self.selection.needs_per_sample:
             kept = {id(p): g.detach().clone() for p, g in zip(params, grads)}
-            self._clean = [kept.get(id(p)) for p in self.params]
+            self._open_step().clean = [kept.get(id(p)) for p in self.params]
 
     def _before_descent(self) -> None:
-        if self._clean is not None:
+        txn = self._txn
+        if txn is not None and txn.clean is not None:
             fraction = self.selection.last_fraction
             if fraction is not None:
-                mix_gradients(self.params, self._clean, fraction)
-            self._clean = None
-
-    def _end_step(self) -> None:
-        super()._end_step()
-        self._clean = None
+                mix_gradients(self.params, txn.clean, fraction)
+            txn.clean = None
