@@ -146,9 +146,9 @@ def step_settings(optimizer: Any, sync_ascent: bool, accumulation_steps: int) ->
         s["ascent"] = f"{optimizer.ascent.name}({optimizer.ascent.extra_repr()})"
         s["mask"] = f"{optimizer.mask.name}({optimizer.mask.extra_repr()})"
         s["selection"] = f"{optimizer.selection.name}({optimizer.selection.extra_repr()})"
-        s["pass 2 on the whole batch"] = repr(optimizer.pass2_whole_batch)
-        s["sds_update"] = repr(getattr(optimizer, "sds_update", None))
-        s["sds_bn"] = repr(getattr(optimizer, "sds_bn_batch", False))
+        s["pass 2 on the whole batch"] = repr(optimizer.selection.pass2_whole_batch)
+        s["update"] = f"{optimizer.update.name}({optimizer.update.extra_repr()})"
+        s["sds_bn"] = repr(optimizer.selection.pass2_bn_whole_batch)
         s["ascent slice"] = optimizer.ascent_slice.extra_repr()
         s["ascent slice generator state"] = _digest(
             optimizer.ascent_slice.generator.get_state().numpy().tobytes()

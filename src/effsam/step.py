@@ -538,7 +538,7 @@ class _Step:
         try:
             for i, mb in enumerate(self.micro):
                 sub = mb
-                if sds and opt.pass2_whole_batch:
+                if sds and opt.selection.pass2_whole_batch:
                     selected += self._pass2_whole_batch(i, mb)
                     continue
                 stats = self.bn_stats_1[i] if sds and self._bn_repair() else None
@@ -576,14 +576,10 @@ class _Step:
                 selected += batch_size(sub)
         finally:
             restore_bn(bn_after_pass1)
-        if sds and selected < self.b_run:
-            # the share selected over the whole batch (ESAM-mix's weight), not the last
-            # micro-batch's
-            opt.selection.last_fraction = selected / self.b_run
         return selected
 
     def _bn_repair(self) -> bool:
-        return bool(getattr(self.optimizer, "sds_bn_batch", False))
+        return self.optimizer.selection.pass2_bn_whole_batch
 
     def _pass2_after_slice(self) -> int:
         """Pass 2 after a reduced-batch ascent: the whole batch at θ + ε, which also
@@ -645,7 +641,7 @@ class _Step:
 
 def _preselects(optimizer: SharpnessAware) -> bool:
     sel = optimizer.selection
-    return bool(getattr(sel, "before_pass1", False)) and sel.needs_per_sample
+    return sel.before_pass1 and sel.needs_per_sample
 
 
 def _preselect(

@@ -589,4 +589,4 @@ def test_esam_mix_weight_is_the_share_selected_over_the_whole_batch():
     # micro-batches of 5, 4, 4 (13 samples): k = 3, 2, 2 -> 7 of 13
     x, y = tiny_data(seed=9, n=13)
     effsam.sharpness_aware_step(model, opt, (x, y), per_sample_ce, accumulation_steps=3)
-    assert opt.selection.last_fraction == 7 / 13
+    assert opt.last_selected_fraction == 7 / 13

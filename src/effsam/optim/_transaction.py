@@ -45,14 +45,14 @@ class Snapshot:
             self.base = (opt.base.state, opt.base.param_groups)
             self.counters = (opt.steps, opt.skipped_steps, opt.sharpness_aware_steps)
             self.mask = copy_state(opt.mask.state_dict())
-            self.extra = opt._extra_state()
+            self.update = opt.update.state_dict(opt.state, opt.params)
 
     def rollback(self, opt: Any) -> None:
         if self.whole:
             opt.base.state, opt.base.param_groups = self.base
             opt.param_groups = opt.base.param_groups
             opt.steps, opt.skipped_steps, opt.sharpness_aware_steps = self.counters
-            opt._load_extra_state(self.extra)
+            opt.update.load_state_dict(self.update, opt.state, opt.params)
             load_quietly(opt.mask, self.mask)
         opt.schedule.load_state_dict(self.schedule)
         if self.selection:
@@ -80,7 +80,10 @@ class StepTransaction:
         plain_hooks: hook handles while a plain step waits for ``second_step``.
         plain_backward: a backward ran during that wait (a pass 2 that must not run).
         bn_watch: BatchNorm buffers as they were at the start of pass 1.
-        clean: pass 1's gradients kept for a blend with the final one (ESAM-mix).
+        pending: what the update policy keeps for this step only (ESAM-mix's pass-1
+            gradients, StaleSAM's update until the base step succeeds).
+        selected / offered: samples pass 2 used, of those the selection was offered,
+            summed over the step's micro-batches (0 / 0: no selection this step).
         refresh_undo: the mask's state before this step's first mask refresh.
     """
 
@@ -100,7 +103,9 @@ class StepTransaction:
         self.plain_hooks: list[Any] | None = None
         self.plain_backward = False
         self.bn_watch: list[BNSnapshot] = []
-        self.clean: list[Tensor | None] | None = None
+        self.pending: dict[str, Any] = {}
+        self.selected = 0
+        self.offered = 0
         self.refresh_undo: dict[str, Any] | None = None
         self._undo: list[Callable[[], None]] = []
 
@@ -109,6 +114,16 @@ class StepTransaction:
         self.before = Snapshot(opt, whole=False)
         self.decision = None if opt.schedule.needs_grad_norm else opt.schedule.decide()
         self.begun = True
+
+    def record_selection(self, selected: int, offered: int) -> None:
+        """One ``select`` call of this step: ``selected`` of ``offered`` samples kept."""
+        self.selected += selected
+        self.offered += offered
+
+    @property
+    def selected_fraction(self) -> float | None:
+        """The share of the batch pass 2 used over the whole step (None: no selection)."""
+        return self.selected / self.offered if self.offered else None
 
     def on_rollback(self, undo: Callable[[], None]) -> None:
         """Register a method's own undo (run by :meth:`rollback`, latest first)."""

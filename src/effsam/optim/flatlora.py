@@ -352,6 +352,7 @@ class FlatLoRA(SharpnessAware):
         self.total_steps = total_steps
         self.sigma_schedule = sigma_schedule
         self.seed = seed
+        self.settings = {"flat_lora": {"seed": seed, "sigma_schedule": sigma_schedule}}
         self.chunk_elements = chunk_elements
         #: σ_t of the last perturbation (None: none yet)
         self.last_sigma: float | None = None
@@ -439,21 +440,6 @@ class FlatLoRA(SharpnessAware):
         result = super()._single_pass_done()
         self._open_step().single_pass_moved = moved
         return result
-
-    # ------------------------------------------------------------------ state
-    def _extra_state(self) -> dict[str, Any]:
-        return {"flat_lora": {"seed": self.seed, "sigma_schedule": self.sigma_schedule}}
-
-    def _load_extra_state(self, ours: dict[str, Any]) -> None:
-        saved = ours.get("flat_lora")
-        if saved is None:
-            return
-        mine = {"seed": self.seed, "sigma_schedule": self.sigma_schedule}
-        if saved != mine:
-            raise ValueError(
-                f"cannot load a Flat-LoRA state saved with {saved} into one with {mine}. "
-                "Nothing was loaded."
-            )
 
     def extra_repr(self) -> str:
         total = f", total_steps={self.total_steps}" if self.sigma_schedule == "cosine" else ""

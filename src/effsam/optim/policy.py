@@ -1,9 +1,12 @@
 """The policy interfaces of the :class:`~effsam.SharpnessAware` skeleton, and their base.
 
-A sharpness-aware optimizer is the skeleton plus three policies: an ascent (how ε is
-shaped), a mask (which weights ε perturbs) and a selection (which samples pass 2 sees).
-Their interfaces are the :class:`typing.Protocol` classes below; the built-in policies
-derive from :class:`Policy` for the naming and state plumbing.
+A sharpness-aware optimizer is the skeleton plus its policies: an ascent (how ε is
+shaped), a mask (which weights ε perturbs), a selection (which samples each pass sees), a
+schedule (which steps are sharpness-aware) and an update (how the gradient the base
+optimizer steps with is formed from the passes', :mod:`effsam.optim.update`). Their
+interfaces are the :class:`typing.Protocol` classes below; the built-in policies derive
+from :class:`Policy` for the naming and state plumbing. A method is a set of policies and
+a registry entry; the skeleton calls each policy in one place.
 
 The order of the calls in one step, for every API (``sharpness_aware_step``,
 ``step(closure)``, ``first_pass``/``first_step``/``second_step``)::
@@ -14,11 +17,14 @@ The order of the calls in one step, for every API (``sharpness_aware_step``,
     mask.draw(params)                                 pass-1 flags, once per step
     <pass 1: forward, backward>
     mask.prepare(params)                              first_step, gradients present
+    update.on_ascent(state, params, ps, gs, step)     sharpness-aware steps, before ε
     mask.element_masks(ps)                            a getter: changes nothing
     ascent.scales_(ps, buffers, foreach)              T, inside the ascent kernel
     <selection.select(loss_before, loss_after)>       sharpness_aware_step, SDS only
     <pass 2: forward, backward>
-    base.step()                                       second_step
+    update.before_descent(state, params, step, f)     f: the share pass 2 selected
+    update.plain_update(state, params, step)          instead, on a plain scheduled step
+    update.on_update(...) → base.step() → update.after_update(...)     second_step
     mask.rollback_draw()                              instead, if the step failed
 
 ``state_dict``/``load_state_dict`` of each policy are saved with the optimizer's state.
@@ -124,8 +130,40 @@ class MaskPolicy(Protocol):
 
 
 @runtime_checkable
+class UpdatePolicy(Protocol):
+    """How the gradient the base optimizer steps with is formed (a gradient transform
+    with state; :class:`effsam.optim.update.PassThrough` for SAM). ``state``: the
+    optimizer's per-parameter state, where per-parameter buffers live; ``step``: the step
+    in progress (its ``pending`` dict for what lasts one step, ``on_rollback`` for what a
+    failed step must undo)."""
+
+    name: str
+
+    def on_ascent(
+        self, state: Any, params: Sequence[Tensor], ascended: Sequence[Tensor],
+        grads: Sequence[Tensor], step: Any,
+    ) -> None: ...  # fmt: skip
+
+    def before_descent(
+        self, state: Any, params: Sequence[Tensor], step: Any, selected_fraction: float | None
+    ) -> None: ...
+
+    def plain_update(self, state: Any, params: Sequence[Tensor], step: Any) -> None: ...
+
+    def on_update(self, state: Any, params: Sequence[Tensor], step: Any) -> None: ...
+
+    def after_update(self, state: Any, params: Sequence[Tensor], step: Any) -> None: ...
+
+    def state_dict(self, state: Any, params: Sequence[Tensor]) -> dict[str, Any]: ...
+
+    def load_state_dict(
+        self, saved: dict[str, Any], state: Any, params: Sequence[Tensor]
+    ) -> None: ...
+
+
+@runtime_checkable
 class SelectionPolicy(Protocol):
-    """Which samples pass 2 sees: a pure function of the per-sample losses."""
+    """Which samples each pass sees: a pure function of the per-sample losses."""
 
     name: str
     gamma: float
@@ -133,6 +171,20 @@ class SelectionPolicy(Protocol):
     needs_perturbed_loss: bool
     #: whether it needs per-sample losses (then the closure API cannot run it)
     needs_per_sample: bool
+    #: True: the samples are chosen before pass 1 (a no-grad ranking forward at θ) and
+    #: both passes use them (K-SAM)
+    before_pass1: bool
+    #: True: pass 2 forwards the whole batch at θ + ε (BN batch statistics of every
+    #: sample), ranks the samples from that forward and back-propagates only the selected
+    #: ones' mean loss (the ESAM whole-batch control); False: pass 2 forwards the selection
+    pass2_whole_batch: bool
+    #: True: pass 2 on the selection is normalised with the whole batch's BN statistics,
+    #: taken at θ + ε (ESAM's BN repair)
+    pass2_bn_whole_batch: bool
+    #: diagnostics of the last ``select`` call, never read by the optimizer: k / b, and
+    #: the chosen indices (None: the whole batch)
+    last_fraction: float | None
+    last_indices: Tensor | None
 
     def num_selected(self, batch_size: int) -> int: ...
 

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ._random import SeededPolicy
 from .selection import TopSharpness
+from .update import PassThrough
 
 
 class RandomSubset(TopSharpness, SeededPolicy):
@@ -63,6 +64,29 @@ class RandomSubset(TopSharpness, SeededPolicy):
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, seed={self.seed}"
+
+
+class MixWithPass1(PassThrough):
+    """ESAM-mix's update: g ← w · g_pass2 + (1 − w) · g_pass1, w the share of the batch
+    pass 2 selected over the step (k / b), so every sample stays in the update. Pass 1's
+    gradients are kept for the step only (where a selection can happen)."""
+
+    name = "mix-with-pass-1"
+
+    def __init__(self, selects: bool) -> None:
+        #: whether the optimizer's selection ranks samples (else there is nothing to mix)
+        self.selects = bool(selects)
+
+    @torch.no_grad()
+    def on_ascent(self, state, params, ascended, grads, step) -> None:  # type: ignore[override]
+        if self.selects:
+            kept = {id(p): g.detach().clone() for p, g in zip(ascended, grads)}
+            step.pending["pass1"] = [kept.get(id(p)) for p in params]
+
+    def before_descent(self, state, params, step, selected_fraction) -> None:  # type: ignore[override]
+        pass1 = step.pending.pop("pass1", None)
+        if pass1 is not None and selected_fraction is not None:
+            mix_gradients(list(params), pass1, selected_fraction)
 
 
 @torch.no_grad()

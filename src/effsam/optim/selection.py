@@ -30,7 +30,12 @@ class AllSamples(Policy):
     needs_per_sample = False
     #: True: the samples are chosen before pass 1 and both passes use them (K-SAM).
     before_pass1 = False
-    #: k / b of the last ``select`` call (None before the first)
+    #: True: pass 2 forwards the whole batch and back-propagates the selection (see
+    #: :class:`effsam.optim.policy.SelectionPolicy`)
+    pass2_whole_batch = False
+    #: True: pass 2 is normalised with the whole batch's BN statistics (ESAM's BN repair)
+    pass2_bn_whole_batch = False
+    #: k / b of the last ``select`` call (None before the first; a diagnostic)
     last_fraction: float | None = None
     #: the indices the last ``select`` call chose (None: the whole batch)
     last_indices: Tensor | None = None
@@ -48,7 +53,12 @@ class _TopK(Policy):
     name = "top-k"
     #: True: the samples are chosen before pass 1 and both passes use them (K-SAM).
     before_pass1 = False
-    #: k / b of the last ``select`` call (None before the first)
+    #: True: pass 2 forwards the whole batch and back-propagates the selection (see
+    #: :class:`effsam.optim.policy.SelectionPolicy`)
+    pass2_whole_batch = False
+    #: True: pass 2 is normalised with the whole batch's BN statistics (ESAM's BN repair)
+    pass2_bn_whole_batch = False
+    #: k / b of the last ``select`` call (None before the first; a diagnostic)
     last_fraction: float | None = None
     #: the indices the last ``select`` call chose (None: the whole batch)
     last_indices: Tensor | None = None

@@ -23,10 +23,11 @@ from ._transaction import Snapshot, StepTransaction
 from ._validate import check_non_negative
 from .ascent import L2Ascent, ascend_, global_norm, group_by_device_and_dtype
 from .masks import PerturbationMask, kept_fraction
-from .policy import AscentPolicy, MaskPolicy, SelectionPolicy
+from .policy import AscentPolicy, MaskPolicy, SelectionPolicy, UpdatePolicy
 from .schedule import EveryStep
 from .selection import AllSamples
 from .slicing import AscentSlice
+from .update import PassThrough
 
 _WRAPPER_KEY = "effsam"
 
@@ -143,6 +144,8 @@ class SharpnessAware(Optimizer):
         mask: mask policy (default: perturb everything).
         selection: sample-selection policy (default: all samples).
         schedule: which steps are sharpness-aware (default: every step).
+        update: how the gradient the base optimizer steps with is formed from the
+            passes' (default: pass 2's as it is; see :mod:`effsam.optim.update`).
         foreach: use ``torch._foreach_*`` kernels (default: True on every device).
         check_finite: check both passes' gradients for inf/NaN (one device sync per pass).
         eps_denominator: δ in the normalisation.
@@ -163,6 +166,7 @@ class SharpnessAware(Optimizer):
         mask: MaskPolicy | None = None,
         selection: SelectionPolicy | None = None,
         schedule: EveryStep | None = None,
+        update: UpdatePolicy | None = None,
         foreach: bool | None = None,
         check_finite: bool = True,
         eps_denominator: float = 1e-12,
@@ -194,10 +198,12 @@ class SharpnessAware(Optimizer):
         self.ascent: AscentPolicy = ascent if ascent is not None else L2Ascent()
         self.mask: MaskPolicy = mask if mask is not None else PerturbationMask()
         self.selection: SelectionPolicy = selection if selection is not None else AllSamples()
+        self.update: UpdatePolicy = update if update is not None else PassThrough()
         for what, policy, protocol in (
             ("ascent", self.ascent, AscentPolicy),
             ("mask", self.mask, MaskPolicy),
             ("selection", self.selection, SelectionPolicy),
+            ("update", self.update, UpdatePolicy),
         ):
             if not isinstance(policy, protocol):
                 raise TypeError(
@@ -221,6 +227,8 @@ class SharpnessAware(Optimizer):
         self.skipped_steps = 0
         self.last_step_skipped = False
         self.last_kept: KeptFraction | None = None
+        #: the share of the batch the last step's pass 2 used (None: no selection)
+        self.last_selected_fraction: float | None = None
         #: steps that were sharpness-aware (the rest were plain base steps)
         self.sharpness_aware_steps = 0
         self.last_step_sharpness_aware: bool | None = None
@@ -306,10 +314,6 @@ class SharpnessAware(Optimizer):
     # ------------------------------------------------------------------ the decision
     #: True for methods whose only pass runs at a point moved before pass 1 (MSAM).
     single_pass = False
-    #: True: with a sample selection, pass 2 forwards the whole batch at θ + ε (BN batch
-    #: statistics of every sample) and back-propagates only the selected samples' mean
-    #: loss, ranking them from that same forward (the ESAM-wholebatch control).
-    pass2_whole_batch = False
 
     def begin_step(self) -> bool | None:
         """Start a step (idempotent until it ends): ask the schedule whether it is
@@ -556,7 +560,7 @@ class SharpnessAware(Optimizer):
     ) -> bool:
         """θ ← θ + ε by the kernel (which takes its own norm: of T·g, masked), θ kept in
         the backups; a non-finite norm skips the step."""
-        self._on_ascent(ps, gs)
+        self.update.on_ascent(self.state, self.params, ps, gs, txn)
         masks = self.mask.element_masks(ps)
         if masks is not None and all(m is None for m in masks):
             masks = None
@@ -606,8 +610,8 @@ class SharpnessAware(Optimizer):
         update. Until :meth:`second_step`, a backward into the parameters (a pass 2 that
         should not have run) is detected by a post-accumulate-grad hook; edits such as
         clipping are allowed."""
-        self._plain_update()
         txn = self._open_step()
+        self.update.plain_update(self.state, self.params, txn)
         txn.plain_backward = False
 
         def hook(_: Tensor) -> None:
@@ -631,23 +635,6 @@ class SharpnessAware(Optimizer):
         self.restore()
         txn.pre_pass1_done = False
         return self._start_plain()
-
-    # Hooks for methods that reuse gradients across steps (LookSAM, ESAM-mix).
-    def _on_ascent(self, params: list[Tensor], grads: list[Tensor]) -> None:
-        """A sharpness-aware step, before the ascent: the pass-1 gradients."""
-
-    def _before_descent(self) -> None:
-        """A sharpness-aware step, before the base step: p.grad holds the final gradient."""
-
-    def _plain_update(self) -> None:
-        """A plain step, before the base step: p.grad holds pass 1's gradient."""
-
-    def _on_update(self) -> None:
-        """Every step that is not skipped, right before the base step: p.grad holds the
-        gradient the base optimizer steps with (finite, unscaled, clipped)."""
-
-    def _after_update(self) -> None:
-        """Right after a successful base step (commit what :meth:`_on_update` prepared)."""
 
     def _backup(self, p: Tensor) -> Tensor:
         state = self.state[p]
@@ -708,11 +695,13 @@ class SharpnessAware(Optimizer):
         if skipped:
             txn.restore_bn()
         if not skipped:
+            update, state, params = self.update, self.state, self.params
             if not plain:
-                self._before_descent()
-            self._on_update()
+                update.before_descent(state, params, txn, txn.selected_fraction)
+            self.last_selected_fraction = txn.selected_fraction
+            update.on_update(state, params, txn)
             self.base.step()
-            self._after_update()
+            update.after_update(state, params, txn)
             self.steps += 1
         self.last_step_skipped = skipped
         aware = not plain or txn.single_pass_moved
@@ -793,7 +782,13 @@ class SharpnessAware(Optimizer):
         step is exactly the base optimizer's, for every selection policy."""
         if all(self._rho(g) == 0 for g in self.param_groups):
             return None
-        return self.selection.select(loss_before, loss_after)
+        idx = self.selection.select(loss_before, loss_after)
+        offered = loss_before if loss_before is not None else loss_after
+        if offered is not None:  # the step's share selected, over its micro-batches
+            self._open_step().record_selection(
+                offered.numel() if idx is None else idx.numel(), offered.numel()
+            )
+        return idx
 
     # ------------------------------------------------------------------ masks needing data
     def mask_refresh_due(self) -> bool:
@@ -827,6 +822,7 @@ class SharpnessAware(Optimizer):
             + f":{getattr(self.mask, 'granularity', '')}",
             "selection": f"{type(self.selection).__name__}:{self.selection.name}",
             "schedule": f"{type(self.schedule).__name__}:{self.schedule.name}",
+            "update": f"{type(self.update).__name__}:{self.update.name}",
         }
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
@@ -842,16 +838,22 @@ class SharpnessAware(Optimizer):
             "selection": self.selection.state_dict(),
             "schedule": self.schedule.state_dict(),
             "ascent_slice": self.ascent_slice.state_dict(),
-            **self._extra_state(),
+            **self.settings,
+            **self.update.state_dict(self.state, self.params),
         }
         return state
 
-    def _extra_state(self) -> dict[str, Any]:
-        """Method-specific state saved beside the policies' (LookSAM's g_v)."""
-        return {}
+    #: settings a saved state must have been made with (checked on load, by key, where
+    #: the saved state has them; e.g. Flat-LoRA's noise seed)
+    settings: dict[str, Any] = {}
 
-    def _load_extra_state(self, ours: dict[str, Any]) -> None:
-        pass
+    def _check_settings(self, ours: dict[str, Any]) -> None:
+        for key, mine in self.settings.items():
+            if key in ours and ours[key] != mine:
+                raise ValueError(
+                    f"cannot load a {type(self).__name__} state saved with {key} = "
+                    f"{ours[key]} into one with {mine}. Nothing was loaded."
+                )
 
     def _check_compatible(self, ours: Any) -> None:
         if not isinstance(ours, dict) or not {"steps", "skipped_steps", "mask"} <= set(ours):
@@ -859,7 +861,11 @@ class SharpnessAware(Optimizer):
         saved = ours.get("policies")
         mine = self._policy_names()
         if saved is not None:
-            keys = ("optimizer", "ascent", "mask", "selection", "schedule")
+            keys: tuple[str, ...] = ("optimizer", "ascent", "mask", "selection", "schedule")
+            if self.update.state_dict(self.state, self.params):
+                # a stateful update policy loads only its own kind's state (a stateless one,
+                # ESAM-mix's, is a setting: ESAM's states load either way)
+                keys += ("update",)
             differ = [k for k in keys if k in saved and saved.get(k) != mine[k]]
             if differ:
                 detail = "; ".join(f"{k}: saved {saved.get(k)!r}, here {mine[k]!r}" for k in differ)
@@ -894,6 +900,7 @@ class SharpnessAware(Optimizer):
                 "optimizer (load a plain optimizer's state into opt.base instead)"
             )
         self._check_compatible(ours)
+        self._check_settings(ours)
         counters = {
             key: _saved_count(ours, key)
             for key in ("steps", "skipped_steps", "sharpness_aware_steps")
@@ -919,7 +926,11 @@ class SharpnessAware(Optimizer):
             self._check_slice_state(ours.get("ascent_slice"))
             slice_state = ours.get("ascent_slice") or {}
             _load_part("ascent_slice", self.ascent_slice.load_state_dict, slice_state)
-            _load_part("the method's own entries", self._load_extra_state, ours)
+            _load_part(
+                "the update policy's entries",
+                lambda saved: self.update.load_state_dict(saved, self.state, self.params),
+                ours,
+            )
         except Exception:
             before.rollback(self)
             raise
@@ -949,7 +960,7 @@ class SharpnessAware(Optimizer):
         parts = [f"rho={self.defaults['rho']}", f"ascent={self.ascent.name}"]
         if self.ascent_slice.slices or self.ascent_slice.noise:
             parts.append(f"ascent_slice({self.ascent_slice.extra_repr()})")
-        for policy in (self.ascent, self.mask, self.selection, self.schedule):
+        for policy in (self.ascent, self.mask, self.selection, self.schedule, self.update):
             extra = policy.extra_repr()
             if extra:
                 parts.append(f"{policy.name}({extra})")
