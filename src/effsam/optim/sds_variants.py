@@ -24,11 +24,11 @@ import torch
 from torch import Tensor
 
 from ._random import SeededPolicy
-from .selection import TopSharpness
+from .selection import _TopK
 from .update import PassThrough
 
 
-class RandomSubset(TopSharpness, SeededPolicy):
+class RandomSubset(_TopK, SeededPolicy):
     """The SDS control: k = max(1, round(γ b)) samples uniformly at random per batch."""
 
     name = "random"
@@ -37,10 +37,6 @@ class RandomSubset(TopSharpness, SeededPolicy):
     def __init__(self, gamma: float, seed: int = 0) -> None:
         super().__init__(gamma)
         self._seed_stream(seed, "random-selection")
-
-    @property
-    def needs_perturbed_loss(self) -> bool:  # type: ignore[override]
-        return False
 
     def select(self, loss_before: Tensor | None, loss_after: Tensor | None) -> Tensor | None:
         if self.gamma >= 1.0 or loss_before is None:

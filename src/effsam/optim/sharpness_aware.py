@@ -21,7 +21,7 @@ from ..bn import BNSnapshot, snapshot_bn, watching_bn
 from . import _contract
 from ._transaction import Snapshot, StepTransaction
 from ._validate import check_non_negative
-from .ascent import L2Ascent, ascend_, global_norm, group_by_device_and_dtype
+from .ascent import L2Ascent, _copy_, ascend_, global_norm, group_by_device_and_dtype
 from .masks import PerturbationMask, kept_fraction
 from .policy import AscentPolicy, MaskPolicy, SelectionPolicy, UpdatePolicy
 from .schedule import EveryStep
@@ -653,11 +653,7 @@ class SharpnessAware(Optimizer):
             ps = [p for p, _ in txn.perturbed]
             backups = [b for _, b in txn.perturbed]
             for idx in group_by_device_and_dtype(ps):
-                if self.foreach:
-                    torch._foreach_copy_([ps[i] for i in idx], [backups[i] for i in idx])
-                else:
-                    for i in idx:
-                        ps[i].copy_(backups[i])
+                _copy_([ps[i] for i in idx], [backups[i] for i in idx], self.foreach)
         txn.perturbed = []
 
     @torch.no_grad()
