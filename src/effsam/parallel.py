@@ -1,10 +1,13 @@
 """Data-parallel support for :func:`effsam.sharpness_aware_step`: walking the DDP/compile
 wrapper chain, the hand-made pass-1 all-reduce of ``sync_ascent``, AE-SAM's statistic
-averaged over the workers, and the check that every worker runs the same step."""
+averaged over the workers, the check that every worker runs the same step, and the memory
+of what was done once per optimizer (held weakly: nothing is written on the optimizer)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +31,25 @@ def wrapper_chain(model: nn.Module) -> Iterator[nn.Module]:
             model = model._orig_mod
         else:
             return
+
+
+class ObjectMemory:
+    """The objects (optimizers) something was done for once, held weakly: remembering one
+    writes nothing on it, and a collected one is forgotten. An object that cannot be weakly
+    referenced (or hashed) is never remembered, so whatever was done is done again."""
+
+    def __init__(self) -> None:
+        self._objects: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def __contains__(self, obj: Any) -> bool:
+        try:
+            return obj in self._objects
+        except TypeError:  # unhashable
+            return False
+
+    def add(self, obj: Any) -> None:
+        with contextlib.suppress(TypeError):  # no weak reference to it
+            self._objects.add(obj)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -105,6 +127,10 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
+#: The optimizers whose workers were found to agree (:func:`check_ddp_settings`).
+_DDP_CHECKED = ObjectMemory()
+
+
 def check_ddp_settings(optimizer: Any, settings: dict[str, str]) -> None:
     """Once per optimizer: every worker must run the same step (same ρ, β, γ, seed, …).
 
@@ -112,7 +138,7 @@ def check_ddp_settings(optimizer: Any, settings: dict[str, str]) -> None:
     different collectives (a hang) or silently train different models. One
     ``all_gather_object`` at the first step turns that into a RuntimeError on every rank.
     """
-    if getattr(optimizer, "_effsam_ddp_checked", False):
+    if optimizer in _DDP_CHECKED:
         return
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, settings)
@@ -128,7 +154,7 @@ def check_ddp_settings(optimizer: Any, settings: dict[str, str]) -> None:
             f"effsam: data-parallel workers disagree on {', '.join(differ)}; every rank must "
             f"build the optimizer and call sharpness_aware_step with the same settings:\n{lines}"
         )
-    optimizer._effsam_ddp_checked = True
+    _DDP_CHECKED.add(optimizer)
 
 
 def step_settings(optimizer: Any, sync_ascent: bool, accumulation_steps: int) -> dict[str, str]:

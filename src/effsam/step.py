@@ -37,6 +37,7 @@ from .batching import batch_size, index_batch, split_batch
 from .bn import capture_bn_stats, restore_bn, snapshot_bn, use_bn_stats
 from .optim.sharpness_aware import KeptFraction, SharpnessAware
 from .parallel import (
+    ObjectMemory,
     check_ddp_settings,
     find_ddp,
     is_compiled,
@@ -123,11 +124,15 @@ def _split_loss(out: Any, n: int, per_sample: bool, micro: bool = False) -> tupl
     return out, aux
 
 
+#: The optimizers :func:`_warn_if_compiled` has warned about.
+_COMPILE_WARNED = ObjectMemory()
+
+
 def _warn_if_compiled(model: nn.Module, optimizer: SharpnessAware) -> None:
     """Once per optimizer: SWP and torch.compile work together but rarely pay off."""
-    if getattr(optimizer, "_effsam_compile_warned", False) or not is_compiled(model):
+    if optimizer in _COMPILE_WARNED or not is_compiled(model):
         return
-    optimizer._effsam_compile_warned = True
+    _COMPILE_WARNED.add(optimizer)
     warnings.warn(
         "effsam: SWP switches requires_grad per tensor in pass 1, and a torch.compile'd "
         "model is guarded on those flags: each new mask pattern recompiles, and once "

@@ -67,7 +67,7 @@ def _norm(d):
 def _decisions(schedule, n, grad_sq=None):
     out = []
     for t in range(n):
-        d = schedule.decide_after(grad_sq[t]) if grad_sq is not None else schedule.decide()
+        d = schedule.decide(grad_sq[t] if grad_sq is not None else None)
         schedule.commit()
         out.append(d)
     return out

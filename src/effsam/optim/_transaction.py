@@ -112,7 +112,7 @@ class StepTransaction:
     def begin(self, opt: Any) -> None:
         """Take the policies' states and ask the schedule (once per step)."""
         self.before = Snapshot(opt, whole=False)
-        self.decision = None if opt.schedule.needs_grad_norm else opt.schedule.decide()
+        self.decision = None if opt.schedule.needs_grad_norm else opt.schedule.decide(None)
         self.begun = True
 
     def record_selection(self, selected: int, offered: int) -> None:

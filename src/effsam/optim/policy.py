@@ -11,11 +11,19 @@ a registry entry; the skeleton calls each policy in one place.
 The order of the calls in one step, for every API (``sharpness_aware_step``,
 ``step(closure)``, ``first_pass``/``first_step``/``second_step``)::
 
+    schedule.state_dict()                             begin_step: the step's undo point
+    schedule.decide(None)                             begin_step, unless needs_grad_norm:
+                                                       False makes it a plain base step
     mask.refresh_due(steps) → mask.refresh(...)       when due: by the training loop for
                                                        data masks (needs_data), by the
                                                        optimizer itself otherwise
-    mask.draw(params)                                 pass-1 flags, once per step
+    mask.draw(params)                                 pass-1 flags, on a sharpness-aware
+                                                       step (needs_grad_norm: after its
+                                                       decision, pass 1 dense)
     <pass 1: forward, backward>
+    schedule.decide(‖g‖²)                             instead of decide(None), for a
+                                                       needs_grad_norm schedule: first_step
+                                                       or decide_after_pass1
     mask.prepare(params)                              first_step, gradients present
     update.on_ascent(state, params, ps, gs, step)     sharpness-aware steps, before ε
     mask.element_masks(ps)                            a getter: changes nothing
@@ -24,8 +32,11 @@ The order of the calls in one step, for every API (``sharpness_aware_step``,
     <pass 2: forward, backward>
     update.before_descent(state, params, step, f)     f: the share pass 2 selected
     update.plain_update(state, params, step)          instead, on a plain scheduled step
-    update.on_update(...) → base.step() → update.after_update(...)     second_step
-    mask.rollback_draw()                              instead, if the step failed
+    update.on_update(...) → base.step() → update.after_update(...)
+                                                       second_step (unless skipped)
+    schedule.commit()                                 second_step, stepped or skipped
+    mask.rollback_draw(),                             instead, if the step failed
+    schedule.load_state_dict(...)                     (abort_step)
 
 ``state_dict``/``load_state_dict`` of each policy are saved with the optimizer's state.
 """
@@ -191,3 +202,35 @@ class SelectionPolicy(Protocol):
     def select(self, loss_before: Tensor | None, loss_after: Tensor | None) -> Tensor | None:
         """Sorted indices of the chosen samples (None: all)."""
         ...
+
+
+@runtime_checkable
+class Schedule(Protocol):
+    """Whether a step is sharpness-aware (True) or a plain base-optimizer step (False).
+
+    The skeleton asks once per step: ``decide(None)`` before pass 1, or, when
+    ``needs_grad_norm`` is True, ``decide(grad_sq_norm)`` after it with ‖g‖² of pass 1's
+    gradient (the workers' mean under data parallel). ``commit`` follows once the step is
+    over (stepped or skipped). A step that fails part-way is undone by loading the
+    ``state_dict`` taken before ``decide``, so that state must hold everything a decision
+    depends on and changes (a step counter, a generator, running statistics); it is also
+    what a checkpoint saves, so a resumed run decides as an uninterrupted one.
+    :class:`effsam.optim.schedule.EveryStep` is the default and a base to derive from.
+    """
+
+    name: str
+    #: True: ``decide`` needs this step's pass-1 ‖g‖² (pass 1 is then dense).
+    needs_grad_norm: bool
+
+    def decide(self, grad_sq_norm: float | None) -> bool:
+        """This step: sharpness-aware (True) or plain (False). ``grad_sq_norm`` is None
+        before pass 1, pass 1's ‖g‖² after it (only for ``needs_grad_norm``)."""
+        ...
+
+    def commit(self) -> None:
+        """The step decided last has finished (stepped or skipped)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...

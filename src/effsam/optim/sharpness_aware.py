@@ -23,7 +23,7 @@ from ._transaction import Snapshot, StepTransaction
 from ._validate import check_non_negative
 from .ascent import L2Ascent, _copy_, ascend_, global_norm, group_by_device_and_dtype
 from .masks import PerturbationMask, kept_fraction
-from .policy import AscentPolicy, MaskPolicy, SelectionPolicy, UpdatePolicy
+from .policy import AscentPolicy, MaskPolicy, Schedule, SelectionPolicy, UpdatePolicy
 from .schedule import EveryStep
 from .selection import AllSamples
 from .slicing import AscentSlice
@@ -143,7 +143,8 @@ class SharpnessAware(Optimizer):
         ascent: ascent policy (:class:`L2Ascent` default, :class:`AdaptiveAscent` for ASAM).
         mask: mask policy (default: perturb everything).
         selection: sample-selection policy (default: all samples).
-        schedule: which steps are sharpness-aware (default: every step).
+        schedule: which steps are sharpness-aware (default: every step); any
+            :class:`~effsam.optim.policy.Schedule`.
         update: how the gradient the base optimizer steps with is formed from the
             passes' (default: pass 2's as it is; see :mod:`effsam.optim.update`).
         foreach: use ``torch._foreach_*`` kernels (default: True on every device).
@@ -165,7 +166,7 @@ class SharpnessAware(Optimizer):
         ascent: AscentPolicy | None = None,
         mask: MaskPolicy | None = None,
         selection: SelectionPolicy | None = None,
-        schedule: EveryStep | None = None,
+        schedule: Schedule | None = None,
         update: UpdatePolicy | None = None,
         foreach: bool | None = None,
         check_finite: bool = True,
@@ -210,9 +211,12 @@ class SharpnessAware(Optimizer):
                     f"Invalid {what} policy: {policy!r} does not implement "
                     f"effsam.optim.policy.{protocol.__name__}"
                 )
-        self.schedule = schedule if schedule is not None else EveryStep()
-        if not isinstance(self.schedule, EveryStep):
-            raise TypeError(f"schedule must be a schedule policy, got {schedule!r:.80}")
+        self.schedule: Schedule = schedule if schedule is not None else EveryStep()
+        if not isinstance(self.schedule, Schedule):
+            raise TypeError(
+                f"schedule must be a schedule policy, got {schedule!r:.80}: it does not "
+                "implement effsam.optim.policy.Schedule"
+            )
         self.ascent_slice = AscentSlice(ascent_fraction, ascent_noise, ascent_seed)
         if self.ascent_slice.slices:
             self._check_sliceable()
@@ -336,7 +340,7 @@ class SharpnessAware(Optimizer):
         if grad_sq_norm is None:
             grad_sq_norm = self.grad_sq_norm()
         txn = self._open_step()
-        txn.decision = bool(self.schedule.decide_after(float(grad_sq_norm)))
+        txn.decision = bool(self.schedule.decide(float(grad_sq_norm)))
         return txn.decision
 
     # ------------------------------------------------------------------ pass 1
@@ -957,7 +961,8 @@ class SharpnessAware(Optimizer):
         if self.ascent_slice.slices or self.ascent_slice.noise:
             parts.append(f"ascent_slice({self.ascent_slice.extra_repr()})")
         for policy in (self.ascent, self.mask, self.selection, self.schedule, self.update):
-            extra = policy.extra_repr()
+            extra_repr = getattr(policy, "extra_repr", None)  # (a Policy's; optional)
+            extra = extra_repr() if extra_repr is not None else ""
             if extra:
                 parts.append(f"{policy.name}({extra})")
         return f"{type(self).__name__}({', '.join(parts)}, base={type(self.base).__name__})"
