@@ -144,6 +144,8 @@ def test_a_scalar_loss_is_the_whole_batch_loss_and_ambiguous_under_accumulation(
         ("ssam-f", {"drop_rate": 0.5}),
         ("ssam-d", {"num_samples": 4, "total_steps": 9}),
         ("esam-swp", {"gamma": 0.5}),
+        ("ssam-f", {"seed": 1}),  # SSAM-F draws nothing at random
+        ("ssam-f-tensor", {"seed": 1}),
     ],
 )
 def test_the_registry_rejects_undeclared_arguments_up_front(name, kwargs, monkeypatch):
