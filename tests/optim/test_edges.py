@@ -133,6 +133,39 @@ def test_a_scalar_loss_is_the_whole_batch_loss_and_ambiguous_under_accumulation(
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), before.values()))
 
 
+def test_pass1_on_a_model_without_parameters_accumulates_on_the_cpu():
+    """The loss accumulator's device comes from the model's first parameter, else the CPU
+    (a model holding no parameter of its own: the weights live outside it)."""
+    from effsam.step import _Step
+
+    w = nn.Parameter(torch.ones(5, dtype=torch.float64))
+    opt = torch.optim.SGD([w], lr=0.1)
+    x, y = data()
+    batch = (x, y)
+    step = _Step(
+        model=nn.Identity(),
+        optimizer=opt,
+        batch=batch,
+        loss_fn=lambda m, b: (m(b[0]) * w).sum(1) ** 2,
+        scaler=None,
+        amp_dtype=None,
+        accumulation_steps=1,
+        clip_grad_norm=None,
+        sync_ascent=False,
+        sam=False,
+        b=len(x),
+        micro=[batch],
+        ddp=None,
+        device_type="cpu",
+        b_run=len(x),
+    )
+    step.pass1(False, None)
+    expected = ((x * w).sum(1) ** 2).mean()
+    assert step.total.device.type == "cpu"
+    torch.testing.assert_close(step.total, expected.detach())
+    assert w.grad is not None
+
+
 # ---------------------------------------------------------------------- registry
 @pytest.mark.parametrize(
     "name, kwargs",
