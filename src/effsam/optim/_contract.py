@@ -28,15 +28,11 @@ of :class:`~effsam.SharpnessAware` (and of every subclass that overrides one of 
   ``_foreach_copy_``; the norm of a sharded DTensor is a global reduction, so ε is the
   unsharded one); SSAM-F there is refused; FSDP1's flat shards are refused (a per-shard
   norm gives ‖ε‖ = ρ·√world).
-
-:func:`resolve_base` is the params-first constructor form shared by SAM, ASAM, ESAM and
-SSAM: ``effsam.SAM(model.parameters(), base=torch.optim.SGD, lr=0.1, rho=0.05)``.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import sys
 import types
 from collections.abc import Callable
@@ -436,57 +432,3 @@ def install(root: type) -> None:
     root.__getstate__ = _getstate  # type: ignore[attr-defined]
     root.__setstate__ = _setstate  # type: ignore[attr-defined]
     root.foreach = property(_get_foreach, _set_foreach)  # type: ignore[attr-defined]
-
-
-# ---------------------------------------------------------------------- params-first
-def _wrapper_keywords() -> set[str]:
-    from .sharpness_aware import SharpnessAware
-
-    sig = inspect.signature(inspect.unwrap(SharpnessAware.__init__))
-    return {n for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY}
-
-
-def resolve_base(
-    params: Any, base: Any, kwargs: dict[str, Any], who: str
-) -> tuple[Optimizer, dict[str, Any]]:
-    """The base optimizer instance and the keywords left for the wrapper.
-
-    Two forms: ``who(optimizer_instance, ...)`` (or ``base=optimizer_instance``), and
-    ``who(params, base=OptimizerClass, **kwargs)``: then the keywords the wrapper takes
-    (``foreach``, ``check_finite``, …) stay with it, every other one — and everything in
-    ``base_kwargs={...}`` — goes to ``OptimizerClass(params, ...)``.
-    """
-    base_kwargs = kwargs.pop("base_kwargs", None)
-    if isinstance(params, Optimizer):
-        if base is not None:
-            raise TypeError(
-                f"{who}: got an optimizer instance and base={base!r}: give either the instance, "
-                "or params with base=<an optimizer class>"
-            )
-        base, params = params, None
-    if isinstance(base, Optimizer):
-        if params is not None:
-            raise TypeError(
-                f"{who}: base is an optimizer instance, which already holds its parameters: "
-                "drop the params argument (or pass base=<the optimizer class>)"
-            )
-        if base_kwargs:
-            raise TypeError(f"{who}: base_kwargs needs base=<an optimizer class>, not an instance")
-        return base, kwargs
-    if params is None:
-        raise TypeError(
-            f"{who} needs an optimizer: {who}(torch.optim.SGD(params, lr=...)) or "
-            f"{who}(params, base=torch.optim.SGD, lr=...)"
-        )
-    if not (isinstance(base, type) and issubclass(base, Optimizer)):
-        raise TypeError(
-            f"{who}: the first argument is a {type(params).__name__}, not an optimizer "
-            f"instance, so base must be a torch.optim.Optimizer subclass, got {base!r:.80} "
-            f"(e.g. {who}(params, base=torch.optim.SGD, lr=0.1))"
-        )
-    ours = _wrapper_keywords()
-    wrapper_kw = {k: v for k, v in kwargs.items() if k in ours}
-    base_kw = {k: v for k, v in kwargs.items() if k not in ours}
-    if base_kwargs:
-        base_kw.update(base_kwargs)
-    return base(params, **base_kw), wrapper_kw

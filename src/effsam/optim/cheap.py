@@ -22,9 +22,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from ._contract import resolve_base
 from .ascent import global_norm
 from .masks import PerturbationMask, RandomTensorSubset
+from .sharpness_aware import resolve_base
 from .variants import SAM
 
 _NORM_TYPES: tuple[type[nn.Module], ...] = (_NormBase, nn.LayerNorm, nn.GroupNorm) + (

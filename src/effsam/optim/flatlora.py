@@ -68,9 +68,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._contract import resolve_base
 from ._validate import check_seed
-from .sharpness_aware import SharpnessAware
+from .sharpness_aware import SharpnessAware, resolve_base
 
 #: how σ moves over training
 SIGMA_SCHEDULES = ("cosine", "constant")

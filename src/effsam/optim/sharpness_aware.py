@@ -4,6 +4,7 @@ descend."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import sys
@@ -990,3 +991,58 @@ def _load_part(key: str, load: Callable[[Any], None], state: Any) -> None:
 # torch.optim contract (hooks, step() without closure, pickling, defaults, compile, FSDP):
 # wrappers around the methods above, see _contract.py.
 _contract.install(SharpnessAware)
+
+
+# ---------------------------------------------------------------------- params-first
+def _wrapper_keywords() -> set[str]:
+    """The keyword-only arguments of :class:`SharpnessAware` (``foreach``, …)."""
+    sig = inspect.signature(SharpnessAware.__init__)
+    return {n for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY}
+
+
+def resolve_base(
+    params: Any, base: Any, kwargs: dict[str, Any], who: str
+) -> tuple[Optimizer, dict[str, Any]]:
+    """The base optimizer instance and the keywords left for the wrapper: the
+    params-first constructor form shared by the methods' constructors
+    (``effsam.SAM(model.parameters(), base=torch.optim.SGD, lr=0.1, rho=0.05)``).
+
+    Two forms: ``who(optimizer_instance, ...)`` (or ``base=optimizer_instance``), and
+    ``who(params, base=OptimizerClass, **kwargs)``: then the keywords the wrapper takes
+    (``foreach``, ``check_finite``, …) stay with it, every other one — and everything in
+    ``base_kwargs={...}`` — goes to ``OptimizerClass(params, ...)``.
+    """
+    base_kwargs = kwargs.pop("base_kwargs", None)
+    if isinstance(params, Optimizer):
+        if base is not None:
+            raise TypeError(
+                f"{who}: got an optimizer instance and base={base!r}: give either the instance, "
+                "or params with base=<an optimizer class>"
+            )
+        base, params = params, None
+    if isinstance(base, Optimizer):
+        if params is not None:
+            raise TypeError(
+                f"{who}: base is an optimizer instance, which already holds its parameters: "
+                "drop the params argument (or pass base=<the optimizer class>)"
+            )
+        if base_kwargs:
+            raise TypeError(f"{who}: base_kwargs needs base=<an optimizer class>, not an instance")
+        return base, kwargs
+    if params is None:
+        raise TypeError(
+            f"{who} needs an optimizer: {who}(torch.optim.SGD(params, lr=...)) or "
+            f"{who}(params, base=torch.optim.SGD, lr=...)"
+        )
+    if not (isinstance(base, type) and issubclass(base, Optimizer)):
+        raise TypeError(
+            f"{who}: the first argument is a {type(params).__name__}, not an optimizer "
+            f"instance, so base must be a torch.optim.Optimizer subclass, got {base!r:.80} "
+            f"(e.g. {who}(params, base=torch.optim.SGD, lr=0.1))"
+        )
+    ours = _wrapper_keywords()
+    wrapper_kw = {k: v for k, v in kwargs.items() if k in ours}
+    base_kw = {k: v for k, v in kwargs.items() if k not in ours}
+    if base_kwargs:
+        base_kw.update(base_kwargs)
+    return base(params, **base_kw), wrapper_kw
