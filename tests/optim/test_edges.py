@@ -368,6 +368,29 @@ def test_a_policy_missing_part_of_its_interface_is_refused():
         effsam.SharpnessAware(torch.optim.SGD(model.parameters(), lr=0.1), mask=object())
 
 
+def test_dtensor_parameters_are_refused_by_the_mask_policys_flag(monkeypatch):
+    """Under FSDP2 a mask policy is refused when its ``masks_follow_param_layout`` is
+    False (SSAM-F), whatever its class; SSAM-D's masks follow the parameters."""
+    from effsam.optim import _contract
+
+    monkeypatch.setattr(_contract, "is_dtensor", lambda p: True)  # as if fully_shard'ed
+    model = mlp()
+    for opt in (
+        effsam.SAM(torch.optim.SGD(model.parameters(), lr=0.1)),
+        effsam.ESAM(torch.optim.SGD(model.parameters(), lr=0.1), beta=0.5, gamma=1.0),
+        effsam.SSAM(torch.optim.SGD(model.parameters(), lr=0.1), mask="dynamic", total_steps=5),
+    ):
+        assert opt.mask.masks_follow_param_layout
+        _contract.check_sharding(opt)
+    opt.mask.masks_follow_param_layout = False  # the flag decides, not the class
+    with pytest.raises(NotImplementedError, match="not supported"):
+        _contract.check_sharding(opt)
+    fisher = effsam.SSAM(torch.optim.SGD(model.parameters(), lr=0.1), mask="fisher")
+    assert not fisher.mask.masks_follow_param_layout
+    with pytest.raises(NotImplementedError, match="SSAM-F under FSDP2 is not supported"):
+        _contract.check_sharding(fisher)
+
+
 def test_public_accessors():
     model = mlp()
     opt = effsam.ESAM(torch.optim.SGD(model.parameters(), lr=0.1), beta=0.5, gamma=1.0, seed=1)

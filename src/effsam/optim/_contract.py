@@ -26,7 +26,8 @@ of :class:`~effsam.SharpnessAware` (and of every subclass that overrides one of 
   result; the closure itself stays compiled;
 * sharded parameters: FSDP2's DTensors take the per-tensor kernels (DTensor has no
   ``_foreach_copy_``; the norm of a sharded DTensor is a global reduction, so ε is the
-  unsharded one); SSAM-F there is refused; FSDP1's flat shards are refused (a per-shard
+  unsharded one); a mask policy whose masks are not laid out like the
+  parameters (SSAM-F) is refused there; FSDP1's flat shards are refused (a per-shard
   norm gives ‖ε‖ = ρ·√world).
 """
 
@@ -108,10 +109,10 @@ def _is_fsdp1(p: Any) -> bool:
 def check_sharding(opt: Any) -> None:
     """Refuse FSDP1 (FullyShardedDataParallel) parameters: each rank holds a flat shard,
     and the ascent's norm over it would be a per-rank norm. On DTensor parameters
-    (FSDP2), refuse the per-element masks that are not laid out like the parameters
-    (SSAM-F, custom mask policies); SSAM-D's are."""
+    (FSDP2), refuse a mask policy whose per-element masks are not laid out like the
+    parameters (``masks_follow_param_layout`` False: SSAM-F); SSAM-D's are."""
     params = opt._params()
-    if any(is_dtensor(p) for p in params) and _has_element_masks(opt.mask):
+    if any(is_dtensor(p) for p in params) and not opt.mask.masks_follow_param_layout:
         raise NotImplementedError(
             f"effsam: the {opt.mask.name!r} mask keeps full-size per-element masks (SSAM-F "
             "also computes its Fisher information through torch.func), which do not work "
@@ -126,20 +127,6 @@ def check_sharding(opt: Any) -> None:
                 "silently wrong). Shard the model with torch.distributed.fsdp.fully_shard "
                 "(FSDP2) instead, or use DistributedDataParallel"
             )
-
-
-def _has_element_masks(mask: Any) -> bool:
-    """Per-element masks that do not shard with DTensor parameters (every mask policy but
-    the dense one, SWP's per-tensor one and SSAM-D's, which lays its masks out like the
-    parameters)."""
-    from .masks import PerturbationMask
-    from .sparse import DynamicMask
-
-    if isinstance(mask, DynamicMask):
-        return False
-    return type(mask).element_masks is not PerturbationMask.element_masks or bool(
-        getattr(mask, "needs_data", False)
-    )
 
 
 def _get_foreach(self: Any) -> bool:
