@@ -403,6 +403,42 @@ def test_public_accessors():
     assert [p.grad is not None for p in model.parameters()] == keep
 
 
+# ---------------------------------------------------------------------- module structure
+def _imports(path, package):
+    """The effsam modules ``path`` imports, at the top or inside functions."""
+    import ast
+
+    module = package + "." + path.stem
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = module.split(".")[: -node.level]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return {m for m in found if m.startswith("effsam.")}
+
+
+def test_no_module_of_the_optimizers_imports_one_that_imports_it_back():
+    import pathlib
+
+    root = pathlib.Path(effsam.optim.__file__).parent
+    graph = {
+        f"effsam.optim.{p.stem}": _imports(p, "effsam.optim")
+        for p in root.glob("*.py")
+        if p.stem != "__init__"
+    }
+    mutual = sorted(
+        (a, b) for a, deps in graph.items() for b in deps if a < b and a in graph.get(b, ())
+    )
+    assert not mutual
+
+
 # ---------------------------------------------------------------------- low-memory top-k
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("largest", [True, False])

@@ -425,13 +425,12 @@ class FlatLoRA(SharpnessAware):
             self.restore()
             raise
 
-    def restore(self) -> None:
+    def _on_restore(self) -> None:
         """Put every perturbed layer's own forward back (the weights were never changed)."""
         for module in self._patched:
             module.__dict__.pop("forward", None)
         self._patched = []
         self._noise = []
-        super().restore()
 
     def _single_pass_done(self) -> bool:
         moved = bool(self._patched)
