@@ -346,9 +346,6 @@ class SharpnessAware(Optimizer):
         """Every parameter of every group, in the optimizer's order."""
         return [p for group in self.param_groups for p in group["params"]]
 
-    def _params(self) -> list[Tensor]:  # the former private name
-        return self.params
-
     @property
     def pass1_keep(self) -> list[bool] | None:
         """This step's pass-1 flags, one per parameter in :attr:`params` order: which
@@ -357,7 +354,7 @@ class SharpnessAware(Optimizer):
         return None if self._txn is None else self._txn.keep
 
     def _rho(self, group: dict[str, Any]) -> float:
-        return group.get("rho", self.defaults["rho"])
+        return group["rho"]  # add_param_group fills it in on every group
 
     def trainable_grads(self) -> list[Tensor]:
         """The current gradients of the wrapped parameters, in the optimizer's order
