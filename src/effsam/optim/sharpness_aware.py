@@ -987,7 +987,9 @@ class SharpnessAware(Optimizer):
                     f"into this {mine['optimizer']}: {detail}. Nothing was loaded."
                 )
             return
-        # States saved before the policy names were recorded: compare the mask's fields.
+        # States saved before the policy names were recorded (effsam 0.2.0 as released, and
+        # earlier): run checkpoints of that time have no digest, and the toolkit still
+        # resumes them (effsam.train.checkpoint, legacy=True). Compare the mask's fields.
         legacy = {"next_masks"}
         have = set(self.mask.state_dict()) - legacy
         got = set(ours["mask"]) - legacy
