@@ -230,6 +230,12 @@ def sharpness_aware_step(
         raise
 
 
+def _model_device(model: nn.Module) -> torch.device:
+    """Where the model's first parameter is (the CPU for a model without any): the
+    device of the autocast region and of the step's loss accumulators."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 @dataclass
 class _Step:
     """One call of :func:`sharpness_aware_step`: its inputs, and what the phases leave for
@@ -313,7 +319,7 @@ class _Step:
                 )
             settings = step_settings(optimizer, sync_ascent, accumulation_steps)
             check_ddp_settings(optimizer, settings)
-        device_type = next((p.device.type for p in model.parameters()), "cpu")
+        device_type = _model_device(model).type
         return cls(
             model=model,
             optimizer=optimizer,
@@ -374,7 +380,7 @@ class _Step:
         sizes, and leaves no trace in the BN running statistics (pass 2 updates them)."""
         opt = self.optimizer
         two_pass = self.sam and decision is not False and not opt.single_pass
-        total = torch.zeros((), device=next(iter(self.model.parameters())).device)
+        total = torch.zeros((), device=_model_device(self.model))
         aux = None
         with opt.first_pass() if self.sam else contextlib.nullcontext():
             parts = self.micro
@@ -590,7 +596,7 @@ class _Step:
         """Pass 2 after a reduced-batch ascent: the whole batch at θ + ε, which also
         updates the BN running statistics (once per micro-batch, as a plain step would)
         and gives the step's reported loss and aux."""
-        total = torch.zeros((), device=next(iter(self.model.parameters())).device)
+        total = torch.zeros((), device=_model_device(self.model))
         aux = None
         for i, mb in enumerate(self.micro):
             with self.no_sync(i < len(self.micro) - 1):

@@ -22,9 +22,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from ._contract import resolve_base
 from .ascent import global_norm
 from .masks import PerturbationMask, RandomTensorSubset
+from .sharpness_aware import resolve_base
 from .update import PassThrough
 from .variants import SAM
 
@@ -260,18 +260,12 @@ class StaleSAM(SAM):
     def _has_stale(self) -> bool:
         return any("stale_grad" in self.state.get(p, {}) for p in self.params)
 
-    def begin_step(self) -> bool | None:
-        first = self._txn is None or not self._txn.begun
-        decision = super().begin_step()
-        if first:
-            self._stale_now = (
-                decision is True
-                and self.aware_count % self.refresh_every != 0
-                and self._has_stale()
-            )
-            #: whether the current (or last) step ascended along the stale gradient
-            self.last_step_stale = self._stale_now
-        return decision
+    def _on_begin_step(self, decision: bool | None) -> None:
+        self._stale_now = (
+            decision is True and self.aware_count % self.refresh_every != 0 and self._has_stale()
+        )
+        #: whether the current (or last) step ascended along the stale gradient
+        self.last_step_stale = self._stale_now
 
     @torch.no_grad()
     def _pre_pass1_perturb(self) -> None:

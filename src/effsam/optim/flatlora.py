@@ -68,9 +68,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._contract import resolve_base
 from ._validate import check_seed
-from .sharpness_aware import SharpnessAware
+from .sharpness_aware import SharpnessAware, resolve_base
 
 #: how σ moves over training
 SIGMA_SCHEDULES = ("cosine", "constant")
@@ -427,13 +426,12 @@ class FlatLoRA(SharpnessAware):
             self.restore()
             raise
 
-    def restore(self) -> None:
+    def _on_restore(self) -> None:
         """Put every perturbed layer's own forward back (the weights were never changed)."""
         for module in self._patched:
             module.__dict__.pop("forward", None)
         self._patched = []
         self._noise = []
-        super().restore()
 
     def _single_pass_done(self) -> bool:
         moved = bool(self._patched)

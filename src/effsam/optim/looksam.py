@@ -36,11 +36,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._contract import resolve_base
 from ._validate import check_fraction, check_non_negative
 from .ascent import AdaptiveAscent, L2Ascent
 from .schedule import Interval
-from .sharpness_aware import SharpnessAware, refuse_nonfinite
+from .sharpness_aware import SharpnessAware, refuse_nonfinite, resolve_base
 from .update import PassThrough
 
 #: how α is read: the paper's absolute weight, or a multiple of SAM's measured correction

@@ -41,9 +41,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._contract import resolve_base
 from .ascent import global_norm
-from .sharpness_aware import SharpnessAware
+from .sharpness_aware import SharpnessAware, resolve_base
 
 #: the state key holding each base optimizer's momentum, in order of preference
 MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")

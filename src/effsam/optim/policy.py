@@ -89,6 +89,9 @@ class MaskPolicy(Protocol):
     normalise_masked: bool
     #: whether ``refresh`` needs a model and a batch (else the optimizer runs it itself)
     needs_data: bool
+    #: whether ``element_masks`` (if any) are laid out like the parameters, so that they
+    #: shard with DTensor parameters (FSDP2); False refuses such parameters (SSAM-F)
+    masks_follow_param_layout: bool
 
     @property
     def ready(self) -> bool:

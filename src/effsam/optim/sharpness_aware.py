@@ -4,13 +4,14 @@ descend."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, final
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +19,20 @@ from torch.optim import Optimizer
 
 from ..batching import batch_size, batch_tensors, index_batch
 from ..bn import BNSnapshot, snapshot_bn, watching_bn
-from . import _contract
+from ._contract import (
+    UNPICKLED,
+    SkipStep,
+    checked_closure,
+    checks_sharding,
+    eager,
+    eager_frame,
+    entered,
+    fires_step_hooks,
+    runs_load_state_dict_hooks,
+    runs_state_dict_hooks,
+    step_without_closure,
+)
+from ._dtensor import is_dtensor
 from ._transaction import Snapshot, StepTransaction
 from ._validate import check_non_negative
 from .ascent import L2Ascent, _copy_, ascend_, global_norm, group_by_device_and_dtype
@@ -137,6 +151,13 @@ class SharpnessAware(Optimizer):
     optimizer sees put back — see :meth:`watch_bn`), ``skipped_steps`` counts it,
     ``last_step_skipped`` is set and a warning points at the caller's line.
 
+    The ``torch.optim`` contract frameworks rely on (hooks, ``step()`` without a closure,
+    pickling, defaults, ``torch.compile``, FSDP) is kept by the decorators on the methods
+    below, from :mod:`effsam.optim._contract`. The methods marked ``@final`` carry it: a
+    subclass changes a step through its policies (the update policy forms the final
+    gradient) and the hooks those methods call (``_on_begin_step``, ``_pre_pass1_perturb``,
+    ``_on_restore``), which run under the same contract.
+
     Args:
         base: the optimizer instance to make sharpness-aware.
         rho: neighbourhood radius ρ ≥ 0 (ρ = 0 is exactly the base optimizer's step).
@@ -182,6 +203,12 @@ class SharpnessAware(Optimizer):
             )
         if isinstance(base, SharpnessAware):
             raise TypeError("base is already sharpness-aware; wrap the plain optimizer instead")
+        if "rho" in base.defaults:
+            raise ValueError(
+                f"base optimizer {type(base).__name__} has its own 'rho' hyper-parameter "
+                f"(rho={base.defaults['rho']!r}) in its param groups, where effsam keeps ρ: "
+                "this base cannot be wrapped"
+            )
         rho = check_non_negative(rho, "rho")
         who = f"the {type(base).__name__} optimizer's"
         _nonfinite_hyperparameters(
@@ -239,9 +266,47 @@ class SharpnessAware(Optimizer):
         # The step in progress (None between steps): its state and its undo, see
         # StepTransaction.
         self._txn: StepTransaction | None = None
+        # The base's hyper-parameters (momentum, betas, …) visible under effsam's own
+        # (OneCycleLR and CyclicLR look for momentum / betas in the defaults); ρ on top.
+        self.defaults = {**base.defaults, **self.defaults}
 
     #: (a class default too: instances unpickled from before the transaction have none)
     _txn: StepTransaction | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuse a subclass that overrides a ``@final`` method of this class: those
+        carry the torch.optim contract, which the override would silently lose (its
+        hooks run under it instead). Nothing in the subclass is changed."""
+        super().__init_subclass__(**kwargs)
+        finals = {n for n, v in vars(SharpnessAware).items() if getattr(v, "__final__", False)}
+        overridden = sorted(finals & set(vars(cls)))
+        if overridden:
+            raise TypeError(
+                f"{cls.__name__} overrides {', '.join(overridden)} of SharpnessAware, which "
+                "keep the torch.optim contract (hooks, torch.compile, sharding checks): "
+                "give it a policy (e.g. an update policy, effsam.optim.update) or override "
+                "the hooks they call instead (_on_begin_step, _pre_pass1_perturb, _on_restore)"
+            )
+
+    # ------------------------------------------------------------------ torch.optim
+    @property
+    def foreach(self) -> bool:
+        """Whether the ascent and the restore use ``torch._foreach_*`` kernels: as set
+        (default True), but never on DTensor parameters (FSDP2): DTensor has no sharding
+        rule for ``_foreach_copy_``, and the per-tensor kernels give the same result."""
+        return self._foreach and not any(is_dtensor(p) for p in self.params)
+
+    @foreach.setter
+    def foreach(self, value: bool) -> None:
+        self._foreach = bool(value)
+
+    _foreach = True
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling and ``copy.deepcopy`` take the whole wrapper (the base optimizer and
+        the policies travel along) but the hooks, as torch's ``Optimizer.__getstate__``
+        leaves them out; ``Optimizer.__setstate__`` makes them anew."""
+        return {k: v for k, v in self.__dict__.items() if k not in UNPICKLED}
 
     def _open_step(self) -> StepTransaction:
         """The step in progress, opened if none is (by begin_step, or by watch_bn or the
@@ -291,9 +356,6 @@ class SharpnessAware(Optimizer):
         """Every parameter of every group, in the optimizer's order."""
         return [p for group in self.param_groups for p in group["params"]]
 
-    def _params(self) -> list[Tensor]:  # the former private name
-        return self.params
-
     @property
     def pass1_keep(self) -> list[bool] | None:
         """This step's pass-1 flags, one per parameter in :attr:`params` order: which
@@ -302,13 +364,15 @@ class SharpnessAware(Optimizer):
         return None if self._txn is None else self._txn.keep
 
     def _rho(self, group: dict[str, Any]) -> float:
-        return group.get("rho", self.defaults["rho"])
+        return group["rho"]  # add_param_group fills it in on every group
 
     def trainable_grads(self) -> list[Tensor]:
         """The current gradients of the wrapped parameters, in the optimizer's order
         (parameters without a gradient left out)."""
         return [p.grad for p in self.params if p.grad is not None]
 
+    @final
+    @eager
     @torch.no_grad()
     def grad_sq_norm(self) -> float:
         """‖g‖² of the current gradients: one global norm, squared (what AE-SAM decides by)."""
@@ -319,6 +383,8 @@ class SharpnessAware(Optimizer):
     #: True for methods whose only pass runs at a point moved before pass 1 (MSAM).
     single_pass = False
 
+    @final
+    @eager
     def begin_step(self) -> bool | None:
         """Start a step (idempotent until it ends): ask the schedule whether it is
         sharpness-aware. Returns True (sharpness-aware), False (a plain base step: one
@@ -327,8 +393,14 @@ class SharpnessAware(Optimizer):
         txn = self._open_step()
         if not txn.begun:
             txn.begin(self)
+            self._on_begin_step(txn.decision)
         return txn.decision
 
+    def _on_begin_step(self, decision: bool | None) -> None:
+        """A step has begun (once per step), with the schedule's decision."""
+
+    @final
+    @eager
     @torch.no_grad()
     def decide_after_pass1(self, grad_sq_norm: Tensor | float | None = None) -> bool:
         """For a schedule that needs pass 1's gradient (AE-SAM): decide from ‖g‖² (the
@@ -391,30 +463,42 @@ class SharpnessAware(Optimizer):
 
     @contextlib.contextmanager
     def _first_pass(self, decision: bool | None) -> Iterator[None]:
+        txn, switched = self._enter_pass1(decision)
+        try:
+            yield
+        except BaseException:
+            if txn is None:  # a single-pass method: put its moved θ back
+                self.restore()
+            raise
+        finally:
+            self._exit_pass1(txn, switched)
+
+    @eager
+    def _enter_pass1(self, decision: bool | None) -> tuple[StepTransaction | None, list[Tensor]]:
+        """Pass 1 begins. A single-pass method moves θ (no transaction flag: None);
+        otherwise the tensors the mask does not keep get ``requires_grad`` off (returned,
+        to be switched back on)."""
         if self.single_pass:
             if decision:
                 self._pre_pass1_perturb()
-            try:
-                yield
-            except BaseException:
-                self.restore()
-                raise
-            return
+            return None, []
         keep = self._draw() if decision else None
         switched: list[Tensor] = []
         if keep is not None:
-            for p, k in zip(self._params(), keep):
+            for p, k in zip(self.params, keep):
                 if not k and p.requires_grad:
                     p.requires_grad_(False)
                     switched.append(p)
         txn = self._open_step()
         txn.in_pass1 = True
-        try:
-            yield
-        finally:
+        return txn, switched
+
+    @eager
+    def _exit_pass1(self, txn: StepTransaction | None, switched: list[Tensor]) -> None:
+        if txn is not None:
             txn.in_pass1 = False
-            for p in switched:
-                p.requires_grad_(True)
+        for p in switched:
+            p.requires_grad_(True)
 
     def ascent_batch(self, batch: Any) -> Any:
         """The part of ``batch`` pass 1 runs on: a random slice of ⌊f·b + ½⌋ samples when
@@ -448,7 +532,8 @@ class SharpnessAware(Optimizer):
         return index_batch(batch, idx)
 
     def _pre_pass1_perturb(self) -> None:
-        """Single-pass methods: move θ before pass 1 (see :class:`effsam.MSAM`)."""
+        """Single-pass methods: move θ before pass 1 (see :class:`effsam.MSAM`); called
+        from :meth:`first_pass`, eagerly."""
         raise NotImplementedError
 
     @property
@@ -461,6 +546,9 @@ class SharpnessAware(Optimizer):
         return (bool(txn.perturbed) and not self.single_pass) or txn.pass1_skipped
 
     # ------------------------------------------------------------------ the steps
+    @final
+    @eager
+    @checks_sharding
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> bool:
         """Ascend: θ ← θ + ε from the current gradients. Returns False if the gradients were
@@ -640,6 +728,10 @@ class SharpnessAware(Optimizer):
         txn.pre_pass1_done = False
         return self._start_plain()
 
+    def _on_restore(self) -> None:
+        """θ is being restored: undo a perturbation kept outside the weights (Flat-LoRA's
+        patched forwards)."""
+
     def _backup(self, p: Tensor) -> Tensor:
         state = self.state[p]
         buf = state.get("theta")
@@ -647,9 +739,12 @@ class SharpnessAware(Optimizer):
             buf = state["theta"] = torch.empty_like(p, memory_format=torch.preserve_format)
         return buf
 
+    @final
+    @eager
     @torch.no_grad()
     def restore(self) -> None:
         """Load back the exact pre-ascent weights (a copy, never θ + ε − ε)."""
+        self._on_restore()
         txn = self._txn
         if txn is None:
             return
@@ -660,6 +755,9 @@ class SharpnessAware(Optimizer):
                 _copy_([ps[i] for i in idx], [backups[i] for i in idx], self.foreach)
         txn.perturbed = []
 
+    @final
+    @eager
+    @fires_step_hooks
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> bool:
         """Restore θ and step the base optimizer with the current (pass-2) gradients — or,
@@ -721,6 +819,8 @@ class SharpnessAware(Optimizer):
             self._txn.end()
         self._txn = None
 
+    @final
+    @eager
     def abort_step(self) -> None:
         """Undo a step that failed part-way: weights restored, mask draw, mask refresh and
         schedule rolled back, watched BN buffers put back, gradients cleared. The base
@@ -740,38 +840,48 @@ class SharpnessAware(Optimizer):
             stacklevel=caller_stacklevel(),
         )
 
+    @final
+    @eager_frame
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One sharpness-aware step with a torch-standard closure (zero grads, forward,
-        backward, return loss), called twice. Returns the pass-1 loss."""
-        if closure is None:
-            raise RuntimeError(
-                "SharpnessAware.step needs a closure (zero grads, forward, backward, return "
-                "loss); or use first_step()/second_step() or effsam.sharpness_aware_step()"
-            )
-        if self.selection.needs_per_sample:
-            raise RuntimeError(
-                f"sample selection ({self.selection.name}, gamma={self.selection.gamma}) "
-                "cannot work through a closure: use effsam.sharpness_aware_step(model, opt, "
-                "batch, loss_fn) with a per-sample loss_fn"
-            )
-        if self.mask.needs_data and self.mask_refresh_due():
-            raise RuntimeError(
-                f"the {self.mask.name!r} mask is due for a refresh from data at step "
-                f"{self.steps}, which step(closure) cannot do: call opt.refresh_mask(model, "
-                "batch, loss_fn) when opt.mask_refresh_due() before opt.step(closure), or "
-                "use effsam.sharpness_aware_step"
-            )
-        try:
-            with torch.enable_grad(), self.first_pass():
-                loss = closure()
-            if self.first_step(zero_grad=True):
-                with torch.enable_grad():
-                    closure()
-        except BaseException:
-            self.abort_step()
-            raise
-        self.second_step()
-        return loss
+        backward, return loss), called twice. Returns the pass-1 loss.
+
+        The closure must leave gradients (else a RuntimeError; a first call returning None
+        with no gradient skips the step, as a framework's skipped batch). Without a
+        closure, ``step()`` finishes a step begun with :meth:`first_step` (a framework ran
+        pass 2's backward itself) and is an error otherwise. The step hooks fire once,
+        from torch's wrapper of ``step``."""
+        with entered(self, "step"):  # (second_step inside fires no hooks of its own)
+            if closure is None:
+                return step_without_closure(self)
+            closure = checked_closure(self, closure)
+            if self.selection.needs_per_sample:
+                raise RuntimeError(
+                    f"sample selection ({self.selection.name}, gamma={self.selection.gamma}) "
+                    "cannot work through a closure: use effsam.sharpness_aware_step(model, "
+                    "opt, batch, loss_fn) with a per-sample loss_fn"
+                )
+            if self.mask.needs_data and self.mask_refresh_due():
+                raise RuntimeError(
+                    f"the {self.mask.name!r} mask is due for a refresh from data at step "
+                    f"{self.steps}, which step(closure) cannot do: call opt.refresh_mask("
+                    "model, batch, loss_fn) when opt.mask_refresh_due() before "
+                    "opt.step(closure), or use effsam.sharpness_aware_step"
+                )
+            try:
+                with torch.enable_grad(), self.first_pass():
+                    loss = closure()
+                if self.first_step(zero_grad=True):
+                    with torch.enable_grad():
+                        closure()
+            except SkipStep:
+                self.abort_step()
+                return None  # the closure skipped the batch: nothing was changed
+            except BaseException:
+                self.abort_step()
+                raise
+            self.second_step()
+            return loss
 
     # ------------------------------------------------------------------ sample selection
     def select(self, loss_before: Tensor | None, loss_after: Tensor | None) -> Tensor | None:
@@ -791,10 +901,15 @@ class SharpnessAware(Optimizer):
         return idx
 
     # ------------------------------------------------------------------ masks needing data
+    @final
+    @eager
     def mask_refresh_due(self) -> bool:
         """Whether the mask policy wants :meth:`refresh_mask` before the next step."""
         return self.mask.refresh_due(self.steps)
 
+    @final
+    @eager
+    @checks_sharding
     def refresh_mask(
         self, model: torch.nn.Module | None, batch: Any, loss_fn: Callable | None
     ) -> bool:
@@ -825,6 +940,8 @@ class SharpnessAware(Optimizer):
             "update": f"{type(self.update).__name__}:{self.update.name}",
         }
 
+    @final
+    @runs_state_dict_hooks
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The base optimizer's state dict plus an ``"effsam"`` entry with the wrapper's
         counters, the names of its policies and every policy's state."""
@@ -874,7 +991,9 @@ class SharpnessAware(Optimizer):
                     f"into this {mine['optimizer']}: {detail}. Nothing was loaded."
                 )
             return
-        # States saved before the policy names were recorded: compare the mask's fields.
+        # States saved before the policy names were recorded (effsam 0.2.0 as released, and
+        # earlier): run checkpoints of that time have no digest, and the toolkit still
+        # resumes them (effsam.train.checkpoint, legacy=True). Compare the mask's fields.
         legacy = {"next_masks"}
         have = set(self.mask.state_dict()) - legacy
         got = set(ours["mask"]) - legacy
@@ -885,6 +1004,8 @@ class SharpnessAware(Optimizer):
                 f"{sorted(have)}. Nothing was loaded."
             )
 
+    @final
+    @runs_load_state_dict_hooks
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Load a state saved by :meth:`state_dict` of the same kind of optimizer.
 
@@ -999,6 +1120,56 @@ def _load_part(key: str, load: Callable[[Any], None], state: Any) -> None:
         ) from err
 
 
-# torch.optim contract (hooks, step() without closure, pickling, defaults, compile, FSDP):
-# wrappers around the methods above, see _contract.py.
-_contract.install(SharpnessAware)
+# ---------------------------------------------------------------------- params-first
+def _wrapper_keywords() -> set[str]:
+    """The keyword-only arguments of :class:`SharpnessAware` (``foreach``, …)."""
+    sig = inspect.signature(SharpnessAware.__init__)
+    return {n for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY}
+
+
+def resolve_base(
+    params: Any, base: Any, kwargs: dict[str, Any], who: str
+) -> tuple[Optimizer, dict[str, Any]]:
+    """The base optimizer instance and the keywords left for the wrapper: the
+    params-first constructor form shared by the methods' constructors
+    (``effsam.SAM(model.parameters(), base=torch.optim.SGD, lr=0.1, rho=0.05)``).
+
+    Two forms: ``who(optimizer_instance, ...)`` (or ``base=optimizer_instance``), and
+    ``who(params, base=OptimizerClass, **kwargs)``: then the keywords the wrapper takes
+    (``foreach``, ``check_finite``, …) stay with it, every other one — and everything in
+    ``base_kwargs={...}`` — goes to ``OptimizerClass(params, ...)``.
+    """
+    base_kwargs = kwargs.pop("base_kwargs", None)
+    if isinstance(params, Optimizer):
+        if base is not None:
+            raise TypeError(
+                f"{who}: got an optimizer instance and base={base!r}: give either the instance, "
+                "or params with base=<an optimizer class>"
+            )
+        base, params = params, None
+    if isinstance(base, Optimizer):
+        if params is not None:
+            raise TypeError(
+                f"{who}: base is an optimizer instance, which already holds its parameters: "
+                "drop the params argument (or pass base=<the optimizer class>)"
+            )
+        if base_kwargs:
+            raise TypeError(f"{who}: base_kwargs needs base=<an optimizer class>, not an instance")
+        return base, kwargs
+    if params is None:
+        raise TypeError(
+            f"{who} needs an optimizer: {who}(torch.optim.SGD(params, lr=...)) or "
+            f"{who}(params, base=torch.optim.SGD, lr=...)"
+        )
+    if not (isinstance(base, type) and issubclass(base, Optimizer)):
+        raise TypeError(
+            f"{who}: the first argument is a {type(params).__name__}, not an optimizer "
+            f"instance, so base must be a torch.optim.Optimizer subclass, got {base!r:.80} "
+            f"(e.g. {who}(params, base=torch.optim.SGD, lr=0.1))"
+        )
+    ours = _wrapper_keywords()
+    wrapper_kw = {k: v for k, v in kwargs.items() if k in ours}
+    base_kw = {k: v for k, v in kwargs.items() if k not in ours}
+    if base_kwargs:
+        base_kw.update(base_kwargs)
+    return base(params, **base_kw), wrapper_kw

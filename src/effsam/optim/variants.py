@@ -7,12 +7,11 @@ from typing import Any
 
 from torch import Tensor
 
-from ._contract import resolve_base
 from .ascent import AdaptiveAscent, L2Ascent
 from .masks import RandomTensorSubset
 from .sds_variants import MixWithPass1, RandomSubset
 from .selection import SELECTIONS, AllSamples
-from .sharpness_aware import SharpnessAware, refuse_nonfinite
+from .sharpness_aware import SharpnessAware, refuse_nonfinite, resolve_base
 
 #: ESAM's selection modes: the paper's, the cheap one, and the random control
 ESAM_SELECTIONS = {**SELECTIONS, "random": RandomSubset}
