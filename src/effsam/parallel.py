@@ -1,10 +1,14 @@
-"""Data-parallel support for :func:`effsam.sharpness_aware_step`: finding the DDP module,
-the hand-made pass-1 all-reduce of ``sync_ascent``, and the check that every worker runs
-the same step."""
+"""Data-parallel support for :func:`effsam.sharpness_aware_step`: walking the DDP/compile
+wrapper chain, the hand-made pass-1 all-reduce of ``sync_ascent``, AE-SAM's statistic
+averaged over the workers, the check that every worker runs the same step, and the memory
+of what was done once per optimizer (held weakly: nothing is written on the optimizer)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -16,22 +20,55 @@ from .optim.ascent import group_by_device_and_dtype
 from .optim.sharpness_aware import SharpnessAware
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP and/or ``torch.compile`` wrappers."""
+def wrapper_chain(model: nn.Module) -> Iterator[nn.Module]:
+    """``model``, then each module it wraps through DDP (``.module``) and ``torch.compile``
+    (``._orig_mod``), outermost first: the one walk of the wrapper chain."""
     while True:
+        yield model
         if isinstance(model, DistributedDataParallel):
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod
         else:
-            return model
+            return
+
+
+class ObjectMemory:
+    """The objects (optimizers) something was done for once, held weakly: remembering one
+    writes nothing on it, and a collected one is forgotten. An object that cannot be weakly
+    referenced (or hashed) is never remembered, so whatever was done is done again."""
+
+    def __init__(self) -> None:
+        self._objects: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def __contains__(self, obj: Any) -> bool:
+        try:
+            return obj in self._objects
+        except TypeError:  # unhashable
+            return False
+
+    def add(self, obj: Any) -> None:
+        with contextlib.suppress(TypeError):  # no weak reference to it
+            self._objects.add(obj)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP and/or ``torch.compile`` wrappers."""
+    *_, inner = wrapper_chain(model)
+    return inner
 
 
 def find_ddp(model: nn.Module) -> DistributedDataParallel | None:
-    if isinstance(model, DistributedDataParallel):
-        return model
-    inner = getattr(model, "_orig_mod", None)
-    return inner if isinstance(inner, DistributedDataParallel) else None
+    """The DDP wrapper in ``model``'s wrapper chain (None: not data-parallel)."""
+    return next((m for m in wrapper_chain(model) if isinstance(m, DistributedDataParallel)), None)
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """``torch.compile(model)`` (a wrapper) or ``model.compile()`` (in place), DDP or not."""
+    return any(
+        getattr(m, "_compiled_call_impl", None) is not None or hasattr(m, "_orig_mod")
+        for m in wrapper_chain(model)
+    )
 
 
 def allreduce_mean(grads: list[Tensor]) -> None:
@@ -68,10 +105,30 @@ def sync_ascent_grads(optimizer: SharpnessAware) -> None:
         allreduce_mean(grads)
 
 
+def mean_grad_sq_norm(
+    optimizer: SharpnessAware, ddp: Any, scaler: torch.amp.GradScaler | None
+) -> float:
+    """‖g‖² of pass 1 (unscaled) for a schedule that decides from it (AE-SAM): under data
+    parallel the mean over the workers of their local ‖g‖², so that all decide alike."""
+    sq = optimizer.grad_sq_norm()
+    if scaler is not None and scaler.is_enabled():
+        sq = sq / float(scaler.get_scale()) ** 2
+    if ddp is not None:
+        device = next((g.device for g in optimizer.trainable_grads()), torch.device("cpu"))
+        t = torch.tensor([sq], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        sq = float(t) / dist.get_world_size()
+    return sq
+
+
 def _digest(data: bytes) -> str:
     # Python's hash() of bytes is salted per process, so it cannot be compared across
     # workers; a cryptographic digest can.
     return hashlib.sha256(data).hexdigest()[:16]
+
+
+#: The optimizers whose workers were found to agree (:func:`check_ddp_settings`).
+_DDP_CHECKED = ObjectMemory()
 
 
 def check_ddp_settings(optimizer: Any, settings: dict[str, str]) -> None:
@@ -81,7 +138,7 @@ def check_ddp_settings(optimizer: Any, settings: dict[str, str]) -> None:
     different collectives (a hang) or silently train different models. One
     ``all_gather_object`` at the first step turns that into a RuntimeError on every rank.
     """
-    if getattr(optimizer, "_effsam_ddp_checked", False):
+    if optimizer in _DDP_CHECKED:
         return
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, settings)
@@ -97,7 +154,7 @@ def check_ddp_settings(optimizer: Any, settings: dict[str, str]) -> None:
             f"effsam: data-parallel workers disagree on {', '.join(differ)}; every rank must "
             f"build the optimizer and call sharpness_aware_step with the same settings:\n{lines}"
         )
-    optimizer._effsam_ddp_checked = True
+    _DDP_CHECKED.add(optimizer)
 
 
 def step_settings(optimizer: Any, sync_ascent: bool, accumulation_steps: int) -> dict[str, str]:
@@ -115,9 +172,9 @@ def step_settings(optimizer: Any, sync_ascent: bool, accumulation_steps: int) ->
         s["ascent"] = f"{optimizer.ascent.name}({optimizer.ascent.extra_repr()})"
         s["mask"] = f"{optimizer.mask.name}({optimizer.mask.extra_repr()})"
         s["selection"] = f"{optimizer.selection.name}({optimizer.selection.extra_repr()})"
-        s["pass 2 on the whole batch"] = repr(optimizer.pass2_whole_batch)
-        s["sds_update"] = repr(getattr(optimizer, "sds_update", None))
-        s["sds_bn"] = repr(getattr(optimizer, "sds_bn_batch", False))
+        s["pass 2 on the whole batch"] = repr(optimizer.selection.pass2_whole_batch)
+        s["update"] = f"{optimizer.update.name}({optimizer.update.extra_repr()})"
+        s["sds_bn"] = repr(optimizer.selection.pass2_bn_whole_batch)
         s["ascent slice"] = optimizer.ascent_slice.extra_repr()
         s["ascent slice generator state"] = _digest(
             optimizer.ascent_slice.generator.get_state().numpy().tobytes()

@@ -32,14 +32,16 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
 from .batching import batch_size, index_batch, split_batch
 from .bn import capture_bn_stats, restore_bn, snapshot_bn, use_bn_stats
 from .optim.sharpness_aware import KeptFraction, SharpnessAware
 from .parallel import (
+    ObjectMemory,
     check_ddp_settings,
     find_ddp,
+    is_compiled,
+    mean_grad_sq_norm,
     step_settings,
     sync_ascent_grads,
     unwrap_model,
@@ -122,23 +124,15 @@ def _split_loss(out: Any, n: int, per_sample: bool, micro: bool = False) -> tupl
     return out, aux
 
 
-def _is_compiled(model: nn.Module) -> bool:
-    """``torch.compile(model)`` (a wrapper) or ``model.compile()`` (in place), DDP or not."""
-    while True:
-        if getattr(model, "_compiled_call_impl", None) is not None:
-            return True
-        if hasattr(model, "_orig_mod"):
-            return True
-        if not isinstance(model, DistributedDataParallel):
-            return False
-        model = model.module
+#: The optimizers :func:`_warn_if_compiled` has warned about.
+_COMPILE_WARNED = ObjectMemory()
 
 
 def _warn_if_compiled(model: nn.Module, optimizer: SharpnessAware) -> None:
     """Once per optimizer: SWP and torch.compile work together but rarely pay off."""
-    if getattr(optimizer, "_effsam_compile_warned", False) or not _is_compiled(model):
+    if optimizer in _COMPILE_WARNED or not is_compiled(model):
         return
-    optimizer._effsam_compile_warned = True
+    _COMPILE_WARNED.add(optimizer)
     warnings.warn(
         "effsam: SWP switches requires_grad per tensor in pass 1, and a torch.compile'd "
         "model is guarded on those flags: each new mask pattern recompiles, and once "
@@ -195,9 +189,16 @@ def sharpness_aware_step(
         A :class:`StepResult`.
     """
     step = _Step.prepare(
-        model, optimizer, batch, loss_fn, scaler, autocast, accumulation_steps, clip_grad_norm,
-        sync_ascent,
-    )  # fmt: skip
+        model=model,
+        optimizer=optimizer,
+        batch=batch,
+        loss_fn=loss_fn,
+        scaler=scaler,
+        autocast=autocast,
+        accumulation_steps=accumulation_steps,
+        clip_grad_norm=clip_grad_norm,
+        sync_ascent=sync_ascent,
+    )
     bn_start = snapshot_bn(model)
     try:
         # the step begins before a due mask refresh, so that a failure undoes the refresh
@@ -211,14 +212,14 @@ def sharpness_aware_step(
         step.pass1(decision, bn_start)
         step.check_gradients()
         if not step.sam:
-            result = step.plain_optimizer_step()
+            result = step.torch_step()
             if result.skipped:  # a GradScaler's overflow: the batch left no trace
                 restore_bn(bn_start)
             return result
         if decision is None:
             decision = step.decide_after_pass1()  # AE-SAM
         if not decision or step.optimizer.single_pass:
-            return step.plain_scheduled_step()
+            return step.one_pass_step()
         skipped = step.ascend()
         if skipped is not None:
             return skipped
@@ -227,6 +228,12 @@ def sharpness_aware_step(
     except BaseException:
         step.rollback(bn_start)
         raise
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    """Where the model's first parameter is (the CPU for a model without any): the
+    device of the autocast region and of the step's loss accumulators."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 @dataclass
@@ -261,6 +268,7 @@ class _Step:
     @classmethod
     def prepare(
         cls,
+        *,
         model: nn.Module,
         optimizer: Any,
         batch: Any,
@@ -311,11 +319,23 @@ class _Step:
                 )
             settings = step_settings(optimizer, sync_ascent, accumulation_steps)
             check_ddp_settings(optimizer, settings)
-        device_type = next((p.device.type for p in model.parameters()), "cpu")
+        device_type = _model_device(model).type
         return cls(
-            model, optimizer, batch, loss_fn, scaler if use_scaler else None, amp_dtype,
-            accumulation_steps, clip_grad_norm, sync_ascent, sam, b, micro, ddp, device_type,
-        )  # fmt: skip
+            model=model,
+            optimizer=optimizer,
+            batch=batch,
+            loss_fn=loss_fn,
+            scaler=scaler if use_scaler else None,
+            amp_dtype=amp_dtype,
+            accumulation_steps=accumulation_steps,
+            clip_grad_norm=clip_grad_norm,
+            sync_ascent=sync_ascent,
+            sam=sam,
+            b=b,
+            micro=micro,
+            ddp=ddp,
+            device_type=device_type,
+        )
 
     # ------------------------------------------------------------------ passes
     def forward(self, mb: Any) -> tuple[Tensor, Any]:
@@ -360,13 +380,13 @@ class _Step:
         sizes, and leaves no trace in the BN running statistics (pass 2 updates them)."""
         opt = self.optimizer
         two_pass = self.sam and decision is not False and not opt.single_pass
-        total = torch.zeros((), device=next(iter(self.model.parameters())).device)
+        total = torch.zeros((), device=_model_device(self.model))
         aux = None
         with opt.first_pass() if self.sam else contextlib.nullcontext():
             parts = self.micro
             if two_pass and opt.ascent_slice.slices:
                 parts = [opt.ascent_batch(mb) for mb in self.micro]
-                self.sliced = opt._sliced
+                self.sliced = opt._txn is not None and opt._txn.sliced
             n1 = sum(batch_size(mb) for mb in parts) if self.sliced else self.b_run
             capture = two_pass and self._bn_repair() and not opt.selection.needs_perturbed_loss
             for i, mb in enumerate(parts):
@@ -408,27 +428,86 @@ class _Step:
                 "the optimizer was built for?). Nothing was changed"
             )
 
-    def plain_optimizer_step(self) -> StepResult:
-        return _plain_step(
-            self.optimizer, self.model, self.scaler, self.clip_grad_norm, self.total, self.b,
-            self.aux,
-        )  # fmt: skip
+    # ------------------------------------------------------------------ the step's end
+    def finish(
+        self,
+        base_step: Callable[[], Any],
+        *,
+        unscale: Any = None,
+        before_clip: Callable[[], Any] | None = None,
+        clip: bool = True,
+    ) -> Any:
+        """The end of every step, written once: unscale (``unscale``: the object the
+        GradScaler keys this gradient by; None: no unscaling here) → ``before_clip`` →
+        clip the final gradient (unless ``clip`` is False) → ``base_step()`` → the
+        scaler's update. Returns what ``base_step`` returns."""
+        if self.scaler is not None and unscale is not None:
+            self.scaler.unscale_(unscale)
+        if before_clip is not None:
+            before_clip()
+        if clip and self.clip_grad_norm is not None:
+            # After unscaling and DDP's all-reduce: the final gradient, the same on every
+            # worker. (Clipping pass 1 would do nothing: the ascent normalises it away.)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+        out = base_step()
+        if self.scaler is not None:
+            self.scaler.update()  # backs off if a pass recorded an overflow
+        return out
+
+    def result(
+        self,
+        *,
+        selected: int,
+        skipped: bool,
+        sharpness_aware: bool,
+        kept_fraction: KeptFraction | None = None,
+        ascent_samples: int | None = None,
+    ) -> StepResult:
+        return StepResult(
+            loss=self.total,  # type: ignore[arg-type]
+            batch_size=self.b,
+            selected=selected,
+            kept_fraction=kept_fraction,
+            skipped=skipped,
+            mask_refreshed=self.refreshed,
+            aux=self.aux,
+            sharpness_aware=sharpness_aware,
+            ascent_samples=ascent_samples,
+        )
+
+    def torch_step(self) -> StepResult:
+        """A plain ``torch.optim`` optimizer: its step (through the GradScaler, which
+        unscales by itself unless clipping needed it first)."""
+        opt, scaler = self.optimizer, self.scaler
+        if scaler is None:
+            self.finish(opt.step)
+            skipped = False
+        else:
+            scale = scaler.get_scale()
+            unscale = opt if self.clip_grad_norm is not None else None
+            self.finish(lambda: scaler.step(opt), unscale=unscale)
+            skipped = scaler.get_scale() < scale
+        return self.result(selected=self.b, skipped=skipped, sharpness_aware=False)
 
     def decide_after_pass1(self) -> bool:
         """AE-SAM: from pass 1's gradient norm; under m-sharpness from the mean over workers
         of the local ‖g‖², so that every worker takes the same branch."""
         opt = self.optimizer
-        decision = opt.decide_after_pass1(_grad_sq_norm(opt, self.ddp, self.scaler))
+        decision = opt.decide_after_pass1(mean_grad_sq_norm(opt, self.ddp, self.scaler))
         if not decision and self.ddp is not None:
             sync_ascent_grads(opt)  # pass 1 was local: reduce it by hand
         return decision
 
-    def plain_scheduled_step(self) -> StepResult:
-        ok = _scheduled_plain_step(self.optimizer, self.scaler, self.clip_grad_norm)
-        aware = bool(self.optimizer.last_step_sharpness_aware)  # MSAM: its one pass moved θ
-        return StepResult(
-            self.total, self.b, self.b_run, None, not ok, self.refreshed, self.aux, aware
-        )
+    def one_pass_step(self) -> StepResult:
+        """A plain step of a sharpness-aware optimizer (its schedule said so, or a
+        single-pass method): pass 1's gradient, unscaled (keyed by the wrapper), after
+        ``first_step`` recorded the plain step (MSAM: restores θ), clipped, goes to the
+        base optimizer."""
+        opt = self.optimizer
+        ok = self.finish(opt.second_step, unscale=opt, before_clip=opt.first_step)
+        aware = bool(opt.last_step_sharpness_aware)  # MSAM: its one pass moved θ
+        return self.result(selected=self.b_run, skipped=not ok, sharpness_aware=aware)
 
     def ascend(self) -> StepResult | None:
         """θ ← θ + ε; a StepResult if the step ends here (a non-finite pass 1)."""
@@ -446,13 +525,15 @@ class _Step:
         # back their scalers off) together. With sync_ascent or one process everyone
         # already saw the same gradient, and stopping here is safe.
         if self.ddp is None or self.sync_ascent:
-            opt.second_step()  # restores nothing, counts the skip
-            if self.scaler is not None:
-                self.scaler.update()
-            return StepResult(
-                self.total, self.b, 0, opt.last_kept, True, self.refreshed, self.aux, True,
-                self.ascent_samples,
-            )  # fmt: skip
+            # nothing to unscale or clip: second_step restores nothing, counts the skip
+            self.finish(opt.second_step, clip=False)
+            return self.result(
+                selected=0,
+                skipped=True,
+                sharpness_aware=True,
+                kept_fraction=opt.last_kept,
+                ascent_samples=self.ascent_samples,
+            )
         self.poison = True
         return None
 
@@ -468,7 +549,7 @@ class _Step:
         try:
             for i, mb in enumerate(self.micro):
                 sub = mb
-                if sds and opt.pass2_whole_batch:
+                if sds and opt.selection.pass2_whole_batch:
                     selected += self._pass2_whole_batch(i, mb)
                     continue
                 stats = self.bn_stats_1[i] if sds and self._bn_repair() else None
@@ -506,20 +587,16 @@ class _Step:
                 selected += batch_size(sub)
         finally:
             restore_bn(bn_after_pass1)
-        if sds and selected < self.b_run:
-            # the share selected over the whole batch (ESAM-mix's weight), not the last
-            # micro-batch's
-            opt.selection.last_fraction = selected / self.b_run
         return selected
 
     def _bn_repair(self) -> bool:
-        return bool(getattr(self.optimizer, "sds_bn_batch", False))
+        return self.optimizer.selection.pass2_bn_whole_batch
 
     def _pass2_after_slice(self) -> int:
         """Pass 2 after a reduced-batch ascent: the whole batch at θ + ε, which also
         updates the BN running statistics (once per micro-batch, as a plain step would)
         and gives the step's reported loss and aux."""
-        total = torch.zeros((), device=next(iter(self.model.parameters())).device)
+        total = torch.zeros((), device=_model_device(self.model))
         aux = None
         for i, mb in enumerate(self.micro):
             with self.no_sync(i < len(self.micro) - 1):
@@ -550,19 +627,14 @@ class _Step:
     def descend(self, selected: int) -> StepResult:
         """θ restored, the final gradient unscaled and clipped, the base optimizer steps."""
         opt = self.optimizer
-        if self.scaler is not None:
-            self.scaler.unscale_(opt.base)  # pass 2, keyed by the base optimizer
-        if self.clip_grad_norm is not None:
-            # After unscaling and DDP's all-reduce: the final gradient, the same on every
-            # worker. (Clipping pass 1 would do nothing: the ascent normalises it away.)
-            torch.nn.utils.clip_grad_norm_(opt.params, self.clip_grad_norm)
-        ok = opt.second_step()
-        if self.scaler is not None:
-            self.scaler.update()  # backs off if either pass recorded an overflow
-        return StepResult(
-            self.total, self.b, selected, opt.last_kept, not ok, self.refreshed, self.aux, True,
-            self.ascent_samples,
-        )  # fmt: skip
+        ok = self.finish(opt.second_step, unscale=opt.base)  # pass 2, keyed by the base
+        return self.result(
+            selected=selected,
+            skipped=not ok,
+            sharpness_aware=True,
+            kept_fraction=opt.last_kept,
+            ascent_samples=self.ascent_samples,
+        )
 
     def rollback(self, bn_start: Any) -> None:
         """A failure part-way: weights, BN buffers, optimizer state and the scaler as they
@@ -580,7 +652,7 @@ class _Step:
 
 def _preselects(optimizer: SharpnessAware) -> bool:
     sel = optimizer.selection
-    return bool(getattr(sel, "before_pass1", False)) and sel.needs_per_sample
+    return sel.before_pass1 and sel.needs_per_sample
 
 
 def _preselect(
@@ -603,41 +675,6 @@ def _preselect(
     return subsets, total, aux
 
 
-def _grad_sq_norm(
-    optimizer: SharpnessAware, ddp: Any, scaler: torch.amp.GradScaler | None
-) -> float:
-    """‖g‖² of pass 1 (unscaled), the mean over data-parallel workers."""
-    sq = optimizer.grad_sq_norm()
-    if scaler is not None and scaler.is_enabled():
-        sq = sq / float(scaler.get_scale()) ** 2
-    if ddp is not None:
-        import torch.distributed as dist
-
-        device = next((g.device for g in optimizer.trainable_grads()), torch.device("cpu"))
-        t = torch.tensor([sq], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        sq = float(t) / dist.get_world_size()
-    return sq
-
-
-def _scheduled_plain_step(
-    optimizer: SharpnessAware,
-    scaler: torch.amp.GradScaler | None,
-    clip_grad_norm: float | None,
-) -> bool:
-    """A plain step of a sharpness-aware optimizer (its schedule said so, or a single-pass
-    method): pass 1's gradient, unscaled and clipped, goes to the base optimizer."""
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    optimizer.first_step()  # False: records the plain step (MSAM: restores θ)
-    if clip_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(optimizer.params, clip_grad_norm)
-    ok = optimizer.second_step()
-    if scaler is not None:
-        scaler.update()
-    return ok
-
-
 def _mean(losses: Tensor) -> Tensor:
     # Half-precision losses (autocast) are averaged in float32; others in their own dtype.
     if losses.dtype in (torch.float16, torch.bfloat16):
@@ -652,29 +689,3 @@ def _merge_aux(acc: Any, new: Any) -> Any:
     if isinstance(acc, Tensor) and isinstance(new, Tensor):
         return torch.cat([acc, new])
     return new
-
-
-def _plain_step(
-    optimizer: torch.optim.Optimizer,
-    model: nn.Module,
-    scaler: torch.amp.GradScaler | None,
-    clip_grad_norm: float | None,
-    total: Tensor,
-    b: int,
-    aux: Any,
-) -> StepResult:
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if scaler is not None:
-        if clip_grad_norm is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
-        scale = scaler.get_scale()
-        scaler.step(optimizer)
-        scaler.update()
-        skipped = scaler.get_scale() < scale
-    else:
-        if clip_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
-        optimizer.step()
-        skipped = False
-    return StepResult(total, b, b, None, skipped, False, aux, False)

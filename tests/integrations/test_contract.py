@@ -3,14 +3,18 @@ pickling, defaults for schedulers, params-first constructors, generator state on
 
 from __future__ import annotations
 
+import ast
 import copy
+import inspect
 import pickle
+import textwrap
 
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import effsam
+from effsam.optim.update import PassThrough
 from helpers import clone_state, per_sample_ce, tiny_bn_net, tiny_data
 
 LR, MOM, RHO = 0.1, 0.9, 0.2
@@ -390,3 +394,142 @@ def test_state_dict_stores_effsams_entry_once():
     buf.seek(0)
     loaded = torch.load(buf, weights_only=True)
     assert loaded["param_groups"][0]["effsam"] is loaded["effsam"]
+
+
+# ---------------------------------------------------------------------- at the definitions
+_NOT_WRAPPING = {"final", "property", "staticmethod", "classmethod"}
+
+
+def _written(cls: type) -> tuple[set[str], dict[str, tuple[int, int]]]:
+    """From the source of ``cls``: the names its body binds, and per function the line it
+    starts on (its first decorator) and how many of its decorators wrap it."""
+    lines, start = inspect.getsourcelines(cls)
+    body = ast.parse(textwrap.dedent("".join(lines))).body[0].body
+    names: set[str] = set()
+    funcs: dict[str, tuple[int, int]] = {}
+    for node in body:
+        if isinstance(node, ast.FunctionDef):
+            names.add(node.name)
+            decos = [ast.unparse(d) for d in node.decorator_list]
+            if any(d in ("property",) or d.endswith((".setter", ".getter")) for d in decos):
+                continue
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            wrapping = sum(d not in _NOT_WRAPPING for d in decos)
+            funcs[node.name] = (start + first - 1, wrapping)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+    return names, funcs
+
+
+def _layers(fn):
+    n = 0
+    while hasattr(fn, "__wrapped__"):
+        fn, n = fn.__wrapped__, n + 1
+    return fn, n
+
+
+def _sharpness_aware_classes():
+    seen, todo = [], [effsam.SharpnessAware]
+    while todo:
+        cls = todo.pop()
+        if cls.__module__.startswith("effsam."):
+            seen.append(cls)
+        todo.extend(cls.__subclasses__())
+    return seen
+
+
+@pytest.mark.parametrize("cls", _sharpness_aware_classes(), ids=lambda c: c.__name__)
+def test_no_method_is_rewritten_after_the_class_body(cls):
+    """Every attribute of the class is what its body wrote, with only the decorators
+    written there (torch patches ``step`` with its profiling hook at the first instance)."""
+    names, funcs = _written(cls)
+    for name, value in vars(cls).items():
+        if name == "step" and getattr(value, "hooked", False):  # torch's own patch
+            assert "step" in names or cls is not effsam.SharpnessAware
+            value = value.__wrapped__
+            if "step" not in names:
+                continue
+        if name.startswith("__") and name not in names:
+            continue  # __module__, __doc__, __dict__, ...
+        if isinstance(value, (classmethod, staticmethod)):  # (__init_subclass__ is implicitly one)
+            value = value.__func__
+        assert name in names, f"{cls.__name__}.{name} was not written in the class body"
+        if name in funcs:
+            line, wrapping = funcs[name]
+            inner, layers = _layers(value)
+            assert inner.__code__.co_firstlineno == line, name
+            assert layers == wrapping, f"{cls.__name__}.{name}: {layers} wrappers"
+    assert "__init_subclass__" not in vars(cls) or cls is effsam.SharpnessAware
+
+
+class _ProbeUpdate(PassThrough):
+    """An update policy that records whether it ran inside a compiled region."""
+
+    name = "probe"
+
+    def __init__(self, log):
+        self.log = log
+
+    def on_update(self, state, params, step):
+        self.log.append(("update", torch.compiler.is_compiling()))
+
+    def state_dict(self, state, params):
+        return {"probe": len(self.log)}
+
+
+class _Probe(effsam.SAM):
+    """Overrides hooks of the final methods (and brings an update policy); records
+    whether they ran inside a compiled region."""
+
+    def __init__(self, *args, **kwargs):
+        self.log = []
+        super().__init__(*args, update=_ProbeUpdate(self.log), **kwargs)
+
+    def _on_begin_step(self, decision):
+        self.log.append(("begin", torch.compiler.is_compiling()))
+
+    def _on_restore(self):
+        self.log.append(("restore", torch.compiler.is_compiling()))
+
+
+def test_a_subclass_is_left_as_written_and_its_hooks_run_under_the_contract():
+    assert vars(_Probe)["_on_restore"].__code__ is _Probe._on_restore.__code__
+    assert not any(hasattr(v, "__wrapped__") for v in vars(_Probe).values())
+    model = tiny_bn_net()
+    opt = _Probe(_sgd(model), rho=RHO)
+    calls = _count_step_hooks(opt)
+    with opt.first_pass():
+        per_sample_ce(model, tiny_data()).mean().backward()
+    opt.first_step(zero_grad=True)
+    per_sample_ce(model, tiny_data()).mean().backward()
+    opt.second_step(zero_grad=True)
+    assert calls == ["pre", "post"]  # fired around the two-phase path's update
+    assert [k for k, _ in opt.log] == ["begin", "restore", "update"]
+    seen = []
+    opt.register_state_dict_post_hook(lambda o, sd: seen.append(sd["effsam"]["probe"]))
+    sd = opt.state_dict()
+    assert seen == [3] and sd["param_groups"][0]["effsam"]["probe"] == 3
+
+
+def test_a_subclass_hooks_run_eagerly_in_a_compiled_step():
+    torch._dynamo.reset()
+    model = tiny_bn_net()
+    opt = _Probe(_sgd(model), rho=RHO)
+
+    def train_step(x, y):
+        return opt.step(_closure(model, opt, (x, y)))
+
+    compiled = torch.compile(train_step, backend="eager")
+    for i in range(2):
+        compiled(*tiny_data(seed=60 + i))
+    assert opt.steps == 2 and not opt.perturbed
+    assert {k for k, _ in opt.log} == {"begin", "restore", "update"}
+    assert not any(compiling for _, compiling in opt.log)
+
+
+@pytest.mark.parametrize("name", ["step", "second_step", "begin_step", "state_dict"])
+def test_a_subclass_overriding_a_final_method_is_refused(name):
+    with pytest.raises(TypeError, match=f"overrides {name} of SharpnessAware"):
+        type("Override", (effsam.SAM,), {name: lambda self, *a, **k: None})

@@ -133,6 +133,39 @@ def test_a_scalar_loss_is_the_whole_batch_loss_and_ambiguous_under_accumulation(
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), before.values()))
 
 
+def test_pass1_on_a_model_without_parameters_accumulates_on_the_cpu():
+    """The loss accumulator's device comes from the model's first parameter, else the CPU
+    (a model holding no parameter of its own: the weights live outside it)."""
+    from effsam.step import _Step
+
+    w = nn.Parameter(torch.ones(5, dtype=torch.float64))
+    opt = torch.optim.SGD([w], lr=0.1)
+    x, y = data()
+    batch = (x, y)
+    step = _Step(
+        model=nn.Identity(),
+        optimizer=opt,
+        batch=batch,
+        loss_fn=lambda m, b: (m(b[0]) * w).sum(1) ** 2,
+        scaler=None,
+        amp_dtype=None,
+        accumulation_steps=1,
+        clip_grad_norm=None,
+        sync_ascent=False,
+        sam=False,
+        b=len(x),
+        micro=[batch],
+        ddp=None,
+        device_type="cpu",
+        b_run=len(x),
+    )
+    step.pass1(False, None)
+    expected = ((x * w).sum(1) ** 2).mean()
+    assert step.total.device.type == "cpu"
+    torch.testing.assert_close(step.total, expected.detach())
+    assert w.grad is not None
+
+
 # ---------------------------------------------------------------------- registry
 @pytest.mark.parametrize(
     "name, kwargs",
@@ -144,6 +177,8 @@ def test_a_scalar_loss_is_the_whole_batch_loss_and_ambiguous_under_accumulation(
         ("ssam-f", {"drop_rate": 0.5}),
         ("ssam-d", {"num_samples": 4, "total_steps": 9}),
         ("esam-swp", {"gamma": 0.5}),
+        ("ssam-f", {"seed": 1}),  # SSAM-F draws nothing at random
+        ("ssam-f-tensor", {"seed": 1}),
     ],
 )
 def test_the_registry_rejects_undeclared_arguments_up_front(name, kwargs, monkeypatch):
@@ -333,6 +368,29 @@ def test_a_policy_missing_part_of_its_interface_is_refused():
         effsam.SharpnessAware(torch.optim.SGD(model.parameters(), lr=0.1), mask=object())
 
 
+def test_dtensor_parameters_are_refused_by_the_mask_policys_flag(monkeypatch):
+    """Under FSDP2 a mask policy is refused when its ``masks_follow_param_layout`` is
+    False (SSAM-F), whatever its class; SSAM-D's masks follow the parameters."""
+    from effsam.optim import _contract
+
+    monkeypatch.setattr(_contract, "is_dtensor", lambda p: True)  # as if fully_shard'ed
+    model = mlp()
+    for opt in (
+        effsam.SAM(torch.optim.SGD(model.parameters(), lr=0.1)),
+        effsam.ESAM(torch.optim.SGD(model.parameters(), lr=0.1), beta=0.5, gamma=1.0),
+        effsam.SSAM(torch.optim.SGD(model.parameters(), lr=0.1), mask="dynamic", total_steps=5),
+    ):
+        assert opt.mask.masks_follow_param_layout
+        _contract.check_sharding(opt)
+    opt.mask.masks_follow_param_layout = False  # the flag decides, not the class
+    with pytest.raises(NotImplementedError, match="not supported"):
+        _contract.check_sharding(opt)
+    fisher = effsam.SSAM(torch.optim.SGD(model.parameters(), lr=0.1), mask="fisher")
+    assert not fisher.mask.masks_follow_param_layout
+    with pytest.raises(NotImplementedError, match="SSAM-F under FSDP2 is not supported"):
+        _contract.check_sharding(fisher)
+
+
 def test_public_accessors():
     model = mlp()
     opt = effsam.ESAM(torch.optim.SGD(model.parameters(), lr=0.1), beta=0.5, gamma=1.0, seed=1)
@@ -343,6 +401,42 @@ def test_public_accessors():
     keep = opt.pass1_keep
     assert keep is not None and len(keep) == len(opt.params)
     assert [p.grad is not None for p in model.parameters()] == keep
+
+
+# ---------------------------------------------------------------------- module structure
+def _imports(path, package):
+    """The effsam modules ``path`` imports, at the top or inside functions."""
+    import ast
+
+    module = package + "." + path.stem
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = module.split(".")[: -node.level]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return {m for m in found if m.startswith("effsam.")}
+
+
+def test_no_module_of_the_optimizers_imports_one_that_imports_it_back():
+    import pathlib
+
+    root = pathlib.Path(effsam.optim.__file__).parent
+    graph = {
+        f"effsam.optim.{p.stem}": _imports(p, "effsam.optim")
+        for p in root.glob("*.py")
+        if p.stem != "__init__"
+    }
+    mutual = sorted(
+        (a, b) for a, deps in graph.items() for b in deps if a < b and a in graph.get(b, ())
+    )
+    assert not mutual
 
 
 # ---------------------------------------------------------------------- low-memory top-k

@@ -67,7 +67,7 @@ def _norm(d):
 def _decisions(schedule, n, grad_sq=None):
     out = []
     for t in range(n):
-        d = schedule.decide_after(grad_sq[t]) if grad_sq is not None else schedule.decide()
+        d = schedule.decide(grad_sq[t] if grad_sq is not None else None)
         schedule.commit()
         out.append(d)
     return out
@@ -589,4 +589,4 @@ def test_esam_mix_weight_is_the_share_selected_over_the_whole_batch():
     # micro-batches of 5, 4, 4 (13 samples): k = 3, 2, 2 -> 7 of 13
     x, y = tiny_data(seed=9, n=13)
     effsam.sharpness_aware_step(model, opt, (x, y), per_sample_ce, accumulation_steps=3)
-    assert opt.selection.last_fraction == 7 / 13
+    assert opt.last_selected_fraction == 7 / 13

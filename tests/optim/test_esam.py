@@ -104,7 +104,7 @@ def test_swp_kept_fraction_averages_beta():
     for _ in range(300):
         opt._draw()
         fractions.append(opt.last_kept.tensors)
-        opt._drawn = False
+        opt._end_step()  # the next draw is the next step's
     mean = sum(fractions) / len(fractions)
     # 6,000 Bernoulli(0.6) draws: standard error 0.0063
     assert abs(mean - 0.6) < 0.025
@@ -412,7 +412,7 @@ def test_wholebatch_control_under_accumulation_selects_per_micro_batch():
     opt = effsam.create_optimizer(model, "esam-wholebatch", lr=LR, rho=RHO, beta=1, gamma=0.5)
     x, y = tiny_data(seed=9, n=13)  # micro-batches of 5, 4, 4: k = 3, 2, 2
     res = effsam.sharpness_aware_step(model, opt, (x, y), per_sample_ce, accumulation_steps=3)
-    assert res.selected == 7 and opt.selection.last_fraction == 7 / 13
+    assert res.selected == 7 and opt.last_selected_fraction == 7 / 13
 
     # without BN the micro-batches' subsets are weighted as ESAM's: the same step
     nets = [plain_net(), plain_net()]

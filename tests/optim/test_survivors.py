@@ -102,7 +102,7 @@ def test_adaptive_schedule_mean_and_variance_follow_their_recurrences() -> None:
     for x in xs:
         mu = delta * mu + (1 - delta) * x
         var = delta * var + (1 - delta) * (x - mu) ** 2
-        sched.decide_after(x)
+        sched.decide(x)
         sched.commit()
         assert sched.mean == pytest.approx(mu, rel=1e-14, abs=1e-300)
         assert sched.var == pytest.approx(var, rel=1e-14, abs=1e-300)

@@ -268,7 +268,7 @@ def test_analyze_a_damaged_checkpoint(tmp_path, capsys):
 
 
 def test_analyze_checks_out_before_computing(tmp_path, capsys, monkeypatch):
-    import effsam.analysis.run as analysis_run
+    import effsam.train.analyze as analysis_run
 
     run_dir = _finished_run(tmp_path, capsys)
     target = tmp_path / "file"

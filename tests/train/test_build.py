@@ -61,6 +61,16 @@ def test_optimizer_args_fill_run_dependent_values_only_when_missing():
     assert optimizer_args(load_config(None, {"optim.name": "sgd"}).optim, 7, 3, 4) == {}
 
 
+def test_the_run_seed_goes_only_to_optimizers_that_draw_at_random():
+    for name in ("ssam-f", "ssam-f-tensor"):  # SSAM-F's mask comes from the Fisher alone
+        assert "seed" not in accepted_kwargs(name)
+        cfg = load_config(None, {"optim.name": name})
+        assert "seed" not in optimizer_args(cfg.optim, 7, 3, 4)
+    cfg = load_config(None, {"optim.name": "ssam-f", "optim.args": {"seed": 1}})
+    with pytest.raises(TypeError, match=r"unknown arguments \['seed'\]"):
+        build_optimizer(cfg, nn.Linear(3, 2), steps_per_epoch=7)
+
+
 def test_accepted_kwargs():
     assert accepted_kwargs("sgd") == set()
     assert {"rho", "beta", "gamma", "seed"} <= accepted_kwargs("esam")

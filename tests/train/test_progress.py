@@ -83,7 +83,7 @@ def test_train_compare_and_analyze_follow_the_same_thread_policy(tmp_path, capsy
 
     import torch
 
-    from effsam.analysis import run as analysis_run
+    from effsam.train import analyze as analysis_run
 
     before = torch.get_num_threads()
     args = [a for a in TINY_ARGS if a not in ("--threads", "1")]  # the policy decides

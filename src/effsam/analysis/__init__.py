@@ -9,12 +9,14 @@ Example:
     >>> lam = hessian_top_eigenvalue(model, (x, y), loss_fn, iters=50)
     >>> plot_landscape(loss_landscape_1d(model, (x, y), loss_fn), "landscape.png")
 
-:func:`analyze_run` (``effsam analyze RUN_DIR``) measures a trained run; it needs the
-toolkit extra. See docs/analysis.md.
+The package is the measurements alone: it imports nothing of the toolkit
+(:mod:`effsam.train`). Measuring a trained run directory (``effsam analyze RUN_DIR``) is the
+toolkit's :func:`effsam.train.analyze_run`. See docs/analysis.md.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from .evaluation import LossFn, eval_mode
@@ -30,7 +32,6 @@ from .plot import plot_landscape
 __all__ = [
     "Landscape",
     "LossFn",
-    "analyze_run",
     "eval_mode",
     "filter_normalized_direction",
     "hessian_top_eigenvalue",
@@ -43,10 +44,17 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # analyze_run pulls in the toolkit (YAML configs, data sets), which the measurements
-    # themselves do not need: import it on first use only.
+    # The one name kept from 0.2, when the run-directory analysis lived here: it resolves
+    # to the toolkit's function on first use, with a DeprecationWarning. Nothing in this
+    # package imports the toolkit otherwise.
     if name == "analyze_run":
-        from .run import analyze_run
+        warnings.warn(
+            "effsam.analysis.analyze_run moved to effsam.train.analyze_run (the toolkit); "
+            "the old name will be removed",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        from effsam.train.analyze import analyze_run
 
         return analyze_run
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -286,12 +286,7 @@ def ascend_(
     denom = norm + eps_denominator
     for idx in groups:
         ps = [params[i] for i in idx]
-        bs = [backups[i] for i in idx]
-        if foreach:
-            torch._foreach_copy_(bs, ps)
-        else:
-            for b, p in zip(bs, ps):
-                b.copy_(p)
+        _copy_([backups[i] for i in idx], ps, foreach)
         by_coef: dict[float, list[int]] = {}
         for i in idx:
             by_coef.setdefault(coefs[i], []).append(i)
@@ -310,6 +305,7 @@ def ascend_(
 
 
 def _copy_(dst: list[Tensor], src: list[Tensor], foreach: bool) -> None:
+    """dst ← src, tensor by tensor (one foreach kernel, or a loop)."""
     if foreach:
         torch._foreach_copy_(dst, src)
     else:

@@ -22,9 +22,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from ._contract import resolve_base
 from .ascent import global_norm
 from .masks import PerturbationMask, RandomTensorSubset
+from .sharpness_aware import resolve_base
+from .update import PassThrough
 from .variants import SAM
 
 _NORM_TYPES: tuple[type[nn.Module], ...] = (_NormBase, nn.LayerNorm, nn.GroupNorm) + (
@@ -230,7 +231,6 @@ class StaleSAM(SAM):
     ) -> None:
         self._stale_now = False
         self.last_step_stale = False
-        self._pending: list[Tensor | None] | None = None
         base, kwargs = resolve_base(params, base, kwargs, type(self).__name__)
         if isinstance(refresh_every, bool) or not isinstance(refresh_every, int):
             raise TypeError(f"Invalid refresh_every: {refresh_every!r} (must be an int >= 1)")
@@ -241,10 +241,16 @@ class StaleSAM(SAM):
                 raise ValueError(f"StaleSAM takes no {key} policy")
         if kwargs.get("adaptive"):
             raise ValueError("StaleSAM's ascent is SAM's (adaptive=True is not supported)")
-        super().__init__(base, rho, **kwargs)
+        if kwargs.get("update") is not None:
+            raise ValueError("StaleSAM sets its own update: it keeps each step's gradient")
+        super().__init__(base, rho, update=KeepUpdate(), **kwargs)
         self.refresh_every = refresh_every
-        #: sharpness-aware steps taken (fresh or stale); every k-th is fresh
-        self.aware_count = 0
+        self.settings = {"stale_refresh_every": refresh_every}
+
+    @property
+    def aware_count(self) -> int:
+        """Sharpness-aware steps taken (fresh or stale); every k-th is fresh."""
+        return self.update.aware_count
 
     # single_pass is per step: a stale step is one pass at the moved point
     @property  # type: ignore[override]
@@ -254,22 +260,17 @@ class StaleSAM(SAM):
     def _has_stale(self) -> bool:
         return any("stale_grad" in self.state.get(p, {}) for p in self.params)
 
-    def begin_step(self) -> bool | None:
-        first = not self._begun
-        decision = super().begin_step()
-        if first:
-            self._stale_now = (
-                decision is True
-                and self.aware_count % self.refresh_every != 0
-                and self._has_stale()
-            )
-            #: whether the current (or last) step ascended along the stale gradient
-            self.last_step_stale = self._stale_now
-        return decision
+    def _on_begin_step(self, decision: bool | None) -> None:
+        self._stale_now = (
+            decision is True and self.aware_count % self.refresh_every != 0 and self._has_stale()
+        )
+        #: whether the current (or last) step ascended along the stale gradient
+        self.last_step_stale = self._stale_now
 
     @torch.no_grad()
     def _pre_pass1_perturb(self) -> None:
-        self._pre_pass1_done = True
+        txn = self._open_step()
+        txn.pre_pass1_done = True
         groups = []
         for group in self.param_groups:
             pairs = [
@@ -281,65 +282,69 @@ class StaleSAM(SAM):
                 groups.append((self._rho(group), pairs))
         bufs = [s for _, pairs in groups for _, s in pairs]
         denom = float(global_norm(bufs, self.foreach)) + self.eps_denominator
-        self._perturbed = []
+        txn.perturbed = []
         for rho, pairs in groups:
             for p, s in pairs:
                 backup = self._backup(p)
                 backup.copy_(p)
                 p.add_(s.to(p.dtype), alpha=rho / denom)
-                self._perturbed.append((p, backup))
-
-    @torch.no_grad()
-    def _on_update(self) -> None:
-        # p.grad: the gradient this step's update uses (finite, unscaled, clipped); kept
-        # aside until the base step has succeeded (a failing base step changes nothing)
-        self._pending = [None if p.grad is None else p.grad.detach().clone() for p in self.params]
-
-    def _after_update(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        for p, g in zip(self.params, pending):
-            if g is None:
-                self.state[p].pop("stale_grad", None)
-            else:
-                self.state[p]["stale_grad"] = g
-        if self._decision:
-            self.aware_count += 1
+                txn.perturbed.append((p, backup))
 
     def _end_step(self) -> None:
         super()._end_step()
         self._stale_now = False
-        self._pending = None
 
-    def _extra_state(self) -> dict[str, Any]:
+
+class KeepUpdate(PassThrough):
+    """StaleSAM's update: the gradient each step's update used is kept, per parameter
+    (``stale_grad`` in the optimizer's state), for the next step's stale ascent; it is
+    committed only once the base step has succeeded. Counts the sharpness-aware steps."""
+
+    name = "keep-update"
+
+    def __init__(self) -> None:
+        self.aware_count = 0
+
+    @torch.no_grad()
+    def on_update(self, state, params, step) -> None:  # type: ignore[override]
+        # p.grad: the gradient this step's update uses (finite, unscaled, clipped); kept
+        # aside until the base step has succeeded (a failing base step changes nothing)
+        step.pending["update"] = [
+            None if p.grad is None else p.grad.detach().clone() for p in params
+        ]
+
+    def after_update(self, state, params, step) -> None:  # type: ignore[override]
+        pending = step.pending.pop("update", None)
+        if pending is None:
+            return
+        for p, g in zip(params, pending):
+            if g is None:
+                state[p].pop("stale_grad", None)
+            else:
+                state[p]["stale_grad"] = g
+        if step.decision:
+            self.aware_count += 1
+
+    def state_dict(self, state, params) -> dict[str, Any]:  # type: ignore[override]
         return {
-            "stale_grad": [self.state.get(p, {}).get("stale_grad") for p in self.params],
+            "stale_grad": [state.get(p, {}).get("stale_grad") for p in params],
             "stale_aware_count": self.aware_count,
-            "stale_refresh_every": self.refresh_every,
         }
 
-    def _load_extra_state(self, ours: dict[str, Any]) -> None:
+    def load_state_dict(self, ours, state, params) -> None:  # type: ignore[override]
         saved = ours.get("stale_grad")
         if saved is None:
             return
-        params = self.params
         if len(saved) != len(params):
             raise ValueError(
                 f"StaleSAM state has {len(saved)} stale gradients for {len(params)} parameters"
-            )
-        every = ours.get("stale_refresh_every", self.refresh_every)
-        if every != self.refresh_every:
-            raise ValueError(
-                f"cannot load a StaleSAM state saved with refresh_every={every} into one "
-                f"with refresh_every={self.refresh_every}. Nothing was loaded."
             )
         for p, s in zip(params, saved):
             if s is not None and (not isinstance(s, Tensor) or s.shape != p.shape):
                 raise ValueError("StaleSAM state: a stale gradient does not match its parameter")
         for p, s in zip(params, saved):
             if s is None:
-                self.state[p].pop("stale_grad", None)
+                state[p].pop("stale_grad", None)
             else:
-                self.state[p]["stale_grad"] = s.detach().to(p.device, p.dtype).clone()
+                state[p]["stale_grad"] = s.detach().to(p.device, p.dtype).clone()
         self.aware_count = int(ours.get("stale_aware_count", 0))

@@ -68,9 +68,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._contract import resolve_base
 from ._validate import check_seed
-from .sharpness_aware import SharpnessAware
+from .sharpness_aware import SharpnessAware, resolve_base
 
 #: how σ moves over training
 SIGMA_SCHEDULES = ("cosine", "constant")
@@ -352,6 +351,7 @@ class FlatLoRA(SharpnessAware):
         self.total_steps = total_steps
         self.sigma_schedule = sigma_schedule
         self.seed = seed
+        self.settings = {"flat_lora": {"seed": seed, "sigma_schedule": sigma_schedule}}
         self.chunk_elements = chunk_elements
         #: σ_t of the last perturbation (None: none yet)
         self.last_sigma: float | None = None
@@ -401,7 +401,7 @@ class FlatLoRA(SharpnessAware):
 
     @torch.no_grad()
     def _pre_pass1_perturb(self) -> None:
-        self._pre_pass1_done = True
+        self._open_step().pre_pass1_done = True
         sigma = self._sigma()
         self.last_sigma = sigma
         if sigma == 0:
@@ -426,34 +426,18 @@ class FlatLoRA(SharpnessAware):
             self.restore()
             raise
 
-    def restore(self) -> None:
+    def _on_restore(self) -> None:
         """Put every perturbed layer's own forward back (the weights were never changed)."""
         for module in self._patched:
             module.__dict__.pop("forward", None)
         self._patched = []
         self._noise = []
-        super().restore()
 
     def _single_pass_done(self) -> bool:
         moved = bool(self._patched)
         result = super()._single_pass_done()
-        self._single_pass_moved = moved
+        self._open_step().single_pass_moved = moved
         return result
-
-    # ------------------------------------------------------------------ state
-    def _extra_state(self) -> dict[str, Any]:
-        return {"flat_lora": {"seed": self.seed, "sigma_schedule": self.sigma_schedule}}
-
-    def _load_extra_state(self, ours: dict[str, Any]) -> None:
-        saved = ours.get("flat_lora")
-        if saved is None:
-            return
-        mine = {"seed": self.seed, "sigma_schedule": self.sigma_schedule}
-        if saved != mine:
-            raise ValueError(
-                f"cannot load a Flat-LoRA state saved with {saved} into one with {mine}. "
-                "Nothing was loaded."
-            )
 
     def extra_repr(self) -> str:
         total = f", total_steps={self.total_steps}" if self.sigma_schedule == "cosine" else ""

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._contract import resolve_base
 from .ascent import AdaptiveAscent, L2Ascent
 from .selection import TopLoss
-from .sharpness_aware import SharpnessAware, refuse_nonfinite
+from .sharpness_aware import SharpnessAware, refuse_nonfinite, resolve_base
 
 
 class TopLossBeforePass1(TopLoss):

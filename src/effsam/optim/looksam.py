@@ -36,11 +36,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._contract import resolve_base
 from ._validate import check_fraction, check_non_negative
 from .ascent import AdaptiveAscent, L2Ascent
 from .schedule import Interval
-from .sharpness_aware import SharpnessAware, refuse_nonfinite
+from .sharpness_aware import SharpnessAware, refuse_nonfinite, resolve_base
+from .update import PassThrough
 
 #: how α is read: the paper's absolute weight, or a multiple of SAM's measured correction
 ALPHA_MODES = ("absolute", "relative", "adaptive")
@@ -102,21 +102,53 @@ class LookSAM(SharpnessAware):
             )
         check_fraction(ratio_ema, "LookSAM ratio_ema", "[0, 1)")
         refuse_nonfinite("LookSAM", eta=eta)
+        if kwargs.get("update") is not None:
+            raise ValueError("LookSAM sets its own update: the reused correction")
         ascent = AdaptiveAscent(eta) if adaptive else L2Ascent()
-        super().__init__(base, rho, ascent=ascent, schedule=Interval(k, offset=0), **kwargs)
+        reuse = ReuseCorrection(alpha, alpha_mode, ratio_ema)
+        super().__init__(
+            base, rho, ascent=ascent, schedule=Interval(k, offset=0), update=reuse, **kwargs
+        )
         self.k = k
+
+    # α, its mode and the measured ratios are the update policy's (see ReuseCorrection)
+    alpha = property(lambda self: self.update.alpha)
+    alpha_mode = property(lambda self: self.update.alpha_mode)
+    ratio_ema = property(lambda self: self.update.ratio_ema)
+
+    @property
+    def last_ratio(self) -> float | None:
+        """r = ‖g_v‖/‖g‖ measured at the last refresh (None before the first)."""
+        return self.update.last_ratio
+
+    @property
+    def ratio_average(self) -> float | None:
+        """r̄, the average of r over the refreshes (None before the first)."""
+        return self.update.ratio_average
+
+    @property
+    def reuse_weight(self) -> float | None:
+        """a, the weight of the reused direction on a step between refreshes."""
+        return self.update.reuse_weight
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, alpha={self.alpha}, alpha_mode={self.alpha_mode}"
+
+
+class ReuseCorrection(PassThrough):
+    """LookSAM's update: on a refresh step keep g_v, pass 2's component orthogonal to
+    pass 1's gradient, and r = ‖g_v‖/‖g‖; on a plain step add a · ‖g‖ · g_v/‖g_v‖ to the
+    gradient (a = α, α·r or α·r̄ by ``alpha_mode``). g_v lives in the optimizer's
+    per-parameter state (``looksam_gv``)."""
+
+    name = "reuse-correction"
+
+    def __init__(self, alpha: float, alpha_mode: str, ratio_ema: float) -> None:
         self.alpha = float(alpha)
         self.alpha_mode = alpha_mode
         self.ratio_ema = float(ratio_ema)
-        #: r = ‖g_v‖/‖g‖ measured at the last refresh (None before the first)
         self.last_ratio: float | None = None
-        #: r̄, the average of r over the refreshes (None before the first)
         self.ratio_average: float | None = None
-        # (last_ratio, ratio_average) before this step changed them: abort_step restores
-        self._ratio_undo: tuple[float | None, float | None] | None = None
-
-    def _gv(self, p: Tensor) -> Tensor | None:
-        return self.state[p].get("looksam_gv")
 
     @property
     def reuse_weight(self) -> float | None:
@@ -128,43 +160,49 @@ class LookSAM(SharpnessAware):
         return None if ratio is None else self.alpha * ratio
 
     @torch.no_grad()
-    def _on_ascent(self, params: list[Tensor], grads: list[Tensor]) -> None:
+    def on_ascent(self, state, params, ascended, grads, step) -> None:  # type: ignore[override]
         # Keep g for the projection after pass 2, in the buffer g_v occupies (reused).
-        kept = {id(p) for p in params}
-        for p in self.params:
+        kept = {id(p) for p in ascended}
+        for p in params:
             if id(p) not in kept:
-                self.state[p].pop("looksam_gv", None)
-        for p, g in zip(params, grads):
-            buf = self._gv(p)
+                state[p].pop("looksam_gv", None)
+        for p, g in zip(ascended, grads):
+            buf = state[p].get("looksam_gv")
             if buf is None or buf.shape != g.shape or buf.dtype != g.dtype:
-                self.state[p]["looksam_gv"] = g.detach().clone()
+                state[p]["looksam_gv"] = g.detach().clone()
             else:
                 buf.copy_(g)
 
     @torch.no_grad()
-    def _before_descent(self) -> None:
-        ps = [p for p in self.params if p.grad is not None]
+    def before_descent(self, state, params, step, selected_fraction) -> None:  # type: ignore[override]
+        ps = [p for p in params if p.grad is not None]
         if not ps:
             return
         gs = [p.grad for p in ps]
-        clean = [self._gv(p) if self._gv(p) is not None else torch.zeros_like(p.grad) for p in ps]
+        clean = [state[p].get("looksam_gv") for p in ps]
+        clean = [torch.zeros_like(p.grad) if c is None else c for p, c in zip(ps, clean)]
         g_sq = _dot(clean, clean)
         coef = _dot(gs, clean) / g_sq if float(g_sq) > 0 else torch.zeros_like(g_sq)
         for p, g_s, g in zip(ps, gs, clean):
             # g_v = g_s − coef · g, formed in the buffer that held g
             g.mul_(-coef.to(g.device, g.dtype)).add_(g_s)
-            self.state[p]["looksam_gv"] = g
-        for p in self.params:
+            state[p]["looksam_gv"] = g
+        for p in params:
             if p.grad is None:
-                self.state[p].pop("looksam_gv", None)
+                state[p].pop("looksam_gv", None)
         # r = ‖g_v‖ / ‖g‖, SAM's own correction relative to the clean gradient
         g_sq_f = float(g_sq)
         ratio = math.sqrt(float(_dot(clean, clean)) / g_sq_f) if g_sq_f > 0 else 0.0
-        self._record_ratio(ratio)
+        self._record_ratio(ratio, step)
 
-    def _record_ratio(self, ratio: float) -> None:
-        if self._ratio_undo is None:
-            self._ratio_undo = (self.last_ratio, self.ratio_average)
+    def _record_ratio(self, ratio: float, step: Any) -> None:
+        # a failed step puts r and r̄ back as they were before it
+        before = (self.last_ratio, self.ratio_average)
+
+        def undo() -> None:
+            self.last_ratio, self.ratio_average = before
+
+        step.on_rollback(undo)
         self.last_ratio = ratio
         if self.ratio_average is None:
             self.ratio_average = ratio
@@ -173,8 +211,8 @@ class LookSAM(SharpnessAware):
             self.ratio_average = beta * self.ratio_average + (1.0 - beta) * ratio
 
     @torch.no_grad()
-    def _plain_update(self) -> None:
-        pairs = [(p.grad, self._gv(p)) for p in self.params if p.grad is not None]
+    def plain_update(self, state, params, step) -> None:  # type: ignore[override]
+        pairs = [(p.grad, state[p].get("looksam_gv")) for p in params if p.grad is not None]
         pairs = [(g, v) for g, v in pairs if v is not None]
         weight = self.reuse_weight
         if not pairs or not weight:
@@ -189,28 +227,17 @@ class LookSAM(SharpnessAware):
         for g, v in pairs:
             g.add_(v, alpha=coef)
 
-    def abort_step(self) -> None:
-        """As :meth:`SharpnessAware.abort_step`, and r, r̄ as they were before the step."""
-        if self._ratio_undo is not None:
-            self.last_ratio, self.ratio_average = self._ratio_undo
-        super().abort_step()
-
-    def _end_step(self) -> None:
-        super()._end_step()
-        self._ratio_undo = None
-
-    def _extra_state(self) -> dict[str, Any]:
+    def state_dict(self, state, params) -> dict[str, Any]:  # type: ignore[override]
         return {
-            "looksam_gv": [self._gv(p) for p in self.params],
+            "looksam_gv": [state.get(p, {}).get("looksam_gv") for p in params],
             "looksam_ratio": self.last_ratio,
             "looksam_ratio_average": self.ratio_average,
         }
 
-    def _load_extra_state(self, ours: dict[str, Any]) -> None:
+    def load_state_dict(self, ours, state, params) -> None:  # type: ignore[override]
         saved = ours.get("looksam_gv")
         if saved is None:
             return
-        params = self.params
         if len(saved) != len(params):
             raise ValueError(
                 f"LookSAM state has {len(saved)} g_v entries for {len(params)} parameters"
@@ -223,14 +250,14 @@ class LookSAM(SharpnessAware):
             )
         for p, v in zip(params, saved):
             if v is None:
-                self.state[p].pop("looksam_gv", None)
+                state[p].pop("looksam_gv", None)
             else:
-                self.state[p]["looksam_gv"] = v.to(device=p.device, dtype=p.dtype).clone()
+                state[p]["looksam_gv"] = v.to(device=p.device, dtype=p.dtype).clone()
         self.last_ratio = _float_or_none(ours.get("looksam_ratio"))
         self.ratio_average = _float_or_none(ours.get("looksam_ratio_average"))
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, alpha={self.alpha}, alpha_mode={self.alpha_mode}"
+        return f"alpha={self.alpha}, alpha_mode={self.alpha_mode}"
 
 
 def _float_or_none(x: Any) -> float | None:

@@ -39,6 +39,10 @@ class PerturbationMask(Policy):
     normalise_masked = True
     #: Whether ``refresh`` must run before the first step.
     needs_data = False
+    #: Whether the per-element masks (none here) are laid out like the parameters, so that
+    #: they shard with DTensor parameters (FSDP2). A policy whose ``element_masks`` are
+    #: full-size tensors sets it False: such parameters are then refused.
+    masks_follow_param_layout = True
 
     def draw(self, params: Sequence[Tensor]) -> list[bool] | None:
         """Start of a step: per-tensor pass-1 keep flags (``None`` keeps all)."""

@@ -41,9 +41,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._contract import resolve_base
 from .ascent import global_norm
-from .sharpness_aware import SharpnessAware
+from .sharpness_aware import SharpnessAware, resolve_base
 
 #: the state key holding each base optimizer's momentum, in order of preference
 MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
@@ -146,7 +145,8 @@ class MSAM(SharpnessAware):
             pairs = [(p, v) for p, v in pairs if v is not None]
             if pairs:
                 groups.append((self._rho(group), pairs))
-        self._pre_pass1_done = True
+        txn = self._open_step()
+        txn.pre_pass1_done = True
         if not groups:
             if self.steps > 0:
                 raise RuntimeError(
@@ -157,7 +157,7 @@ class MSAM(SharpnessAware):
         scale = self._theta_norm() if self.rho_mode == "relative" else 1.0
         vs = [v for _, pairs in groups for _, v in pairs]
         denom = float(global_norm(vs, self.foreach)) + self.eps_denominator
-        self._perturbed = []
+        txn.perturbed = []
         self.last_radius = []
         for rho, pairs in groups:
             radius = rho * scale
@@ -166,7 +166,7 @@ class MSAM(SharpnessAware):
                 backup = self._backup(p)
                 backup.copy_(p)
                 p.add_(v, alpha=-radius / denom)
-                self._perturbed.append((p, backup))
+                txn.perturbed.append((p, backup))
 
     def extra_repr(self) -> str:
         return f"rho_mode={self.rho_mode}, bn_recompute={self.recompute_bn_before_eval}"

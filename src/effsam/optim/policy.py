@@ -1,25 +1,42 @@
 """The policy interfaces of the :class:`~effsam.SharpnessAware` skeleton, and their base.
 
-A sharpness-aware optimizer is the skeleton plus three policies: an ascent (how ε is
-shaped), a mask (which weights ε perturbs) and a selection (which samples pass 2 sees).
-Their interfaces are the :class:`typing.Protocol` classes below; the built-in policies
-derive from :class:`Policy` for the naming and state plumbing.
+A sharpness-aware optimizer is the skeleton plus its policies: an ascent (how ε is
+shaped), a mask (which weights ε perturbs), a selection (which samples each pass sees), a
+schedule (which steps are sharpness-aware) and an update (how the gradient the base
+optimizer steps with is formed from the passes', :mod:`effsam.optim.update`). Their
+interfaces are the :class:`typing.Protocol` classes below; the built-in policies derive
+from :class:`Policy` for the naming and state plumbing. A method is a set of policies and
+a registry entry; the skeleton calls each policy in one place.
 
 The order of the calls in one step, for every API (``sharpness_aware_step``,
 ``step(closure)``, ``first_pass``/``first_step``/``second_step``)::
 
+    schedule.state_dict()                             begin_step: the step's undo point
+    schedule.decide(None)                             begin_step, unless needs_grad_norm:
+                                                       False makes it a plain base step
     mask.refresh_due(steps) → mask.refresh(...)       when due: by the training loop for
                                                        data masks (needs_data), by the
                                                        optimizer itself otherwise
-    mask.draw(params)                                 pass-1 flags, once per step
+    mask.draw(params)                                 pass-1 flags, on a sharpness-aware
+                                                       step (needs_grad_norm: after its
+                                                       decision, pass 1 dense)
     <pass 1: forward, backward>
+    schedule.decide(‖g‖²)                             instead of decide(None), for a
+                                                       needs_grad_norm schedule: first_step
+                                                       or decide_after_pass1
     mask.prepare(params)                              first_step, gradients present
+    update.on_ascent(state, params, ps, gs, step)     sharpness-aware steps, before ε
     mask.element_masks(ps)                            a getter: changes nothing
     ascent.scales_(ps, buffers, foreach)              T, inside the ascent kernel
     <selection.select(loss_before, loss_after)>       sharpness_aware_step, SDS only
     <pass 2: forward, backward>
-    base.step()                                       second_step
-    mask.rollback_draw()                              instead, if the step failed
+    update.before_descent(state, params, step, f)     f: the share pass 2 selected
+    update.plain_update(state, params, step)          instead, on a plain scheduled step
+    update.on_update(...) → base.step() → update.after_update(...)
+                                                       second_step (unless skipped)
+    schedule.commit()                                 second_step, stepped or skipped
+    mask.rollback_draw(),                             instead, if the step failed
+    schedule.load_state_dict(...)                     (abort_step)
 
 ``state_dict``/``load_state_dict`` of each policy are saved with the optimizer's state.
 """
@@ -72,6 +89,9 @@ class MaskPolicy(Protocol):
     normalise_masked: bool
     #: whether ``refresh`` needs a model and a batch (else the optimizer runs it itself)
     needs_data: bool
+    #: whether ``element_masks`` (if any) are laid out like the parameters, so that they
+    #: shard with DTensor parameters (FSDP2); False refuses such parameters (SSAM-F)
+    masks_follow_param_layout: bool
 
     @property
     def ready(self) -> bool:
@@ -124,8 +144,40 @@ class MaskPolicy(Protocol):
 
 
 @runtime_checkable
+class UpdatePolicy(Protocol):
+    """How the gradient the base optimizer steps with is formed (a gradient transform
+    with state; :class:`effsam.optim.update.PassThrough` for SAM). ``state``: the
+    optimizer's per-parameter state, where per-parameter buffers live; ``step``: the step
+    in progress (its ``pending`` dict for what lasts one step, ``on_rollback`` for what a
+    failed step must undo)."""
+
+    name: str
+
+    def on_ascent(
+        self, state: Any, params: Sequence[Tensor], ascended: Sequence[Tensor],
+        grads: Sequence[Tensor], step: Any,
+    ) -> None: ...  # fmt: skip
+
+    def before_descent(
+        self, state: Any, params: Sequence[Tensor], step: Any, selected_fraction: float | None
+    ) -> None: ...
+
+    def plain_update(self, state: Any, params: Sequence[Tensor], step: Any) -> None: ...
+
+    def on_update(self, state: Any, params: Sequence[Tensor], step: Any) -> None: ...
+
+    def after_update(self, state: Any, params: Sequence[Tensor], step: Any) -> None: ...
+
+    def state_dict(self, state: Any, params: Sequence[Tensor]) -> dict[str, Any]: ...
+
+    def load_state_dict(
+        self, saved: dict[str, Any], state: Any, params: Sequence[Tensor]
+    ) -> None: ...
+
+
+@runtime_checkable
 class SelectionPolicy(Protocol):
-    """Which samples pass 2 sees: a pure function of the per-sample losses."""
+    """Which samples each pass sees: a pure function of the per-sample losses."""
 
     name: str
     gamma: float
@@ -133,9 +185,55 @@ class SelectionPolicy(Protocol):
     needs_perturbed_loss: bool
     #: whether it needs per-sample losses (then the closure API cannot run it)
     needs_per_sample: bool
+    #: True: the samples are chosen before pass 1 (a no-grad ranking forward at θ) and
+    #: both passes use them (K-SAM)
+    before_pass1: bool
+    #: True: pass 2 forwards the whole batch at θ + ε (BN batch statistics of every
+    #: sample), ranks the samples from that forward and back-propagates only the selected
+    #: ones' mean loss (the ESAM whole-batch control); False: pass 2 forwards the selection
+    pass2_whole_batch: bool
+    #: True: pass 2 on the selection is normalised with the whole batch's BN statistics,
+    #: taken at θ + ε (ESAM's BN repair)
+    pass2_bn_whole_batch: bool
+    #: diagnostics of the last ``select`` call, never read by the optimizer: k / b, and
+    #: the chosen indices (None: the whole batch)
+    last_fraction: float | None
+    last_indices: Tensor | None
 
     def num_selected(self, batch_size: int) -> int: ...
 
     def select(self, loss_before: Tensor | None, loss_after: Tensor | None) -> Tensor | None:
         """Sorted indices of the chosen samples (None: all)."""
         ...
+
+
+@runtime_checkable
+class Schedule(Protocol):
+    """Whether a step is sharpness-aware (True) or a plain base-optimizer step (False).
+
+    The skeleton asks once per step: ``decide(None)`` before pass 1, or, when
+    ``needs_grad_norm`` is True, ``decide(grad_sq_norm)`` after it with ‖g‖² of pass 1's
+    gradient (the workers' mean under data parallel). ``commit`` follows once the step is
+    over (stepped or skipped). A step that fails part-way is undone by loading the
+    ``state_dict`` taken before ``decide``, so that state must hold everything a decision
+    depends on and changes (a step counter, a generator, running statistics); it is also
+    what a checkpoint saves, so a resumed run decides as an uninterrupted one.
+    :class:`effsam.optim.schedule.EveryStep` is the default and a base to derive from.
+    """
+
+    name: str
+    #: True: ``decide`` needs this step's pass-1 ‖g‖² (pass 1 is then dense).
+    needs_grad_norm: bool
+
+    def decide(self, grad_sq_norm: float | None) -> bool:
+        """This step: sharpness-aware (True) or plain (False). ``grad_sq_norm`` is None
+        before pass 1, pass 1's ‖g‖² after it (only for ``needs_grad_norm``)."""
+        ...
+
+    def commit(self) -> None:
+        """The step decided last has finished (stepped or skipped)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...

@@ -265,10 +265,11 @@ _SAM_ARGS = frozenset({"rho", "adaptive", "eta"}) | SLICE_ARGS
 _ESAM_ARGS = frozenset(
     {"rho", "beta", "gamma", "seed", "selection", "swp_scaling", "adaptive", "eta", "sds_bn"}
 )
-# seed: SSAM-D's generator; SSAM-F takes it too (unused) so a run seed applies to every SSAM
-_SSAM_ARGS = frozenset({"rho", "sparsity", "update_interval", "normalisation", "seed"})
+_SSAM_ARGS = frozenset({"rho", "sparsity", "update_interval", "normalisation"})
+# (SSAM-F draws nothing at random: no seed)
 _SSAM_F_ARGS = _SSAM_ARGS | {"num_samples", "fisher_chunk_size", "fisher_mode", "granularity"}
-_SSAM_D_ARGS = _SSAM_ARGS | {"total_steps", "drop_rate", "grow"}
+# seed: SSAM-D's generator (initial mask, random regrowth)
+_SSAM_D_ARGS = _SSAM_ARGS | {"total_steps", "drop_rate", "grow", "seed"}
 
 register(OptimizerSpec("sgd", "the base optimizer alone (no sharpness-aware step)", None))
 register(

@@ -1,12 +1,14 @@
 """Schedule policies: whether a step is sharpness-aware or a plain base-optimizer step.
 
-A schedule is asked once per step, by :meth:`SharpnessAware.begin_step`:
+A schedule (the :class:`effsam.optim.policy.Schedule` protocol) is asked once per step,
+``decide(grad_sq_norm)``:
 
-* before pass 1 (``decide``), for every schedule whose decision does not depend on this
-  step's gradient — a plain step is then ONE forward and ONE backward, exactly the base
-  optimizer's step, and SWP switches nothing off in pass 1;
-* or after pass 1 (``decide_after``, ``needs_grad_norm = True``) from the squared norm of
-  the pass-1 gradient (AE-SAM). Pass 1 is then dense (the plain branch needs every
+* before pass 1 (``decide(None)``, by :meth:`SharpnessAware.begin_step`), for every
+  schedule whose decision does not depend on this step's gradient — a plain step is then
+  ONE forward and ONE backward, exactly the base optimizer's step, and SWP switches
+  nothing off in pass 1;
+* or after pass 1 (``needs_grad_norm = True``: ``decide(‖g‖²)`` with the squared norm of
+  the pass-1 gradient; AE-SAM). Pass 1 is then dense (the plain branch needs every
   gradient), so SWP's pass-1 saving is lost; its ε is unchanged.
 
 ``t`` counts the steps decided so far (skipped steps included, a step that raised
@@ -41,7 +43,8 @@ class EveryStep(Policy):
     """Every step is sharpness-aware (SAM, ESAM, SSAM as published)."""
 
     name = "every-step"
-    #: True: the decision needs this step's pass-1 gradient norm (``decide_after``).
+    #: True: the decision needs this step's pass-1 gradient norm (``decide(‖g‖²)``, after
+    #: pass 1); False: ``decide(None)``, before it.
     needs_grad_norm = False
     #: True: the schedule needs the run's total number of steps.
     needs_total_steps = False
@@ -49,13 +52,11 @@ class EveryStep(Policy):
     def __init__(self) -> None:
         self.t = 0
 
-    def decide(self) -> bool:
-        """Step ``t``: sharpness-aware (True) or a plain base step (False)."""
+    def decide(self, grad_sq_norm: float | None = None) -> bool:
+        """Step ``t``: sharpness-aware (True) or a plain base step (False). ``grad_sq_norm``
+        is ‖g‖² of pass 1 for a ``needs_grad_norm`` schedule, None (before pass 1) for the
+        others, which ignore it."""
         return True
-
-    def decide_after(self, grad_sq_norm: float) -> bool:
-        """For ``needs_grad_norm`` schedules: the decision from ‖g‖² of pass 1."""
-        raise NotImplementedError
 
     def commit(self) -> None:
         """The step decided last has finished (stepped or skipped)."""
@@ -85,7 +86,7 @@ class Interval(EveryStep):
             raise ValueError(f"Invalid interval offset: {offset!r} (must be in [0, {every}))")
         self.offset = offset
 
-    def decide(self) -> bool:
+    def decide(self, grad_sq_norm: float | None = None) -> bool:
         return self.t % self.every == self.offset
 
     def extra_repr(self) -> str:
@@ -115,7 +116,7 @@ class Late(EveryStep):
         self.total_steps = check_int(total_steps, "total_steps", 1)
         self.switch = round_half_up(self.start * self.total_steps)
 
-    def decide(self) -> bool:
+    def decide(self, grad_sq_norm: float | None = None) -> bool:
         return self.t >= self.switch
 
     def extra_repr(self) -> str:
@@ -185,7 +186,7 @@ class Randomized(EveryStep, SeededPolicy):
             return self.p_min + (self.p_max - self.p_min) * x
         return self.p_min if x < 0.5 else self.p_max
 
-    def decide(self) -> bool:
+    def decide(self, grad_sq_norm: float | None = None) -> bool:
         u = torch.rand((), generator=self.generator, dtype=torch.float64)
         return bool(u < self.probability(self.t))
 
@@ -252,10 +253,12 @@ class AdaptiveSchedule(EveryStep):
         x = min(1.0, t / self.total_steps)
         return x * self.lambda1 + (1.0 - x) * self.lambda2
 
-    def decide(self) -> bool:
-        raise RuntimeError("the adaptive schedule decides after pass 1 (decide_after)")
-
-    def decide_after(self, grad_sq_norm: float) -> bool:
+    def decide(self, grad_sq_norm: float | None = None) -> bool:
+        if grad_sq_norm is None:
+            raise RuntimeError(
+                "the adaptive schedule decides after pass 1, from its squared gradient norm: "
+                "decide(grad_sq_norm)"
+            )
         x = float(grad_sq_norm)
         if not math.isfinite(x):
             return True  # the step is skipped; the statistics stay clean

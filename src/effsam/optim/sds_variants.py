@@ -24,10 +24,11 @@ import torch
 from torch import Tensor
 
 from ._random import SeededPolicy
-from .selection import TopSharpness
+from .selection import _TopK
+from .update import PassThrough
 
 
-class RandomSubset(TopSharpness, SeededPolicy):
+class RandomSubset(_TopK, SeededPolicy):
     """The SDS control: k = max(1, round(γ b)) samples uniformly at random per batch."""
 
     name = "random"
@@ -36,10 +37,6 @@ class RandomSubset(TopSharpness, SeededPolicy):
     def __init__(self, gamma: float, seed: int = 0) -> None:
         super().__init__(gamma)
         self._seed_stream(seed, "random-selection")
-
-    @property
-    def needs_perturbed_loss(self) -> bool:  # type: ignore[override]
-        return False
 
     def select(self, loss_before: Tensor | None, loss_after: Tensor | None) -> Tensor | None:
         if self.gamma >= 1.0 or loss_before is None:
@@ -63,6 +60,29 @@ class RandomSubset(TopSharpness, SeededPolicy):
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, seed={self.seed}"
+
+
+class MixWithPass1(PassThrough):
+    """ESAM-mix's update: g ← w · g_pass2 + (1 − w) · g_pass1, w the share of the batch
+    pass 2 selected over the step (k / b), so every sample stays in the update. Pass 1's
+    gradients are kept for the step only (where a selection can happen)."""
+
+    name = "mix-with-pass-1"
+
+    def __init__(self, selects: bool) -> None:
+        #: whether the optimizer's selection ranks samples (else there is nothing to mix)
+        self.selects = bool(selects)
+
+    @torch.no_grad()
+    def on_ascent(self, state, params, ascended, grads, step) -> None:  # type: ignore[override]
+        if self.selects:
+            kept = {id(p): g.detach().clone() for p, g in zip(ascended, grads)}
+            step.pending["pass1"] = [kept.get(id(p)) for p in params]
+
+    def before_descent(self, state, params, step, selected_fraction) -> None:  # type: ignore[override]
+        pass1 = step.pending.pop("pass1", None)
+        if pass1 is not None and selected_fraction is not None:
+            mix_gradients(list(params), pass1, selected_fraction)
 
 
 @torch.no_grad()

@@ -21,19 +21,29 @@ from ._validate import check_fraction
 from .policy import Policy
 
 
-class AllSamples(Policy):
+class Selection(Policy):
+    """The base of the built-in selections: what pass 2 forwards, and the diagnostics."""
+
+    #: True: the samples are chosen before pass 1 and both passes use them (K-SAM).
+    before_pass1 = False
+    #: True: pass 2 forwards the whole batch and back-propagates the selection (see
+    #: :class:`effsam.optim.policy.SelectionPolicy`)
+    pass2_whole_batch = False
+    #: True: pass 2 is normalised with the whole batch's BN statistics (ESAM's BN repair)
+    pass2_bn_whole_batch = False
+    #: k / b of the last ``select`` call (None before the first; a diagnostic)
+    last_fraction: float | None = None
+    #: the indices the last ``select`` call chose (None: the whole batch)
+    last_indices: Tensor | None = None
+
+
+class AllSamples(Selection):
     """Pass 2 on the whole batch."""
 
     name = "all"
     gamma = 1.0
     needs_perturbed_loss = False
     needs_per_sample = False
-    #: True: the samples are chosen before pass 1 and both passes use them (K-SAM).
-    before_pass1 = False
-    #: k / b of the last ``select`` call (None before the first)
-    last_fraction: float | None = None
-    #: the indices the last ``select`` call chose (None: the whole batch)
-    last_indices: Tensor | None = None
 
     def num_selected(self, batch_size: int) -> int:
         return batch_size
@@ -42,16 +52,10 @@ class AllSamples(Policy):
         return None
 
 
-class _TopK(Policy):
+class _TopK(Selection):
     """The k = max(1, round(γ b)) samples with the largest score; subclasses say which."""
 
     name = "top-k"
-    #: True: the samples are chosen before pass 1 and both passes use them (K-SAM).
-    before_pass1 = False
-    #: k / b of the last ``select`` call (None before the first)
-    last_fraction: float | None = None
-    #: the indices the last ``select`` call chose (None: the whole batch)
-    last_indices: Tensor | None = None
 
     def __init__(self, gamma: float) -> None:
         self.gamma = check_fraction(gamma, "SDS gamma")

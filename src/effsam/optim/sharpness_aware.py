@@ -4,28 +4,44 @@ descend."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, final
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..batching import batch_size, batch_tensors, index_batch
-from ..bn import BNSnapshot, bn_finite, restore_bn, snapshot_bn, watching_bn
-from . import _contract
+from ..bn import BNSnapshot, snapshot_bn, watching_bn
+from ._contract import (
+    UNPICKLED,
+    SkipStep,
+    checked_closure,
+    checks_sharding,
+    eager,
+    eager_frame,
+    entered,
+    fires_step_hooks,
+    runs_load_state_dict_hooks,
+    runs_state_dict_hooks,
+    step_without_closure,
+)
+from ._dtensor import is_dtensor
+from ._transaction import Snapshot, StepTransaction
 from ._validate import check_non_negative
-from .ascent import L2Ascent, ascend_, global_norm, group_by_device_and_dtype
+from .ascent import L2Ascent, _copy_, ascend_, global_norm, group_by_device_and_dtype
 from .masks import PerturbationMask, kept_fraction
-from .policy import AscentPolicy, MaskPolicy, SelectionPolicy
+from .policy import AscentPolicy, MaskPolicy, Schedule, SelectionPolicy, UpdatePolicy
 from .schedule import EveryStep
 from .selection import AllSamples
 from .slicing import AscentSlice
+from .update import PassThrough
 
 _WRAPPER_KEY = "effsam"
 
@@ -135,13 +151,23 @@ class SharpnessAware(Optimizer):
     optimizer sees put back — see :meth:`watch_bn`), ``skipped_steps`` counts it,
     ``last_step_skipped`` is set and a warning points at the caller's line.
 
+    The ``torch.optim`` contract frameworks rely on (hooks, ``step()`` without a closure,
+    pickling, defaults, ``torch.compile``, FSDP) is kept by the decorators on the methods
+    below, from :mod:`effsam.optim._contract`. The methods marked ``@final`` carry it: a
+    subclass changes a step through its policies (the update policy forms the final
+    gradient) and the hooks those methods call (``_on_begin_step``, ``_pre_pass1_perturb``,
+    ``_on_restore``), which run under the same contract.
+
     Args:
         base: the optimizer instance to make sharpness-aware.
         rho: neighbourhood radius ρ ≥ 0 (ρ = 0 is exactly the base optimizer's step).
         ascent: ascent policy (:class:`L2Ascent` default, :class:`AdaptiveAscent` for ASAM).
         mask: mask policy (default: perturb everything).
         selection: sample-selection policy (default: all samples).
-        schedule: which steps are sharpness-aware (default: every step).
+        schedule: which steps are sharpness-aware (default: every step); any
+            :class:`~effsam.optim.policy.Schedule`.
+        update: how the gradient the base optimizer steps with is formed from the
+            passes' (default: pass 2's as it is; see :mod:`effsam.optim.update`).
         foreach: use ``torch._foreach_*`` kernels (default: True on every device).
         check_finite: check both passes' gradients for inf/NaN (one device sync per pass).
         eps_denominator: δ in the normalisation.
@@ -161,7 +187,8 @@ class SharpnessAware(Optimizer):
         ascent: AscentPolicy | None = None,
         mask: MaskPolicy | None = None,
         selection: SelectionPolicy | None = None,
-        schedule: EveryStep | None = None,
+        schedule: Schedule | None = None,
+        update: UpdatePolicy | None = None,
         foreach: bool | None = None,
         check_finite: bool = True,
         eps_denominator: float = 1e-12,
@@ -176,6 +203,12 @@ class SharpnessAware(Optimizer):
             )
         if isinstance(base, SharpnessAware):
             raise TypeError("base is already sharpness-aware; wrap the plain optimizer instead")
+        if "rho" in base.defaults:
+            raise ValueError(
+                f"base optimizer {type(base).__name__} has its own 'rho' hyper-parameter "
+                f"(rho={base.defaults['rho']!r}) in its param groups, where effsam keeps ρ: "
+                "this base cannot be wrapped"
+            )
         rho = check_non_negative(rho, "rho")
         who = f"the {type(base).__name__} optimizer's"
         _nonfinite_hyperparameters(
@@ -193,19 +226,24 @@ class SharpnessAware(Optimizer):
         self.ascent: AscentPolicy = ascent if ascent is not None else L2Ascent()
         self.mask: MaskPolicy = mask if mask is not None else PerturbationMask()
         self.selection: SelectionPolicy = selection if selection is not None else AllSamples()
+        self.update: UpdatePolicy = update if update is not None else PassThrough()
         for what, policy, protocol in (
             ("ascent", self.ascent, AscentPolicy),
             ("mask", self.mask, MaskPolicy),
             ("selection", self.selection, SelectionPolicy),
+            ("update", self.update, UpdatePolicy),
         ):
             if not isinstance(policy, protocol):
                 raise TypeError(
                     f"Invalid {what} policy: {policy!r} does not implement "
                     f"effsam.optim.policy.{protocol.__name__}"
                 )
-        self.schedule = schedule if schedule is not None else EveryStep()
-        if not isinstance(self.schedule, EveryStep):
-            raise TypeError(f"schedule must be a schedule policy, got {schedule!r:.80}")
+        self.schedule: Schedule = schedule if schedule is not None else EveryStep()
+        if not isinstance(self.schedule, Schedule):
+            raise TypeError(
+                f"schedule must be a schedule policy, got {schedule!r:.80}: it does not "
+                "implement effsam.optim.policy.Schedule"
+            )
         self.ascent_slice = AscentSlice(ascent_fraction, ascent_noise, ascent_seed)
         if self.ascent_slice.slices:
             self._check_sliceable()
@@ -220,44 +258,67 @@ class SharpnessAware(Optimizer):
         self.skipped_steps = 0
         self.last_step_skipped = False
         self.last_kept: KeptFraction | None = None
-        # The step's state machine:
-        #   _drawn          the mask policy has drawn this step's pass-1 flags (_keep)
-        #   _keep           those flags, one per parameter (None: every tensor)
-        #   _ascended       first_step ran (second_step requires it)
-        #   _perturbed      (parameter, θ backup) pairs while θ + ε is loaded
-        #   _pass1_skipped  first_step refused a non-finite pass 1 (second_step skips)
-        self._keep: list[bool] | None = None
-        self._drawn = False
-        self._ascended = False
-        self._perturbed: list[tuple[Tensor, Tensor]] = []
-        self._pass1_skipped = False
-        # the mask policy's state before a refresh_mask of this step (abort_step undoes it)
-        self._refresh_undo: dict[str, Any] | None = None
-        # BN buffers as they were at the start of this step's pass 1 (see watch_bn): a
-        # skipped or failed step puts them back; a step whose statistics turned non-finite
-        # is skipped
-        self._bn_watch: list[BNSnapshot] = []
+        #: the share of the batch the last step's pass 2 used (None: no selection)
+        self.last_selected_fraction: float | None = None
         #: steps that were sharpness-aware (the rest were plain base steps)
         self.sharpness_aware_steps = 0
         self.last_step_sharpness_aware: bool | None = None
-        # The schedule's part of the state machine:
-        #   _begun            begin_step asked the schedule (until the step ends)
-        #   _decision         its answer: True, False, or None (decided after pass 1)
-        #   _schedule_before  the schedule's state before this step (abort_step restores it)
-        #   _plain            hook handles while a plain step waits for second_step
-        self._begun = False
-        self._decision: bool | None = None
-        self._schedule_before: dict[str, Any] | None = None
-        self._selection_before: dict[str, Any] | None = None
-        self._plain: list[Any] | None = None
-        self._plain_backward = False
-        self._pre_pass1_done = False
-        self._single_pass_moved = False
-        # Reduced-batch ascent: inside first_pass (_in_pass1), whether ascent_batch sliced
-        # this step's pass 1 (_sliced), and the generator's state before the step.
-        self._in_pass1 = False
-        self._sliced = False
-        self._slice_before: Tensor | None = None
+        # The step in progress (None between steps): its state and its undo, see
+        # StepTransaction.
+        self._txn: StepTransaction | None = None
+        # The base's hyper-parameters (momentum, betas, …) visible under effsam's own
+        # (OneCycleLR and CyclicLR look for momentum / betas in the defaults); ρ on top.
+        self.defaults = {**base.defaults, **self.defaults}
+
+    #: (a class default too: instances unpickled from before the transaction have none)
+    _txn: StepTransaction | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuse a subclass that overrides a ``@final`` method of this class: those
+        carry the torch.optim contract, which the override would silently lose (its
+        hooks run under it instead). Nothing in the subclass is changed."""
+        super().__init_subclass__(**kwargs)
+        finals = {n for n, v in vars(SharpnessAware).items() if getattr(v, "__final__", False)}
+        overridden = sorted(finals & set(vars(cls)))
+        if overridden:
+            raise TypeError(
+                f"{cls.__name__} overrides {', '.join(overridden)} of SharpnessAware, which "
+                "keep the torch.optim contract (hooks, torch.compile, sharding checks): "
+                "give it a policy (e.g. an update policy, effsam.optim.update) or override "
+                "the hooks they call instead (_on_begin_step, _pre_pass1_perturb, _on_restore)"
+            )
+
+    # ------------------------------------------------------------------ torch.optim
+    @property
+    def foreach(self) -> bool:
+        """Whether the ascent and the restore use ``torch._foreach_*`` kernels: as set
+        (default True), but never on DTensor parameters (FSDP2): DTensor has no sharding
+        rule for ``_foreach_copy_``, and the per-tensor kernels give the same result."""
+        return self._foreach and not any(is_dtensor(p) for p in self.params)
+
+    @foreach.setter
+    def foreach(self, value: bool) -> None:
+        self._foreach = bool(value)
+
+    _foreach = True
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling and ``copy.deepcopy`` take the whole wrapper (the base optimizer and
+        the policies travel along) but the hooks, as torch's ``Optimizer.__getstate__``
+        leaves them out; ``Optimizer.__setstate__`` makes them anew."""
+        return {k: v for k, v in self.__dict__.items() if k not in UNPICKLED}
+
+    def _open_step(self) -> StepTransaction:
+        """The step in progress, opened if none is (by begin_step, or by watch_bn or the
+        mask's draw coming first)."""
+        if self._txn is None:
+            self._txn = StepTransaction()
+        return self._txn
+
+    @property
+    def _ascended(self) -> bool:
+        """first_step ran in the step in progress (second_step is pending)."""
+        return self._txn is not None and self._txn.ascended
 
     def _check_sliceable(self) -> None:
         """A sliced pass 1 is only an ascent: refuse methods whose pass 1 is more."""
@@ -295,24 +356,23 @@ class SharpnessAware(Optimizer):
         """Every parameter of every group, in the optimizer's order."""
         return [p for group in self.param_groups for p in group["params"]]
 
-    def _params(self) -> list[Tensor]:  # the former private name
-        return self.params
-
     @property
     def pass1_keep(self) -> list[bool] | None:
         """This step's pass-1 flags, one per parameter in :attr:`params` order: which
         tensors get a weight gradient in pass 1 (``None``: all). Set by :meth:`first_pass`
         (or :meth:`first_step`) and valid until :meth:`second_step`."""
-        return self._keep
+        return None if self._txn is None else self._txn.keep
 
     def _rho(self, group: dict[str, Any]) -> float:
-        return group.get("rho", self.defaults["rho"])
+        return group["rho"]  # add_param_group fills it in on every group
 
     def trainable_grads(self) -> list[Tensor]:
         """The current gradients of the wrapped parameters, in the optimizer's order
         (parameters without a gradient left out)."""
         return [p.grad for p in self.params if p.grad is not None]
 
+    @final
+    @eager
     @torch.no_grad()
     def grad_sq_norm(self) -> float:
         """‖g‖² of the current gradients: one global norm, squared (what AE-SAM decides by)."""
@@ -322,24 +382,25 @@ class SharpnessAware(Optimizer):
     # ------------------------------------------------------------------ the decision
     #: True for methods whose only pass runs at a point moved before pass 1 (MSAM).
     single_pass = False
-    #: True: with a sample selection, pass 2 forwards the whole batch at θ + ε (BN batch
-    #: statistics of every sample) and back-propagates only the selected samples' mean
-    #: loss, ranking them from that same forward (the ESAM-wholebatch control).
-    pass2_whole_batch = False
 
+    @final
+    @eager
     def begin_step(self) -> bool | None:
         """Start a step (idempotent until it ends): ask the schedule whether it is
         sharpness-aware. Returns True (sharpness-aware), False (a plain base step: one
         forward and backward, then :meth:`second_step`) or None (the schedule decides from
         pass 1's gradient, in :meth:`first_step` or :meth:`decide_after_pass1`)."""
-        if not self._begun:
-            self._schedule_before = _copy_state(self.schedule.state_dict())
-            self._selection_before = _copy_state(self.selection.state_dict())
-            self._slice_before = self.ascent_slice.generator.get_state()
-            self._decision = None if self.schedule.needs_grad_norm else self.schedule.decide()
-            self._begun = True
-        return self._decision
+        txn = self._open_step()
+        if not txn.begun:
+            txn.begin(self)
+            self._on_begin_step(txn.decision)
+        return txn.decision
 
+    def _on_begin_step(self, decision: bool | None) -> None:
+        """A step has begun (once per step), with the schedule's decision."""
+
+    @final
+    @eager
     @torch.no_grad()
     def decide_after_pass1(self, grad_sq_norm: Tensor | float | None = None) -> bool:
         """For a schedule that needs pass 1's gradient (AE-SAM): decide from ‖g‖² (the
@@ -350,12 +411,14 @@ class SharpnessAware(Optimizer):
             return decision
         if grad_sq_norm is None:
             grad_sq_norm = self.grad_sq_norm()
-        self._decision = bool(self.schedule.decide_after(float(grad_sq_norm)))
-        return self._decision
+        txn = self._open_step()
+        txn.decision = bool(self.schedule.decide(float(grad_sq_norm)))
+        return txn.decision
 
     # ------------------------------------------------------------------ pass 1
     def _draw(self) -> list[bool] | None:
-        if not self._drawn:
+        txn = self._open_step()
+        if not txn.drawn:
             if self.mask.needs_data and not self.mask.ready:
                 raise RuntimeError(
                     f"the {self.mask.name!r} mask has not been computed yet: call "
@@ -367,11 +430,11 @@ class SharpnessAware(Optimizer):
                 # A data-free refresh (SSAM-D) needs no model or batch: schedule it here,
                 # so the closure and two-phase APIs get it too.
                 self.refresh_mask(None, None, None)  # type: ignore[arg-type]
-            self._keep = self.mask.draw(params)
-            self._drawn = True
-            tensors, elements = kept_fraction(params, self._keep, self.mask.element_counts())
+            txn.keep = self.mask.draw(params)
+            txn.drawn = True
+            tensors, elements = kept_fraction(params, txn.keep, self.mask.element_counts())
             self.last_kept = KeptFraction(tensors, elements)
-        return self._keep
+        return txn.keep
 
     def watch_bn(self, model: nn.Module | BNSnapshot) -> None:
         """Keep this step's BatchNorm buffers of ``model`` as they are now (call it before
@@ -379,14 +442,8 @@ class SharpnessAware(Optimizer):
         (non-finite gradients, or non-finite running statistics, which skip the step too)
         or fails, they are put back exactly — running_mean, running_var and
         num_batches_tracked — as if the batch had never been seen. Until the step ends."""
-        self._bn_watch.append(model if isinstance(model, list) else snapshot_bn(model))
-
-    def _restore_bn(self) -> None:
-        for snapshot in reversed(self._bn_watch):  # the earliest snapshot wins
-            restore_bn(snapshot)
-
-    def _bn_finite(self) -> bool:
-        return all(bn_finite(snapshot) for snapshot in self._bn_watch)
+        snapshot = model if isinstance(model, list) else snapshot_bn(model)
+        self._open_step().bn_watch.append(snapshot)
 
     @contextlib.contextmanager
     def first_pass(self, model: nn.Module | None = None) -> Iterator[None]:
@@ -406,29 +463,42 @@ class SharpnessAware(Optimizer):
 
     @contextlib.contextmanager
     def _first_pass(self, decision: bool | None) -> Iterator[None]:
+        txn, switched = self._enter_pass1(decision)
+        try:
+            yield
+        except BaseException:
+            if txn is None:  # a single-pass method: put its moved θ back
+                self.restore()
+            raise
+        finally:
+            self._exit_pass1(txn, switched)
+
+    @eager
+    def _enter_pass1(self, decision: bool | None) -> tuple[StepTransaction | None, list[Tensor]]:
+        """Pass 1 begins. A single-pass method moves θ (no transaction flag: None);
+        otherwise the tensors the mask does not keep get ``requires_grad`` off (returned,
+        to be switched back on)."""
         if self.single_pass:
             if decision:
                 self._pre_pass1_perturb()
-            try:
-                yield
-            except BaseException:
-                self.restore()
-                raise
-            return
+            return None, []
         keep = self._draw() if decision else None
         switched: list[Tensor] = []
         if keep is not None:
-            for p, k in zip(self._params(), keep):
+            for p, k in zip(self.params, keep):
                 if not k and p.requires_grad:
                     p.requires_grad_(False)
                     switched.append(p)
-        self._in_pass1 = True
-        try:
-            yield
-        finally:
-            self._in_pass1 = False
-            for p in switched:
-                p.requires_grad_(True)
+        txn = self._open_step()
+        txn.in_pass1 = True
+        return txn, switched
+
+    @eager
+    def _exit_pass1(self, txn: StepTransaction | None, switched: list[Tensor]) -> None:
+        if txn is not None:
+            txn.in_pass1 = False
+        for p in switched:
+            p.requires_grad_(True)
 
     def ascent_batch(self, batch: Any) -> Any:
         """The part of ``batch`` pass 1 runs on: a random slice of ⌊f·b + ½⌋ samples when
@@ -449,28 +519,36 @@ class SharpnessAware(Optimizer):
         With f < 1 a sharpness-aware step whose pass 1 did not come through here is
         refused in :meth:`first_step` (it would silently ascend on the whole batch).
         """
-        if not self._in_pass1 or not self.ascent_slice.slices:
+        txn = self._txn
+        if txn is None or not txn.in_pass1 or not self.ascent_slice.slices:
             return batch
-        if self._decision is not True or self.single_pass:
+        if txn.decision is not True or self.single_pass:
             return batch
         idx = self.ascent_slice.draw(batch_size(batch))
-        self._sliced = True
+        txn.sliced = True
         first = next(iter(batch_tensors(batch)), None)
         if first is not None and first.device.type != "cpu":
             idx = idx.to(first.device)
         return index_batch(batch, idx)
 
     def _pre_pass1_perturb(self) -> None:
-        """Single-pass methods: move θ before pass 1 (see :class:`effsam.MSAM`)."""
+        """Single-pass methods: move θ before pass 1 (see :class:`effsam.MSAM`); called
+        from :meth:`first_pass`, eagerly."""
         raise NotImplementedError
 
     @property
     def perturbed(self) -> bool:
         """True between :meth:`first_step` and :meth:`second_step` (θ + ε is loaded). A
         single-pass method's moved point (MSAM) is its pass 1, not a perturbed pass 2."""
-        return (bool(self._perturbed) and not self.single_pass) or self._pass1_skipped
+        txn = self._txn
+        if txn is None:
+            return False
+        return (bool(txn.perturbed) and not self.single_pass) or txn.pass1_skipped
 
     # ------------------------------------------------------------------ the steps
+    @final
+    @eager
+    @checks_sharding
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> bool:
         """Ascend: θ ← θ + ε from the current gradients. Returns False if the gradients were
@@ -485,7 +563,36 @@ class SharpnessAware(Optimizer):
 
         Raises RuntimeError, changing nothing, if no parameter has a gradient.
         """
-        if self._pass1_skipped or self._ascended:
+        self._check_pass1()
+        decision = self.begin_step()
+        txn = self._open_step()
+        if self.check_finite and txn.bn_watch and not txn.bn_finite():
+            return self._skip_pass1("BatchNorm running statistics after pass 1", None, zero_grad)
+        if self.single_pass:
+            txn.ascended = True
+            return self._single_pass_done() if decision else self._start_plain()
+        if decision is None:  # AE-SAM: from pass 1's norm, taken once
+            norm = self._pass1_norm()
+            value = float(norm)
+            if self.check_finite and not math.isfinite(value):
+                return self._skip_pass1("pass 1", norm, zero_grad)
+            decision = self.decide_after_pass1(value**2)
+        if not decision:
+            txn.ascended = True
+            return self._start_plain()
+        self._check_sliced(txn)
+        ps, gs, coefs = self._collect(self._draw())
+        txn.ascended = True
+        if not ps:
+            txn.pass1_skipped = False
+            txn.perturbed = []
+            return True  # nothing to perturb: pass 2 is a plain step
+        return self._ascend(txn, ps, gs, coefs, zero_grad)
+
+    def _check_pass1(self) -> None:
+        """first_step is due: not twice in a step, and only after a pass 1 that left a
+        gradient (else the step is undone and a RuntimeError raised)."""
+        if self._txn is not None and (self._txn.pass1_skipped or self._txn.ascended):
             raise RuntimeError("first_step called twice without second_step in between")
         if not any(p.grad is not None for p in self.params):
             self.abort_step()
@@ -494,22 +601,15 @@ class SharpnessAware(Optimizer):
                 "parameters): run pass 1's forward and backward on the model whose "
                 "parameters this optimizer holds first. Nothing was changed"
             )
-        decision = self.begin_step()
-        if self.check_finite and self._bn_watch and not self._bn_finite():
-            return self._skip_pass1("BatchNorm running statistics after pass 1", None, zero_grad)
-        if self.single_pass:
-            self._ascended = True
-            return self._single_pass_done() if decision else self._start_plain()
-        if decision is None:
-            gs = self.trainable_grads()
-            norm = global_norm(gs, self.foreach) if gs else torch.zeros(())
-            if self.check_finite and not bool(torch.isfinite(norm)):
-                return self._skip_pass1("pass 1", norm, zero_grad)
-            decision = self.decide_after_pass1()
-        if not decision:
-            self._ascended = True
-            return self._start_plain()
-        if self.ascent_slice.slices and not self._sliced:
+
+    def _pass1_norm(self) -> Tensor:
+        """‖g‖ of pass 1: one global norm over the current gradients (0 without any)."""
+        gs = self.trainable_grads()
+        return global_norm(gs, self.foreach) if gs else torch.zeros(())
+
+    def _check_sliced(self, txn: StepTransaction) -> None:
+        """A reduced-batch ascent must have run pass 1 on ``ascent_batch``'s slice."""
+        if self.ascent_slice.slices and not txn.sliced:
             self.abort_step()
             raise RuntimeError(
                 f"ascent_fraction={self.ascent_slice.fraction}: pass 1 must run on "
@@ -517,7 +617,10 @@ class SharpnessAware(Optimizer):
                 "the closure); it did not, so the ascent would have used the whole batch. "
                 "Nothing was changed (effsam.sharpness_aware_step slices by itself)"
             )
-        keep = self._draw()
+
+    def _collect(self, keep: list[bool] | None) -> tuple[list[Tensor], list[Tensor], list[float]]:
+        """The tensors to perturb (kept by the mask, with a gradient), their pass-1
+        gradients and their coefficients ρ · scale (ρ of their param group)."""
         params = self.params
         self.mask.prepare(params)
         ps: list[Tensor] = []
@@ -537,12 +640,19 @@ class SharpnessAware(Optimizer):
                 ps.append(p)
                 gs.append(p.grad)
                 coefs.append(rho * scale)
-        self._ascended = True
-        if not ps:
-            self._pass1_skipped = False
-            self._perturbed = []
-            return True  # nothing to perturb: pass 2 is a plain step
-        self._on_ascent(ps, gs)
+        return ps, gs, coefs
+
+    def _ascend(
+        self,
+        txn: StepTransaction,
+        ps: list[Tensor],
+        gs: list[Tensor],
+        coefs: list[float],
+        zero_grad: bool,
+    ) -> bool:
+        """θ ← θ + ε by the kernel (which takes its own norm: of T·g, masked), θ kept in
+        the backups; a non-finite norm skips the step."""
+        self.update.on_ascent(self.state, self.params, ps, gs, txn)
         masks = self.mask.element_masks(ps)
         if masks is not None and all(m is None for m in masks):
             masks = None
@@ -569,7 +679,7 @@ class SharpnessAware(Optimizer):
         )
         if not done:
             return self._skip_pass1("pass 1", norm, zero_grad)
-        self._perturbed = list(zip(ps, backups))
+        txn.perturbed = list(zip(ps, backups))
         if zero_grad:
             self.zero_grad(set_to_none=True)
         return True
@@ -578,9 +688,10 @@ class SharpnessAware(Optimizer):
         """Pass 1 was not finite: nothing is perturbed (a single-pass method's moved θ is
         put back), BN buffers are put back, and :meth:`second_step` will not step."""
         self.restore()
-        self._ascended = True
-        self._pass1_skipped = True
-        self._restore_bn()
+        txn = self._open_step()
+        txn.ascended = True
+        txn.pass1_skipped = True
+        txn.restore_bn()
         self._skip(where, norm)
         if zero_grad:
             self.zero_grad(set_to_none=True)
@@ -591,46 +702,35 @@ class SharpnessAware(Optimizer):
         update. Until :meth:`second_step`, a backward into the parameters (a pass 2 that
         should not have run) is detected by a post-accumulate-grad hook; edits such as
         clipping are allowed."""
-        self._plain_update()
-        self._plain_backward = False
+        txn = self._open_step()
+        self.update.plain_update(self.state, self.params, txn)
+        txn.plain_backward = False
 
         def hook(_: Tensor) -> None:
-            self._plain_backward = True
+            txn.plain_backward = True
 
-        self._plain = [
+        txn.plain_hooks = [
             p.register_post_accumulate_grad_hook(hook) for p in self.params if p.requires_grad
         ]
         return False
 
     def _single_pass_done(self) -> bool:
-        if not self._pre_pass1_done:
-            self._ascended = False
+        txn = self._open_step()
+        if not txn.pre_pass1_done:
+            txn.ascended = False
             raise RuntimeError(
                 f"{type(self).__name__} moves the weights before pass 1: run pass 1 inside "
                 "`with opt.first_pass():` (or use opt.step(closure) or "
                 "effsam.sharpness_aware_step)"
             )
-        self._single_pass_moved = bool(self._perturbed)
+        txn.single_pass_moved = bool(txn.perturbed)
         self.restore()
-        self._pre_pass1_done = False
+        txn.pre_pass1_done = False
         return self._start_plain()
 
-    # Hooks for methods that reuse gradients across steps (LookSAM, ESAM-mix).
-    def _on_ascent(self, params: list[Tensor], grads: list[Tensor]) -> None:
-        """A sharpness-aware step, before the ascent: the pass-1 gradients."""
-
-    def _before_descent(self) -> None:
-        """A sharpness-aware step, before the base step: p.grad holds the final gradient."""
-
-    def _plain_update(self) -> None:
-        """A plain step, before the base step: p.grad holds pass 1's gradient."""
-
-    def _on_update(self) -> None:
-        """Every step that is not skipped, right before the base step: p.grad holds the
-        gradient the base optimizer steps with (finite, unscaled, clipped)."""
-
-    def _after_update(self) -> None:
-        """Right after a successful base step (commit what :meth:`_on_update` prepared)."""
+    def _on_restore(self) -> None:
+        """θ is being restored: undo a perturbation kept outside the weights (Flat-LoRA's
+        patched forwards)."""
 
     def _backup(self, p: Tensor) -> Tensor:
         state = self.state[p]
@@ -639,32 +739,38 @@ class SharpnessAware(Optimizer):
             buf = state["theta"] = torch.empty_like(p, memory_format=torch.preserve_format)
         return buf
 
+    @final
+    @eager
     @torch.no_grad()
     def restore(self) -> None:
         """Load back the exact pre-ascent weights (a copy, never θ + ε − ε)."""
-        if self._perturbed:
-            ps = [p for p, _ in self._perturbed]
-            backups = [b for _, b in self._perturbed]
+        self._on_restore()
+        txn = self._txn
+        if txn is None:
+            return
+        if txn.perturbed:
+            ps = [p for p, _ in txn.perturbed]
+            backups = [b for _, b in txn.perturbed]
             for idx in group_by_device_and_dtype(ps):
-                if self.foreach:
-                    torch._foreach_copy_([ps[i] for i in idx], [backups[i] for i in idx])
-                else:
-                    for i in idx:
-                        ps[i].copy_(backups[i])
-        self._perturbed = []
+                _copy_([ps[i] for i in idx], [backups[i] for i in idx], self.foreach)
+        txn.perturbed = []
 
+    @final
+    @eager
+    @fires_step_hooks
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> bool:
         """Restore θ and step the base optimizer with the current (pass-2) gradients — or,
         after a plain scheduled step, with pass 1's. Returns False if the step was skipped
         (non-finite gradients in either pass)."""
-        if not self._ascended:
+        txn = self._txn
+        if txn is None or not txn.ascended:
             raise RuntimeError(
                 "second_step called without first_step: call first_step() after pass 1's "
                 "backward (or use opt.step(closure) / effsam.sharpness_aware_step)"
             )
-        plain = self._plain is not None
-        if plain and self._plain_backward:
+        plain = txn.plain_hooks is not None
+        if plain and txn.plain_backward:
             self.abort_step()
             raise RuntimeError(
                 "a backward ran after a plain scheduled step: first_step() returned False, "
@@ -672,29 +778,31 @@ class SharpnessAware(Optimizer):
                 "return value: `if opt.first_step(): <pass 2>`); nothing was stepped"
             )
         self.restore()
-        skipped = self._pass1_skipped
+        skipped = txn.pass1_skipped
         if not skipped and self.check_finite:
-            gs = [p.grad for p in self.params if p.grad is not None]
+            gs = self.trainable_grads()
             if gs:
                 norm = global_norm(gs, self.foreach)
                 if not bool(torch.isfinite(norm)):
                     self._skip("pass 2", norm)
                     skipped = True
-            if not skipped and self._bn_watch and not self._bn_finite():
+            if not skipped and txn.bn_watch and not txn.bn_finite():
                 # (a reduced-batch ascent's statistics come from pass 2)
                 self._skip("BatchNorm running statistics", None)
                 skipped = True
         if skipped:
-            self._restore_bn()
+            txn.restore_bn()
         if not skipped:
+            update, state, params = self.update, self.state, self.params
             if not plain:
-                self._before_descent()
-            self._on_update()
+                update.before_descent(state, params, txn, txn.selected_fraction)
+            self.last_selected_fraction = txn.selected_fraction
+            update.on_update(state, params, txn)
             self.base.step()
-            self._after_update()
+            update.after_update(state, params, txn)
             self.steps += 1
         self.last_step_skipped = skipped
-        aware = not plain or self._single_pass_moved
+        aware = not plain or txn.single_pass_moved
         self.last_step_sharpness_aware = aware
         self.sharpness_aware_steps += int(aware)
         self.schedule.commit()
@@ -706,41 +814,19 @@ class SharpnessAware(Optimizer):
         return not skipped
 
     def _end_step(self) -> None:
-        for handle in self._plain or []:
-            handle.remove()
-        self._plain = None
-        self._plain_backward = False
-        self._pass1_skipped = False
-        self._drawn = False
-        self._keep = None
-        self._ascended = False
-        self._refresh_undo = None
-        self._begun = False
-        self._decision = None
-        self._pre_pass1_done = False
-        self._single_pass_moved = False
-        self._sliced = False
-        self._slice_before = None
-        self._bn_watch = []
+        """The step is over: drop its transaction."""
+        if self._txn is not None:
+            self._txn.end()
+        self._txn = None
 
+    @final
+    @eager
     def abort_step(self) -> None:
         """Undo a step that failed part-way: weights restored, mask draw, mask refresh and
         schedule rolled back, watched BN buffers put back, gradients cleared. The base
         optimizer has not been stepped."""
-        self.restore()
-        self._restore_bn()
-        if self._drawn:
-            self.mask.rollback_draw()
-        if self._refresh_undo is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self.mask.load_state_dict(self._refresh_undo)
-        if self._begun and self._schedule_before is not None:
-            self.schedule.load_state_dict(self._schedule_before)
-        if self._begun and self._selection_before:
-            self.selection.load_state_dict(self._selection_before)  # a random subset's draw
-        if self._begun and self._slice_before is not None:
-            self.ascent_slice.generator.set_state(self._slice_before)
+        if self._txn is not None:
+            self._txn.rollback(self)
         self._end_step()
         self.zero_grad(set_to_none=True)
 
@@ -754,38 +840,48 @@ class SharpnessAware(Optimizer):
             stacklevel=caller_stacklevel(),
         )
 
+    @final
+    @eager_frame
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One sharpness-aware step with a torch-standard closure (zero grads, forward,
-        backward, return loss), called twice. Returns the pass-1 loss."""
-        if closure is None:
-            raise RuntimeError(
-                "SharpnessAware.step needs a closure (zero grads, forward, backward, return "
-                "loss); or use first_step()/second_step() or effsam.sharpness_aware_step()"
-            )
-        if self.selection.needs_per_sample:
-            raise RuntimeError(
-                f"sample selection ({self.selection.name}, gamma={self.selection.gamma}) "
-                "cannot work through a closure: use effsam.sharpness_aware_step(model, opt, "
-                "batch, loss_fn) with a per-sample loss_fn"
-            )
-        if self.mask.needs_data and self.mask_refresh_due():
-            raise RuntimeError(
-                f"the {self.mask.name!r} mask is due for a refresh from data at step "
-                f"{self.steps}, which step(closure) cannot do: call opt.refresh_mask(model, "
-                "batch, loss_fn) when opt.mask_refresh_due() before opt.step(closure), or "
-                "use effsam.sharpness_aware_step"
-            )
-        try:
-            with torch.enable_grad(), self.first_pass():
-                loss = closure()
-            if self.first_step(zero_grad=True):
-                with torch.enable_grad():
-                    closure()
-        except BaseException:
-            self.abort_step()
-            raise
-        self.second_step()
-        return loss
+        backward, return loss), called twice. Returns the pass-1 loss.
+
+        The closure must leave gradients (else a RuntimeError; a first call returning None
+        with no gradient skips the step, as a framework's skipped batch). Without a
+        closure, ``step()`` finishes a step begun with :meth:`first_step` (a framework ran
+        pass 2's backward itself) and is an error otherwise. The step hooks fire once,
+        from torch's wrapper of ``step``."""
+        with entered(self, "step"):  # (second_step inside fires no hooks of its own)
+            if closure is None:
+                return step_without_closure(self)
+            closure = checked_closure(self, closure)
+            if self.selection.needs_per_sample:
+                raise RuntimeError(
+                    f"sample selection ({self.selection.name}, gamma={self.selection.gamma}) "
+                    "cannot work through a closure: use effsam.sharpness_aware_step(model, "
+                    "opt, batch, loss_fn) with a per-sample loss_fn"
+                )
+            if self.mask.needs_data and self.mask_refresh_due():
+                raise RuntimeError(
+                    f"the {self.mask.name!r} mask is due for a refresh from data at step "
+                    f"{self.steps}, which step(closure) cannot do: call opt.refresh_mask("
+                    "model, batch, loss_fn) when opt.mask_refresh_due() before "
+                    "opt.step(closure), or use effsam.sharpness_aware_step"
+                )
+            try:
+                with torch.enable_grad(), self.first_pass():
+                    loss = closure()
+                if self.first_step(zero_grad=True):
+                    with torch.enable_grad():
+                        closure()
+            except SkipStep:
+                self.abort_step()
+                return None  # the closure skipped the batch: nothing was changed
+            except BaseException:
+                self.abort_step()
+                raise
+            self.second_step()
+            return loss
 
     # ------------------------------------------------------------------ sample selection
     def select(self, loss_before: Tensor | None, loss_after: Tensor | None) -> Tensor | None:
@@ -796,13 +892,24 @@ class SharpnessAware(Optimizer):
         step is exactly the base optimizer's, for every selection policy."""
         if all(self._rho(g) == 0 for g in self.param_groups):
             return None
-        return self.selection.select(loss_before, loss_after)
+        idx = self.selection.select(loss_before, loss_after)
+        offered = loss_before if loss_before is not None else loss_after
+        if offered is not None:  # the step's share selected, over its micro-batches
+            self._open_step().record_selection(
+                offered.numel() if idx is None else idx.numel(), offered.numel()
+            )
+        return idx
 
     # ------------------------------------------------------------------ masks needing data
+    @final
+    @eager
     def mask_refresh_due(self) -> bool:
         """Whether the mask policy wants :meth:`refresh_mask` before the next step."""
         return self.mask.refresh_due(self.steps)
 
+    @final
+    @eager
+    @checks_sharding
     def refresh_mask(
         self, model: torch.nn.Module | None, batch: Any, loss_fn: Callable | None
     ) -> bool:
@@ -811,13 +918,14 @@ class SharpnessAware(Optimizer):
         data-free refreshes do) it is part of the step: :meth:`abort_step` undoes it too.
         Called between steps (by hand, before ``opt.step(closure)``), it is an operation of
         its own: a later step that fails rolls back to the state after it."""
-        if not self._begun and not self._ascended:
+        txn = self._txn
+        if txn is None or not (txn.begun or txn.ascended):
             # Outside a step (a manual refresh before it): a finished operation of its own,
             # which a later failed step must not undo.
             return self.mask.refresh(model, self.params, batch, loss_fn, self.steps)
-        undo = self.mask.state_dict() if self._refresh_undo is None else self._refresh_undo
+        undo = self.mask.state_dict() if txn.refresh_undo is None else txn.refresh_undo
         changed = self.mask.refresh(model, self.params, batch, loss_fn, self.steps)
-        self._refresh_undo = undo
+        txn.refresh_undo = undo
         return changed
 
     # ------------------------------------------------------------------ state
@@ -829,8 +937,11 @@ class SharpnessAware(Optimizer):
             + f":{getattr(self.mask, 'granularity', '')}",
             "selection": f"{type(self.selection).__name__}:{self.selection.name}",
             "schedule": f"{type(self.schedule).__name__}:{self.schedule.name}",
+            "update": f"{type(self.update).__name__}:{self.update.name}",
         }
 
+    @final
+    @runs_state_dict_hooks
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The base optimizer's state dict plus an ``"effsam"`` entry with the wrapper's
         counters, the names of its policies and every policy's state."""
@@ -844,16 +955,22 @@ class SharpnessAware(Optimizer):
             "selection": self.selection.state_dict(),
             "schedule": self.schedule.state_dict(),
             "ascent_slice": self.ascent_slice.state_dict(),
-            **self._extra_state(),
+            **self.settings,
+            **self.update.state_dict(self.state, self.params),
         }
         return state
 
-    def _extra_state(self) -> dict[str, Any]:
-        """Method-specific state saved beside the policies' (LookSAM's g_v)."""
-        return {}
+    #: settings a saved state must have been made with (checked on load, by key, where
+    #: the saved state has them; e.g. Flat-LoRA's noise seed)
+    settings: dict[str, Any] = {}
 
-    def _load_extra_state(self, ours: dict[str, Any]) -> None:
-        pass
+    def _check_settings(self, ours: dict[str, Any]) -> None:
+        for key, mine in self.settings.items():
+            if key in ours and ours[key] != mine:
+                raise ValueError(
+                    f"cannot load a {type(self).__name__} state saved with {key} = "
+                    f"{ours[key]} into one with {mine}. Nothing was loaded."
+                )
 
     def _check_compatible(self, ours: Any) -> None:
         if not isinstance(ours, dict) or not {"steps", "skipped_steps", "mask"} <= set(ours):
@@ -861,7 +978,11 @@ class SharpnessAware(Optimizer):
         saved = ours.get("policies")
         mine = self._policy_names()
         if saved is not None:
-            keys = ("optimizer", "ascent", "mask", "selection", "schedule")
+            keys: tuple[str, ...] = ("optimizer", "ascent", "mask", "selection", "schedule")
+            if self.update.state_dict(self.state, self.params):
+                # a stateful update policy loads only its own kind's state (a stateless one,
+                # ESAM-mix's, is a setting: ESAM's states load either way)
+                keys += ("update",)
             differ = [k for k in keys if k in saved and saved.get(k) != mine[k]]
             if differ:
                 detail = "; ".join(f"{k}: saved {saved.get(k)!r}, here {mine[k]!r}" for k in differ)
@@ -870,7 +991,9 @@ class SharpnessAware(Optimizer):
                     f"into this {mine['optimizer']}: {detail}. Nothing was loaded."
                 )
             return
-        # States saved before the policy names were recorded: compare the mask's fields.
+        # States saved before the policy names were recorded (effsam 0.2.0 as released, and
+        # earlier): run checkpoints of that time have no digest, and the toolkit still
+        # resumes them (effsam.train.checkpoint, legacy=True). Compare the mask's fields.
         legacy = {"next_masks"}
         have = set(self.mask.state_dict()) - legacy
         got = set(ours["mask"]) - legacy
@@ -881,6 +1004,8 @@ class SharpnessAware(Optimizer):
                 f"{sorted(have)}. Nothing was loaded."
             )
 
+    @final
+    @runs_load_state_dict_hooks
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Load a state saved by :meth:`state_dict` of the same kind of optimizer.
 
@@ -896,6 +1021,7 @@ class SharpnessAware(Optimizer):
                 "optimizer (load a plain optimizer's state into opt.base instead)"
             )
         self._check_compatible(ours)
+        self._check_settings(ours)
         counters = {
             key: _saved_count(ours, key)
             for key in ("steps", "skipped_steps", "sharpness_aware_steps")
@@ -907,14 +1033,7 @@ class SharpnessAware(Optimizer):
                     f"state_dict['effsam'][{key!r}] is damaged: expected a dict, got "
                     f"{type(ours[key]).__name__} {ours[key]!r:.60}. Nothing was loaded."
                 )
-        old_state, old_groups = self.base.state, self.base.param_groups
-        old_counters = (self.steps, self.skipped_steps)
-        old_mask = self.mask.state_dict()
-        old_selection = self.selection.state_dict()
-        old_schedule = _copy_state(self.schedule.state_dict())
-        old_extra = self._extra_state()
-        old_aware = self.sharpness_aware_steps
-        old_slice = self.ascent_slice.generator.get_state()
+        before = Snapshot(self, whole=True)
         try:
             self.base.load_state_dict(state_dict)
             self.param_groups = self.base.param_groups
@@ -928,19 +1047,13 @@ class SharpnessAware(Optimizer):
             self._check_slice_state(ours.get("ascent_slice"))
             slice_state = ours.get("ascent_slice") or {}
             _load_part("ascent_slice", self.ascent_slice.load_state_dict, slice_state)
-            _load_part("the method's own entries", self._load_extra_state, ours)
+            _load_part(
+                "the update policy's entries",
+                lambda saved: self.update.load_state_dict(saved, self.state, self.params),
+                ours,
+            )
         except Exception:
-            self.base.state, self.base.param_groups = old_state, old_groups
-            self.param_groups = old_groups
-            self.steps, self.skipped_steps = old_counters
-            self.sharpness_aware_steps = old_aware
-            self.schedule.load_state_dict(old_schedule)
-            self.ascent_slice.generator.set_state(old_slice)
-            self._load_extra_state(old_extra)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self.mask.load_state_dict(old_mask)
-            self.selection.load_state_dict(old_selection)
+            before.rollback(self)
             raise
 
     def _check_slice_state(self, saved: Any) -> None:
@@ -968,8 +1081,9 @@ class SharpnessAware(Optimizer):
         parts = [f"rho={self.defaults['rho']}", f"ascent={self.ascent.name}"]
         if self.ascent_slice.slices or self.ascent_slice.noise:
             parts.append(f"ascent_slice({self.ascent_slice.extra_repr()})")
-        for policy in (self.ascent, self.mask, self.selection, self.schedule):
-            extra = policy.extra_repr()
+        for policy in (self.ascent, self.mask, self.selection, self.schedule, self.update):
+            extra_repr = getattr(policy, "extra_repr", None)  # (a Policy's; optional)
+            extra = extra_repr() if extra_repr is not None else ""
             if extra:
                 parts.append(f"{policy.name}({extra})")
         return f"{type(self).__name__}({', '.join(parts)}, base={type(self.base).__name__})"
@@ -1006,11 +1120,56 @@ def _load_part(key: str, load: Callable[[Any], None], state: Any) -> None:
         ) from err
 
 
-def _copy_state(state: dict[str, Any]) -> dict[str, Any]:
-    """A snapshot of a policy's state dict (tensors cloned)."""
-    return {k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()}
+# ---------------------------------------------------------------------- params-first
+def _wrapper_keywords() -> set[str]:
+    """The keyword-only arguments of :class:`SharpnessAware` (``foreach``, …)."""
+    sig = inspect.signature(SharpnessAware.__init__)
+    return {n for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY}
 
 
-# torch.optim contract (hooks, step() without closure, pickling, defaults, compile, FSDP):
-# wrappers around the methods above, see _contract.py.
-_contract.install(SharpnessAware)
+def resolve_base(
+    params: Any, base: Any, kwargs: dict[str, Any], who: str
+) -> tuple[Optimizer, dict[str, Any]]:
+    """The base optimizer instance and the keywords left for the wrapper: the
+    params-first constructor form shared by the methods' constructors
+    (``effsam.SAM(model.parameters(), base=torch.optim.SGD, lr=0.1, rho=0.05)``).
+
+    Two forms: ``who(optimizer_instance, ...)`` (or ``base=optimizer_instance``), and
+    ``who(params, base=OptimizerClass, **kwargs)``: then the keywords the wrapper takes
+    (``foreach``, ``check_finite``, …) stay with it, every other one — and everything in
+    ``base_kwargs={...}`` — goes to ``OptimizerClass(params, ...)``.
+    """
+    base_kwargs = kwargs.pop("base_kwargs", None)
+    if isinstance(params, Optimizer):
+        if base is not None:
+            raise TypeError(
+                f"{who}: got an optimizer instance and base={base!r}: give either the instance, "
+                "or params with base=<an optimizer class>"
+            )
+        base, params = params, None
+    if isinstance(base, Optimizer):
+        if params is not None:
+            raise TypeError(
+                f"{who}: base is an optimizer instance, which already holds its parameters: "
+                "drop the params argument (or pass base=<the optimizer class>)"
+            )
+        if base_kwargs:
+            raise TypeError(f"{who}: base_kwargs needs base=<an optimizer class>, not an instance")
+        return base, kwargs
+    if params is None:
+        raise TypeError(
+            f"{who} needs an optimizer: {who}(torch.optim.SGD(params, lr=...)) or "
+            f"{who}(params, base=torch.optim.SGD, lr=...)"
+        )
+    if not (isinstance(base, type) and issubclass(base, Optimizer)):
+        raise TypeError(
+            f"{who}: the first argument is a {type(params).__name__}, not an optimizer "
+            f"instance, so base must be a torch.optim.Optimizer subclass, got {base!r:.80} "
+            f"(e.g. {who}(params, base=torch.optim.SGD, lr=0.1))"
+        )
+    ours = _wrapper_keywords()
+    wrapper_kw = {k: v for k, v in kwargs.items() if k in ours}
+    base_kw = {k: v for k, v in kwargs.items() if k not in ours}
+    if base_kwargs:
+        base_kw.update(base_kwargs)
+    return base(params, **base_kw), wrapper_kw

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._contract import resolve_base
-from .sharpness_aware import SharpnessAware, refuse_nonfinite
+from .sharpness_aware import SharpnessAware, refuse_nonfinite, resolve_base
 from .sparse import DynamicMask, FisherMask, SparseMask
 
 MASKS = ("fisher", "dynamic")

@@ -7,12 +7,11 @@ from typing import Any
 
 from torch import Tensor
 
-from ._contract import resolve_base
 from .ascent import AdaptiveAscent, L2Ascent
 from .masks import RandomTensorSubset
-from .sds_variants import RandomSubset, mix_gradients
+from .sds_variants import MixWithPass1, RandomSubset
 from .selection import SELECTIONS, AllSamples
-from .sharpness_aware import SharpnessAware, refuse_nonfinite
+from .sharpness_aware import SharpnessAware, refuse_nonfinite, resolve_base
 
 #: ESAM's selection modes: the paper's, the cheap one, and the random control
 ESAM_SELECTIONS = {**SELECTIONS, "random": RandomSubset}
@@ -163,30 +162,16 @@ class ESAM(SharpnessAware):
         cls = ESAM_SELECTIONS[selection]
         policy = cls(gamma, seed=seed) if cls is RandomSubset else cls(gamma)
         sel = policy if policy.gamma < 1.0 else AllSamples()
+        # which samples pass 2 forwards, and whose BN statistics normalise it: the
+        # selection's (the controls' settings are the selection's own)
+        sel.pass2_whole_batch = sds_pass2 == "batch"
+        sel.pass2_bn_whole_batch = sds_bn == "batch"
+        if sds_update == "mix":
+            if kwargs.get("update") is not None:
+                raise ValueError("ESAM sds_update='mix' is its update policy: pass no other")
+            kwargs["update"] = MixWithPass1(sel.needs_per_sample)
         ascent = AdaptiveAscent(eta) if adaptive else L2Ascent()
         super().__init__(base, rho, ascent=ascent, mask=mask, selection=sel, **kwargs)
         self.beta = mask.beta
         self.gamma = policy.gamma
         self.sds_update = sds_update
-        self.pass2_whole_batch = sds_pass2 == "batch"
-        #: pass 2 normalised with the whole batch's BN statistics (the BN repair)
-        self.sds_bn_batch = sds_bn == "batch"
-        self._clean: list[Tensor | None] | None = None
-
-    def _on_ascent(self, params: list[Tensor], grads: list[Tensor]) -> None:
-        # pass 2's select() records k / b: no selection this step (ρ = 0) leaves it None
-        self.selection.last_fraction = None
-        if self.sds_update == "mix" and self.selection.needs_per_sample:
-            kept = {id(p): g.detach().clone() for p, g in zip(params, grads)}
-            self._clean = [kept.get(id(p)) for p in self.params]
-
-    def _before_descent(self) -> None:
-        if self._clean is not None:
-            fraction = self.selection.last_fraction
-            if fraction is not None:
-                mix_gradients(self.params, self._clean, fraction)
-            self._clean = None
-
-    def _end_step(self) -> None:
-        super()._end_step()
-        self._clean = None

@@ -1,4 +1,5 @@
-"""The toolkit: config, training loop, checkpoints, comparisons and the ``effsam`` command.
+"""The toolkit: config, training loop, checkpoints, comparisons, the analysis of a trained
+run and the ``effsam`` command.
 
 It needs the ``toolkit`` extra (PyYAML, tqdm, scikit-learn, matplotlib).
 
@@ -8,6 +9,7 @@ Example:
     >>> summary = train(cfg)
 """
 
+from .analyze import analyze_run
 from .compare import run_compare
 from .config import Config, ConfigError, load_config
 from .loop import RunDiverged, RunFailed, train
@@ -19,6 +21,7 @@ __all__ = [
     "ConfigError",
     "RunDiverged",
     "RunFailed",
+    "analyze_run",
     "load_config",
     "preflight",
     "run_compare",

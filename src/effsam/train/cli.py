@@ -370,7 +370,7 @@ def _cmd_compare(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from effsam.analysis.run import analyze_run
+    from .analyze import analyze_run
 
     r = analyze_run(
         args.run_dir,

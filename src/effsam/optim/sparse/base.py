@@ -53,6 +53,9 @@ class SparseMask(PerturbationMask):
     """
 
     granularity = "element"
+    #: not with DTensor parameters (FSDP2) unless a subclass says so: SSAM-D does, SSAM-F
+    #: (its Fisher information goes through torch.func on full-size tensors) does not
+    masks_follow_param_layout = False
 
     def __init__(self, sparsity: float, update_interval: int, normalisation: str) -> None:
         self.sparsity = check_fraction(sparsity, "SSAM sparsity", "[0, 1)", typed=True)

@@ -57,6 +57,8 @@ class DynamicMask(SparseMask, SeededPolicy):
     stream = "ssam-d"
     #: needs no data: the random initial mask is made at the first step
     ready = True
+    #: its masks are cut into each DTensor parameter's local shard (FSDP2)
+    masks_follow_param_layout = True
 
     def __init__(
         self,

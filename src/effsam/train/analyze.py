@@ -1,8 +1,9 @@
-"""Sharpness of a trained run: load a run directory, measure, write ``analysis.json``.
+"""``effsam analyze``: load a run directory, measure its sharpness, write ``analysis.json``.
 
 The run is rebuilt with the toolkit's own functions (config, data, model, checkpoint,
 loader, loss), so the analysed loss is exactly the training objective of the run (label
 smoothing included) at the checkpointed weights, on training batches without augmentation.
+The measurements are :mod:`effsam.analysis`'s, which knows nothing of the toolkit.
 """
 
 from __future__ import annotations
@@ -16,20 +17,20 @@ from typing import Any
 
 import torch
 
+from effsam.analysis.evaluation import check_int, check_positive, eval_mode
+from effsam.analysis.hessian import hessian_top_eigenvalue, hessian_trace_samples
+from effsam.analysis.landscape import loss_landscape_1d, loss_landscape_2d
+from effsam.analysis.plot import plot_landscape
 from effsam.data import DatasetError
-from effsam.train.build import build_model, load_data, make_loaders, make_loss_fn
-from effsam.train.checkpoint import CHECKPOINT_NAME, load_run_checkpoint
-from effsam.train.config import Config, ConfigError, load_config
-from effsam.train.distributed import resolve_device
-from effsam.train.preflight import check_device, check_out_dir
-from effsam.train.progress import format_duration
-from effsam.train.records import write_json
-from effsam.train.threads import set_threads
 
-from .evaluation import check_int, check_positive, eval_mode
-from .hessian import hessian_top_eigenvalue, hessian_trace_samples
-from .landscape import loss_landscape_1d, loss_landscape_2d
-from .plot import plot_landscape
+from .build import build_model, load_data, make_loaders, make_loss_fn
+from .checkpoint import CHECKPOINT_NAME, load_run_checkpoint
+from .config import Config, ConfigError, load_config
+from .distributed import resolve_device
+from .preflight import check_device, check_out_dir
+from .progress import format_duration
+from .records import write_json
+from .threads import set_threads
 
 __all__ = ["LANDSCAPES", "analyze_run"]
 
