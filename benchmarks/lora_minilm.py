@@ -263,11 +263,8 @@ def summarise(
         by.setdefault(r["method"], []).append(r)
     base = by.get("adamw", [])
     base_time = statistics.fmean(r["seconds_per_step"] for r in base) if base else None
-    base_peak = (
-        statistics.fmean(r["peak_step_bytes"] for r in base if r["peak_step_bytes"])
-        if base
-        else None
-    )
+    base_peaks = [r["peak_step_bytes"] for r in base if r["peak_step_bytes"]]
+    base_peak = statistics.fmean(base_peaks) if base_peaks else None  # (a run too short to profile)
     rows = []
     for method in METHODS:
         rs = by.get(method)
