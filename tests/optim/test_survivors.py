@@ -89,6 +89,38 @@ def test_a_half_precision_gradient_whose_norm_exceeds_fp16_range_is_not_skipped(
     torch.testing.assert_close(p.detach().double(), expected, rtol=2e-3, atol=0)
 
 
+@pytest.mark.parametrize("zero_grad", [True, False], ids=["zero-grad", "keep-grads"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("method", ["sam", "asam"])
+def test_half_precision_ascent_is_the_formula(method: str, dtype, zero_grad: bool) -> None:
+    """ε = ρ T² g / ‖T g‖ (T = 1 for SAM, |θ| + η for ASAM) on half-precision tensors of
+    several sizes (one element, an odd count, one above a norm chunk), the norm accumulated
+    in float32 — through the θ backups used as the upcast's work space where they are free
+    (SAM) and not where they hold T (ASAM). Against the formula in float64 on the same
+    half-precision θ and g, to half precision's rounding."""
+    torch.manual_seed(0)
+    shapes = [(1,), (7, 3), (300, 250)]
+    ps = [nn.Parameter((torch.randn(s) * 0.5).to(dtype)) for s in shapes]
+    opt = effsam.create_optimizer(ps, method, lr=0.1, rho=RHO)
+    for p in ps:
+        p.grad = torch.randn_like(p, dtype=torch.float32).mul_(0.01).to(dtype)
+    theta = [p.detach().double() for p in ps]
+    g = [p.grad.double() for p in ps]
+    eta = opt.ascent.eta if method == "asam" else 0.0
+    t = [th.abs() + eta for th in theta] if method == "asam" else [torch.ones_like(x) for x in g]
+    norm = math.sqrt(sum(float(((ti * gi) ** 2).sum()) for ti, gi in zip(t, g)))
+    assert opt.first_step(zero_grad=zero_grad)
+    for p, th, ti, gi in zip(ps, theta, t, g):
+        eps = RHO * ti**2 * gi / norm
+        got = p.detach().double() - th
+        # θ + ε rounds to the half-precision grid of θ: compare within one ulp of θ + ε
+        ulp = (th.abs() + eps.abs()) * (2**-7 if dtype == torch.bfloat16 else 2**-10)
+        assert bool(((got - eps).abs() <= ulp + 1e-12).all()), float((got - eps).abs().max())
+    opt.restore()
+    for p, th in zip(ps, theta):
+        assert torch.equal(p.detach().double(), th)
+
+
 # ----------------------------------------------------------- AE-SAM's statistics
 
 

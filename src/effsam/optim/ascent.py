@@ -144,30 +144,64 @@ def _norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
     return torch.float32 if dtype in _LOW_PRECISION else None
 
 
-#: Half-precision tensors above this many elements get their float32 norm in chunks of
-#: it, so the upcast never holds more than one chunk (256 kB) at a time.
+#: Half-precision tensors get their float32 norm in chunks of at most this many elements
+#: (and at most half the tensor), so the upcast never holds more than 256 kB, nor more than
+#: the tensor's own bytes, at a time.
 NORM_CHUNK = 1 << 16
 
 
-def _chunked_norm(t: Tensor, dtype: torch.dtype) -> Tensor:
-    parts = [torch.linalg.vector_norm(c, dtype=dtype) for c in t.reshape(-1).split(NORM_CHUNK)]
-    return torch.linalg.vector_norm(torch.stack(parts))
+def _norm_chunk(numel: int) -> int:
+    return max(1, min(NORM_CHUNK, numel // 2))
 
 
-def _tensor_norms(tensors: Sequence[Tensor], foreach: bool) -> list[Tensor]:
-    """Per-tensor L2 norms, in the input order, each in (at least) float32."""
+def _scratch_f32(buf: Tensor | None) -> Tensor | None:
+    """The bytes of a 2-byte (half-precision) buffer seen as float32 (half its element
+    count), to upcast into; None when it cannot be (not contiguous, too small)."""
+    if buf is None or buf.element_size() != 2 or not buf.is_contiguous() or buf.numel() < 2:
+        return None
+    flat = buf.view(-1)
+    try:
+        return flat[: flat.numel() // 2 * 2].view(torch.float32)
+    except RuntimeError:  # a misaligned view
+        return None
+
+
+def _half_norm(t: Tensor, dtype: torch.dtype, scratch: Tensor | None) -> Tensor:
+    """‖t‖ of a half-precision tensor accumulated in ``dtype``, a chunk at a time.
+
+    With ``scratch`` (a float32 view of a buffer whose contents are free, e.g. the θ
+    backup before the ascent writes it) each chunk is upcast into it: nothing is
+    allocated. Without it, each chunk's upcast is a temporary of its size. Both give the
+    same value bit for bit (the same chunks, the same float32 operands)."""
+    chunks = t.reshape(-1).split(_norm_chunk(t.numel()))
+    if scratch is not None and scratch.numel() < chunks[0].numel():
+        scratch = None
+    parts = []
+    for c in chunks:
+        if scratch is None:
+            parts.append(torch.linalg.vector_norm(c, dtype=dtype))
+        else:
+            s = scratch[: c.numel()]
+            s.copy_(c)
+            parts.append(torch.linalg.vector_norm(s))
+    return parts[0] if len(parts) == 1 else torch.linalg.vector_norm(torch.stack(parts))
+
+
+def _tensor_norms(
+    tensors: Sequence[Tensor], foreach: bool, scratch: Sequence[Tensor | None] | None = None
+) -> list[Tensor]:
+    """Per-tensor L2 norms, in the input order, each in (at least) float32. ``scratch``:
+    per tensor a buffer of its size and dtype whose contents may be overwritten (used by
+    half-precision tensors only, to upcast into without allocating)."""
     norms: list[Tensor | None] = [None] * len(tensors)
     for idx in group_by_device_and_dtype(tensors):
         dtype = _norm_dtype(tensors[idx[0]].dtype)
         if dtype is not None:
-            # Half precision: linalg.vector_norm with a float32 accumulation, large tensors
-            # in chunks (torch._foreach_norm takes a dtype only from torch 2.4 on).
+            # Half precision: float32 accumulation through linalg.vector_norm, in chunks
+            # (torch._foreach_norm's dtype argument upcasts each whole tensor).
             for i in idx:
-                t = tensors[i]
-                if t.numel() > NORM_CHUNK:
-                    norms[i] = _chunked_norm(t, dtype)
-                else:
-                    norms[i] = torch.linalg.vector_norm(t, dtype=dtype)
+                buf = _scratch_f32(scratch[i]) if scratch is not None else None
+                norms[i] = _half_norm(tensors[i], dtype, buf)
             continue
         group = [tensors[i] for i in idx]
         out = (
@@ -275,7 +309,13 @@ def ascend_(
             _mul_([grads[i] for i in idx], bs, foreach)  # g ← T ⊙ g: the norm terms
     if masks is not None and normalise_masked:
         _mask_(grads, masks)
-    norm = _stack_norm(_tensor_norms(grads, foreach))
+    # the backups are free work space unless they hold T: upcast half-precision chunks
+    # for the norm into them (nothing allocated)
+    scratch: list[Tensor | None] = list(backups)
+    for idx, has_t in zip(groups, scaled):
+        for i in idx if has_t else ():
+            scratch[i] = None
+    norm = _stack_norm(_tensor_norms(grads, foreach, scratch))
     if check_finite and not bool(torch.isfinite(norm)):
         return False, norm
     for idx, has_t in zip(groups, scaled):
