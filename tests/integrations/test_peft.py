@@ -144,6 +144,41 @@ def test_sam_on_lora_is_the_formula_over_the_adapters(api, kind):
     assert backups == sum(p.numel() for p in params)  # 1x the adapters, nothing more
 
 
+# SAM, ESAM's SWP, the schedules (fixed and adaptive), a gradient-reuse rule, a cheap ascent
+# and Flat-LoRA: each through the HF Trainer on a PEFT model, against the plain loop.
+TRAINER_METHODS = [
+    ("sam", {}),
+    ("esam-swp", {"beta": 0.5, "seed": 3}),
+    ("rst", {"total_steps": 3, "seed": 3}),
+    ("ae-sam", {"total_steps": 3}),
+    ("looksam", {"k": 2}),
+    ("sam-stale", {}),
+    ("flat-lora", {}),
+]
+
+
+@pytest.mark.parametrize("api", ["closure", "two-phase"])
+@pytest.mark.parametrize(
+    "name,kwargs", TRAINER_METHODS[1:-1], ids=[m for m, _ in TRAINER_METHODS[1:-1]]
+)
+def test_every_step_api_gives_the_same_lora_steps(api, name, kwargs):
+    """ESAM's SWP, the schedules, LookSAM and a cheap ascent on a PEFT model: the closure
+    and the two phases by hand take the steps ``sharpness_aware_step`` takes, bit for bit,
+    sharpness-aware and plain steps alike (SAM itself: the formula test above)."""
+    models = [mlp_lora(), mlp_lora()]
+    opts = [
+        effsam.create_optimizer(trainable_parameters(m), name, lr=LR, rho=RHO, **kwargs)
+        for m in models
+    ]
+    for i in range(4):
+        run("step", models[0], opts[0], mlp_batch(i), mlp_loss)
+        run(api, models[1], opts[1], mlp_batch(i), mlp_loss)
+    assert opts[0].sharpness_aware_steps == opts[1].sharpness_aware_steps
+    assert 0 < opts[0].sharpness_aware_steps or name == "looksam"
+    for (n, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(p, q), n
+
+
 def test_the_optimizer_is_over_the_adapters_only():
     model = mlp_lora()
     check_trainable_only(sgd(model))
@@ -540,14 +575,18 @@ class _Data(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": labels}
 
 
-@pytest.mark.parametrize("method", ["sam", "flat-lora"])
-def test_the_trainer_with_a_peft_model_equals_the_plain_loop(tmp_path, method):
+@pytest.mark.parametrize("method,kwargs", TRAINER_METHODS, ids=[m for m, _ in TRAINER_METHODS])
+def test_the_trainer_with_a_peft_model_equals_the_plain_loop(tmp_path, method, kwargs):
     hf = pytest.importorskip("effsam.integrations.transformers")
 
     def make_opt(model):
         if method == "sam":
             return effsam.SAM(sgd(model), rho=RHO)
-        return FlatLoRA(sgd(model), rho=0.5, model=model, total_steps=3, seed=2)
+        if method == "flat-lora":
+            return FlatLoRA(sgd(model), rho=0.5, model=model, total_steps=3, seed=2)
+        return effsam.create_optimizer(
+            trainable_parameters(model), method, lr=LR, rho=RHO, **kwargs
+        )
 
     model = gpt2_lora()
     args = transformers.TrainingArguments(
