@@ -99,3 +99,94 @@ def test_the_name_kept_from_0_2_is_the_toolkits_function() -> None:
     with pytest.warns(DeprecationWarning, match="effsam.train.analyze_run"):
         assert effsam.analysis.analyze_run is analyze_run
     assert "analyze_run" not in effsam.analysis.__all__
+
+
+# ------------------------------------------------------------------ no import cycle
+def _module_level_graph() -> dict[str, set[str]]:
+    """effsam's modules and the effsam modules each imports at import time (module level,
+    ``if TYPE_CHECKING:`` blocks left out: they never run)."""
+    root = Path(effsam.analysis.__file__).parents[1]  # src/effsam
+    modules: dict[str, Path] = {}
+    for path in root.rglob("*.py"):
+        parts = ["effsam", *path.relative_to(root).with_suffix("").parts]
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules[".".join(parts)] = path
+
+    def resolve(name: str) -> str | None:
+        while name and name not in modules:  # "from m import attr": the module m
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = (name if path.name == "__init__.py" else name.rpartition(".")[0]).split(".")
+        deps: set[str | None] = set()
+
+        def visit(node: ast.AST) -> None:
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                    continue  # runs later, not at import
+                if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                    continue  # never runs
+                if isinstance(child, ast.Import):
+                    deps.update(resolve(a.name) for a in child.names)
+                elif isinstance(child, ast.ImportFrom):
+                    base = package[: len(package) - child.level + 1] if child.level else []
+                    mod = ".".join(base + ([child.module] if child.module else []))
+                    for a in child.names:  # "from p import m": the module p.m if it is one
+                        sub = f"{mod}.{a.name}"
+                        deps.add(sub if sub in modules else resolve(mod))
+                visit(child)
+
+        visit(ast.parse(path.read_text()))
+        graph[name] = {d for d in deps if d and d != name and d.startswith("effsam")}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle per strongly connected component of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    found: list[list[str]] = []
+
+    def strong(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            strong(v)
+    return found
+
+
+def test_no_module_of_effsam_imports_one_that_imports_it_back() -> None:
+    """A submodule importing its own package (``from . import x`` in effsam/optim/y.py
+    while effsam/optim/__init__.py imports y) counts: the package is half-initialised then."""
+    graph = _module_level_graph()
+    assert len(graph) >= 80 and "effsam.optim.sharpness_aware" in graph
+    assert not _cycles(graph), _cycles(graph)
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []

@@ -453,7 +453,25 @@ def test_first_epoch_replay_of_a_digits_run_is_exact(tmp_path):
     assert fr.fingerprint_diff(saved, {**replayed, "train_loss": saved["train_loss"] * 1.00001})
 
 
+_NOT_THE_PROJECT = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache"}
+
+
+def _project_files() -> dict[Path, tuple[int, int]]:
+    """Every file of the checkout (caches, the environment and git left out): its
+    modification time and size."""
+    found = {}
+    for path in ROOT.rglob("*"):
+        rel = path.relative_to(ROOT).parts
+        if any(part in _NOT_THE_PROJECT or part.endswith(".egg-info") for part in rel):
+            continue
+        if path.is_file():
+            st = path.stat()
+            found[path] = (st.st_mtime_ns, st.st_size)
+    return found
+
+
 def test_frontier_smoke_writes_reports_stamps_and_plot(tmp_path):
+    project_before = _project_files()
     proc = subprocess.run(
         [
             sys.executable,
@@ -490,6 +508,14 @@ def test_frontier_smoke_writes_reports_stamps_and_plot(tmp_path):
     stamp = json.loads(stamps[0].read_text())
     assert stamp["launches"][0]["commit"] == head and stamp["finished"]
     assert next(out.glob("frontier-smoke-*.png")).stat().st_size > 10_000
+    # a smoke run writes under its --work and --out only, nothing into the project
+    project_after = _project_files()
+    changed = sorted(
+        str(p.relative_to(ROOT))
+        for p in set(project_before) | set(project_after)
+        if project_before.get(p) != project_after.get(p)
+    )
+    assert changed == [], changed
 
 
 # ----------------------------------------------------------------------------- protocols

@@ -277,3 +277,40 @@ def test_esam_mix_update_is_the_weighted_blend_of_both_passes() -> None:
         torch.testing.assert_close(
             p.detach(), th - lr * (w * gt + (1 - w) * gi), rtol=1e-11, atol=1e-13
         )
+
+
+# ------------------------------------------------ a user's ascent without the in-place kernel
+
+
+class _TwiceAscent:
+    """A user's ascent policy with T = 2 everywhere and only the required ``scales_``."""
+
+    name = "twice"
+
+    def scales_(self, params, out, foreach):
+        for o in out:
+            o.fill_(2.0)
+        return True
+
+
+@pytest.mark.parametrize("zero_grad", [True, False], ids=["zero-grad", "keep-grads"])
+def test_an_ascent_with_only_scales_is_the_formula_and_keeps_the_gradients(zero_grad) -> None:
+    """ε = ρ T² g / ‖T g‖ = 2ρ g/‖g‖ for T = 2; without ``mul_scales_`` (not an
+    InPlaceAscent) ``first_step(zero_grad=False)`` forms ε in a copy and leaves g."""
+    from effsam.optim.policy import AscentPolicy, InPlaceAscent
+
+    ascent = _TwiceAscent()
+    assert isinstance(ascent, AscentPolicy) and not isinstance(ascent, InPlaceAscent)
+    model = _net()
+    opt = effsam.SharpnessAware(torch.optim.SGD(model.parameters(), lr=0.1), RHO, ascent=ascent)
+    _losses(model, _batch()).mean().backward()
+    theta = [p.detach().clone() for p in model.parameters()]
+    g = [p.grad.detach().clone() for p in model.parameters()]
+    norm = math.sqrt(sum(float((gi**2).sum()) for gi in g))
+    assert opt.first_step(zero_grad=zero_grad)
+    for p, th, gi in zip(model.parameters(), theta, g):
+        torch.testing.assert_close(p.detach(), th + 2 * RHO * gi / norm, rtol=1e-12, atol=1e-12)
+        if zero_grad:
+            assert p.grad is None
+        else:
+            assert torch.equal(p.grad, gi)

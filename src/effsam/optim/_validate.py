@@ -67,6 +67,13 @@ def check_int(value: Any, name: str, low: int = 1, *, typed: bool = False) -> in
     return value
 
 
+def check_bool(value: Any, name: str) -> bool:
+    """True or False, nothing else (not 0/1, not a string)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {value!r} (must be True/False)")
+    return value
+
+
 def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
     """One of ``choices``."""
     if value not in choices:

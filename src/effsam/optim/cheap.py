@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from ._validate import check_int
 from .ascent import global_norm
 from .masks import PerturbationMask, RandomTensorSubset
 from .sharpness_aware import resolve_base
@@ -232,10 +233,7 @@ class StaleSAM(SAM):
         self._stale_now = False
         self.last_step_stale = False
         base, kwargs = resolve_base(params, base, kwargs, type(self).__name__)
-        if isinstance(refresh_every, bool) or not isinstance(refresh_every, int):
-            raise TypeError(f"Invalid refresh_every: {refresh_every!r} (must be an int >= 1)")
-        if refresh_every < 1:
-            raise ValueError(f"Invalid refresh_every: {refresh_every!r} (must be >= 1)")
+        check_int(refresh_every, "refresh_every", 1, typed=True)
         for key in ("mask", "selection"):
             if kwargs.get(key) is not None:
                 raise ValueError(f"StaleSAM takes no {key} policy")

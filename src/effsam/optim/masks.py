@@ -35,6 +35,7 @@ class PerturbationMask(Policy):
     """Perturb every weight (SAM). The base class of every mask policy."""
 
     name = "dense"
+    granularity = ""
     #: With element masks: normalise ε by ‖m ⊙ g‖ (True) or by ‖g‖ (False).
     normalise_masked = True
     #: Whether ``refresh`` must run before the first step.

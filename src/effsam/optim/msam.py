@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._validate import check_bool, check_choice, check_int
 from .ascent import global_norm
 from .sharpness_aware import SharpnessAware, resolve_base
 
@@ -91,21 +92,10 @@ class MSAM(SharpnessAware):
         for key in ("mask", "selection", "ascent"):
             if kwargs.get(key) is not None:
                 raise ValueError(f"MSAM takes no {key} policy: its ascent is the momentum")
-        if rho_mode not in RHO_MODES:
-            raise ValueError(
-                f"Invalid MSAM rho_mode: {rho_mode!r} (choose from {', '.join(RHO_MODES)})"
-            )
-        if not isinstance(bn_recompute, bool):
-            raise ValueError(f"Invalid MSAM bn_recompute: {bn_recompute!r} (must be True/False)")
-        if bn_recompute_batches is not None and (
-            isinstance(bn_recompute_batches, bool)
-            or not isinstance(bn_recompute_batches, int)
-            or bn_recompute_batches < 1
-        ):
-            raise ValueError(
-                f"Invalid MSAM bn_recompute_batches: {bn_recompute_batches!r} (must be None "
-                "or an integer >= 1)"
-            )
+        check_choice(rho_mode, "MSAM rho_mode", RHO_MODES)
+        check_bool(bn_recompute, "MSAM bn_recompute")
+        if bn_recompute_batches is not None:
+            check_int(bn_recompute_batches, "MSAM bn_recompute_batches", 1)
         if isinstance(base, torch.optim.SGD):
             flat = [g for g in base.param_groups if not g.get("momentum", 0)]
             if flat:

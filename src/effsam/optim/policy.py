@@ -81,10 +81,26 @@ class AscentPolicy(Protocol):
 
 
 @runtime_checkable
+class InPlaceAscent(AscentPolicy, Protocol):
+    """An ascent that can also apply T in place, a chunk at a time (no parameter-sized
+    temporary): ``first_step(zero_grad=False)`` then forms ε in the parameters and leaves
+    the gradients; with an ascent without it, ε is formed in a copy of the gradients."""
+
+    def mul_scales_(
+        self, params: Sequence[Tensor], tensors: Sequence[Tensor], thetas: Sequence[Tensor]
+    ) -> bool:
+        """``tensors[i] ← tensors[i] ⊙ T_i``, T from ``thetas[i]``; False when T = 1."""
+        ...
+
+
+@runtime_checkable
 class MaskPolicy(Protocol):
     """Which weights ε perturbs: per-tensor pass-1 flags and per-element bool masks."""
 
     name: str
+    #: the unit the mask keeps or drops, part of the method's identity in a saved state
+    #: (SSAM: ``"element"`` or ``"tensor"``; ``""`` for masks with a single layout)
+    granularity: str
     #: with element masks: normalise ε by ‖m ⊙ g‖ (True) or by ‖g‖ (False)
     normalise_masked: bool
     #: whether ``refresh`` needs a model and a batch (else the optimizer runs it itself)

@@ -37,7 +37,14 @@ from ._transaction import Snapshot, StepTransaction
 from ._validate import check_non_negative
 from .ascent import L2Ascent, _copy_, ascend_, global_norm, group_by_device_and_dtype
 from .masks import PerturbationMask, kept_fraction
-from .policy import AscentPolicy, MaskPolicy, Schedule, SelectionPolicy, UpdatePolicy
+from .policy import (
+    AscentPolicy,
+    InPlaceAscent,
+    MaskPolicy,
+    Schedule,
+    SelectionPolicy,
+    UpdatePolicy,
+)
 from .schedule import EveryStep
 from .selection import AllSamples
 from .slicing import AscentSlice
@@ -660,7 +667,7 @@ class SharpnessAware(Optimizer):
         # the backup took θ), unless noise must be added to g or the ascent policy cannot
         # apply T in place: then on a copy of the gradients
         keep = not zero_grad
-        if keep and (self.ascent_slice.noise or not hasattr(self.ascent, "mul_scales_")):
+        if keep and (self.ascent_slice.noise or not isinstance(self.ascent, InPlaceAscent)):
             gs, keep = [g.clone() for g in gs], False
         self.ascent_slice.add_noise_(gs, self.foreach)
         backups = [self._backup(p) for p in ps]
@@ -933,8 +940,7 @@ class SharpnessAware(Optimizer):
         return {
             "optimizer": type(self).__name__,
             "ascent": f"{type(self.ascent).__name__}:{self.ascent.name}",
-            "mask": f"{type(self.mask).__name__}:{self.mask.name}"
-            + f":{getattr(self.mask, 'granularity', '')}",
+            "mask": f"{type(self.mask).__name__}:{self.mask.name}" + f":{self.mask.granularity}",
             "selection": f"{type(self.selection).__name__}:{self.selection.name}",
             "schedule": f"{type(self.schedule).__name__}:{self.schedule.name}",
             "update": f"{type(self.update).__name__}:{self.update.name}",
