@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from .batching import batch_size, index_batch, split_batch
 from .bn import capture_bn_stats, restore_bn, snapshot_bn, use_bn_stats
+from .optim.policy import PLAIN_STEP, StepPlan
 from .optim.sharpness_aware import KeptFraction, SharpnessAware
 from .parallel import (
     ObjectMemory,
@@ -218,7 +219,7 @@ def sharpness_aware_step(
             return result
         if decision is None:
             decision = step.decide_after_pass1()  # AE-SAM
-        if not decision or step.optimizer.single_pass:
+        if not decision or step.plan.one_pass:
             return step.one_pass_step()
         skipped = step.ascend()
         if skipped is not None:
@@ -263,6 +264,8 @@ class _Step:
     poison: bool = False
     sliced: bool = False
     ascent_samples: int | None = None
+    #: the step's shape, from the optimizer's policies (read once the step has begun)
+    plan: StepPlan = PLAIN_STEP
     bn_stats_1: list[dict[Any, Any]] = field(default_factory=list)
 
     @classmethod
@@ -342,7 +345,7 @@ class _Step:
         dtype = self.amp_dtype
         with torch.autocast(self.device_type, dtype=dtype, enabled=dtype is not None):
             out = self.loss_fn(self.model, mb)
-        per_sample = self.sam and self.optimizer.selection.needs_per_sample
+        per_sample = self.plan.per_sample
         return _split_loss(out, batch_size(mb), per_sample, self.accumulation_steps > 1)
 
     def backward(self, loss: Tensor) -> None:
@@ -359,12 +362,17 @@ class _Step:
         self.optimizer.zero_grad(set_to_none=True)
 
     def decide(self) -> bool | None:
-        return self.optimizer.begin_step() if self.sam else False
+        """Begin the step: the schedule's decision, and the step's plan."""
+        if not self.sam:
+            return False
+        decision = self.optimizer.begin_step()
+        self.plan = self.optimizer.step_plan()
+        return decision
 
     def preselect(self, decision: bool | None, bn_start: Any) -> None:
         """K-SAM: a no-grad forward ranks each micro-batch, both passes see its top k (the
         step reports the whole batch's loss and aux)."""
-        if self.sam and decision is not False and _preselects(self.optimizer):
+        if decision is not False and self.plan.preselect:
             self.micro, self.total, self.aux = _preselect(
                 self.optimizer, self.micro, self.forward, self.b
             )
@@ -379,16 +387,19 @@ class _Step:
         A reduced-batch ascent runs on each micro-batch's slice, weighted by the slices'
         sizes, and leaves no trace in the BN running statistics (pass 2 updates them)."""
         opt = self.optimizer
-        two_pass = self.sam and decision is not False and not opt.single_pass
+        plan = self.plan
+        two_pass = self.sam and decision is not False and not plan.one_pass
         total = torch.zeros((), device=_model_device(self.model))
         aux = None
         with opt.first_pass() if self.sam else contextlib.nullcontext():
             parts = self.micro
-            if two_pass and opt.ascent_slice.slices:
+            if two_pass and plan.pass1_slice:
+                # a slice on a sharpness-aware step (first_step checks that it was taken);
+                # a step deciding after pass 1 (AE-SAM) runs it on the whole batch
                 parts = [opt.ascent_batch(mb) for mb in self.micro]
-                self.sliced = opt._txn is not None and opt._txn.sliced
+                self.sliced = decision is True
             n1 = sum(batch_size(mb) for mb in parts) if self.sliced else self.b_run
-            capture = two_pass and self._bn_repair() and not opt.selection.needs_perturbed_loss
+            capture = two_pass and plan.bn_whole_batch and not plan.rank_at_perturbed
             for i, mb in enumerate(parts):
                 last = i == len(parts) - 1
                 stats: dict[Any, Any] = {}
@@ -545,17 +556,18 @@ class _Step:
             return self._pass2_after_slice()
         bn_after_pass1 = snapshot_bn(self.model)
         selected = 0
-        sds = opt.selection.needs_per_sample and not _preselects(opt)
+        plan = self.plan
+        sds = plan.pass2 != "batch"
         try:
             for i, mb in enumerate(self.micro):
                 sub = mb
-                if sds and opt.selection.pass2_whole_batch:
+                if plan.pass2 == "ranked-in-pass2":
                     selected += self._pass2_whole_batch(i, mb)
                     continue
-                stats = self.bn_stats_1[i] if sds and self._bn_repair() else None
+                stats = self.bn_stats_1[i] if plan.bn_whole_batch else None
                 if sds:
                     after = None
-                    if opt.selection.needs_perturbed_loss:
+                    if plan.rank_at_perturbed:
                         if stats is not None:
                             stats = {}  # the whole batch's statistics, at θ + ε
                         with (
@@ -588,9 +600,6 @@ class _Step:
         finally:
             restore_bn(bn_after_pass1)
         return selected
-
-    def _bn_repair(self) -> bool:
-        return self.optimizer.selection.pass2_bn_whole_batch
 
     def _pass2_after_slice(self) -> int:
         """Pass 2 after a reduced-batch ascent: the whole batch at θ + ε, which also
@@ -648,11 +657,6 @@ class _Step:
             _reset_scaler(
                 self.scaler, self.optimizer, getattr(self.optimizer, "base", self.optimizer)
             )
-
-
-def _preselects(optimizer: SharpnessAware) -> bool:
-    sel = optimizer.selection
-    return sel.before_pass1 and sel.needs_per_sample
 
 
 def _preselect(

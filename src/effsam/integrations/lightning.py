@@ -108,13 +108,13 @@ class SharpnessAwareCallback(Callback):
                     "or manual optimisation with "
                     "effsam.integrations.lightning.manual_step(..., accumulation_steps=n)"
                 )
-            if opt.selection.needs_per_sample:
+            if opt.step_plan().per_sample:
                 raise ValueError(
                     f"sample selection ({opt.selection.name}, gamma={opt.selection.gamma}) "
                     "cannot run through Lightning's closure: use manual optimisation with "
                     "effsam.integrations.lightning.manual_step"
                 )
-            if opt.ascent_slice.slices:
+            if opt.step_plan().pass1_slice:
                 raise ValueError(
                     f"ascent_fraction={opt.ascent_slice.fraction}: pass 1 runs on a slice "
                     "of the batch, which Lightning's closure (training_step on the whole "
@@ -301,7 +301,7 @@ class SharpnessAwarePrecision(MixedPrecision):
             return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
         if kwargs:
             raise TypeError(f"effsam's step takes no extra arguments, got {sorted(kwargs)}")
-        if opt.selection.needs_per_sample:
+        if opt.step_plan().per_sample:
             raise ValueError("sample selection cannot run through Lightning's closure")
         return _two_pass_step(self, opt, model, closure, self.scaler)
 

@@ -78,7 +78,8 @@ class SharpnessAwareTrainer(Trainer):
         return opt if isinstance(opt, SharpnessAware) else None
 
     def _effsam_check(self, opt: SharpnessAware) -> None:
-        if opt.selection.needs_per_sample:
+        plan = opt.step_plan()
+        if plan.per_sample:
             raise ValueError(
                 f"sample selection ({opt.selection.name}, gamma={opt.selection.gamma}) needs "
                 "per-sample losses, and the Trainer's compute_loss returns a batch mean: "
@@ -89,7 +90,7 @@ class SharpnessAwareTrainer(Trainer):
                 f"the {opt.mask.name!r} mask is computed from per-sample losses, which the "
                 "Trainer's compute_loss does not give: use SSAM's mask='dynamic'"
             )
-        if opt.ascent_slice.slices:
+        if plan.pass1_slice:
             raise ValueError(
                 f"ascent_fraction={opt.ascent_slice.fraction}: pass 1 would run on a slice "
                 "of each micro-batch, which the Trainer's compute_loss cannot be given: use "

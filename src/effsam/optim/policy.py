@@ -6,7 +6,9 @@ schedule (which steps are sharpness-aware) and an update (how the gradient the b
 optimizer steps with is formed from the passes', :mod:`effsam.optim.update`). Their
 interfaces are the :class:`typing.Protocol` classes below; the built-in policies derive
 from :class:`Policy` for the naming and state plumbing. A method is a set of policies and
-a registry entry; the skeleton calls each policy in one place.
+a registry entry; the skeleton calls each policy in one place. The shape of a step that
+the policies declare (one pass or two, which samples each pass sees) reaches the per-batch
+orchestration as one :class:`StepPlan` (``SharpnessAware.step_plan``).
 
 The order of the calls in one step, for every API (``sharpness_aware_step``,
 ``step(closure)``, ``first_pass``/``first_step``/``second_step``)::
@@ -44,6 +46,7 @@ The order of the calls in one step, for every API (``sharpness_aware_step``,
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -253,3 +256,57 @@ class Schedule(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+#: how pass 2 uses the batch (:attr:`StepPlan.pass2`)
+PASS2_MODES = ("batch", "subset", "ranked-in-pass2")
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The shape of one step, as the optimizer's policies make it.
+
+    :meth:`effsam.SharpnessAware.step_plan` builds it once per step, after the schedule
+    was asked: the one place where the skeleton reads the policies' declarations
+    (``Selection.needs_per_sample``, ``before_pass1``, ``pass2_whole_batch``, ...; the
+    ascent slice; a one-pass method's ``single_pass``). The per-batch orchestration
+    (:func:`effsam.sharpness_aware_step`) and the framework integrations execute the plan
+    and read nothing else of the policies, so a method that changes the shape of a step
+    changes the plan its policies declare, not the orchestration.
+
+    Attributes:
+        one_pass: a sharpness-aware step is ONE forward/backward, at a point moved before
+            it, whose gradient is the update (MSAM, a stale ascent, Flat-LoRA).
+        pass1_slice: a sharpness-aware pass 1 runs on a random slice of each micro-batch
+            (``ascent_fraction`` < 1; ``SharpnessAware.ascent_batch``).
+        per_sample: ``loss_fn`` must return per-sample losses (a sample selection).
+        preselect: a no-grad forward at θ ranks the samples and both passes see the
+            chosen ones (K-SAM).
+        pass2: ``"batch"``: pass 2 on what pass 1 saw (the whole batch, or K-SAM's
+            choice); ``"subset"``: the samples are ranked (from pass 1's losses, and a
+            no-grad forward at θ + ε when ``rank_at_perturbed``) and pass 2 runs on the
+            chosen ones (ESAM's SDS); ``"ranked-in-pass2"``: pass 2 forwards the whole
+            batch at θ + ε, ranks from that forward and back-propagates the chosen
+            samples' loss (the whole-batch control).
+        rank_at_perturbed: the ``"subset"`` ranking needs the losses at θ + ε.
+        bn_whole_batch: pass 2 on a subset is normalised with the whole batch's BatchNorm
+            statistics (ESAM's BN repair).
+    """
+
+    one_pass: bool = False
+    pass1_slice: bool = False
+    per_sample: bool = False
+    preselect: bool = False
+    pass2: str = "batch"
+    rank_at_perturbed: bool = False
+    bn_whole_batch: bool = False
+
+    def __post_init__(self) -> None:
+        if self.pass2 not in PASS2_MODES:
+            raise ValueError(f"Invalid StepPlan pass2: {self.pass2!r} (one of {PASS2_MODES})")
+        if self.pass2 != "batch" and not self.per_sample:
+            raise ValueError(f"StepPlan pass2={self.pass2!r} needs per-sample losses")
+
+
+#: a plain optimizer's step: one pass on the whole batch
+PLAIN_STEP = StepPlan()

@@ -43,6 +43,7 @@ from .policy import (
     MaskPolicy,
     Schedule,
     SelectionPolicy,
+    StepPlan,
     UpdatePolicy,
 )
 from .schedule import EveryStep
@@ -387,8 +388,32 @@ class SharpnessAware(Optimizer):
         return float(global_norm(gs, self.foreach)) ** 2 if gs else 0.0
 
     # ------------------------------------------------------------------ the decision
-    #: True for methods whose only pass runs at a point moved before pass 1 (MSAM).
+    #: True for methods whose only pass runs at a point moved before pass 1 (MSAM); a
+    #: declaration read by :meth:`step_plan` (and the skeleton's own one-pass branch).
     single_pass = False
+
+    def step_plan(self) -> StepPlan:
+        """The shape of the step in progress (of the next one, before it begins), from the
+        policies' declarations: see :class:`effsam.optim.policy.StepPlan`. Read it after
+        :meth:`begin_step` (a stale ascent decides per step whether it is one pass)."""
+        sel = self.selection
+        per_sample = bool(sel.needs_per_sample)
+        preselect = per_sample and bool(sel.before_pass1)
+        if not per_sample or preselect:
+            pass2 = "batch"
+        elif sel.pass2_whole_batch:
+            pass2 = "ranked-in-pass2"
+        else:
+            pass2 = "subset"
+        return StepPlan(
+            one_pass=bool(self.single_pass),
+            pass1_slice=self.ascent_slice.slices,
+            per_sample=per_sample,
+            preselect=preselect,
+            pass2=pass2,
+            rank_at_perturbed=pass2 == "subset" and bool(sel.needs_perturbed_loss),
+            bn_whole_batch=pass2 == "subset" and bool(sel.pass2_bn_whole_batch),
+        )
 
     @final
     @eager
