@@ -6,6 +6,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -53,6 +54,16 @@ def test_compare_writes_table_csv_json_and_plot(tmp_path, capsys):
     sam_line = next(line for line in md.splitlines() if line.startswith("| SAM |"))
     assert "100.0%" in sam_line and " ± " in sam_line
     assert (root / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the code that trained the runs: the checkout's commit, in every env.json and the table
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True
+    ).stdout.strip()
+    codes = {
+        json.loads((d / "env.json").read_text())["code"]["commit"]
+        for d in (root / "runs").iterdir()
+    }
+    assert codes == {head or None}
+    assert f"\nCode: {head or 'effsam'}" in md
     # --resume reuses finished runs instead of training again
     code, out, err = run([*argv, "--resume"], capsys)
     assert code == 0, err
@@ -155,3 +166,22 @@ def test_python_dash_m_effsam_runs_the_same_command():
     )
     assert proc.returncode == 0
     assert "--optimizers" in proc.stdout and "--seeds" in proc.stdout
+
+
+def test_the_code_line_names_each_code_with_its_runs(tmp_path):
+    from effsam.train.records import code_line
+
+    for name, code in [
+        ("A_s0", {"commit": "aaa", "dirty": False}),
+        ("B_s0", {"commit": "bbb", "dirty": True}),
+        ("C_s0", {"commit": "aaa", "dirty": False}),
+        ("D_s0", None),
+    ]:
+        (tmp_path / name).mkdir()
+        env = {} if code is None else {"code": code}
+        (tmp_path / name / "env.json").write_text(json.dumps(env))
+    line = code_line(sorted(tmp_path.iterdir()))
+    assert line == (
+        "Code: aaa (A_s0, C_s0); bbb+dirty (B_s0); not recorded (D_s0) (each run's env.json)"
+    )
+    assert code_line([tmp_path / "A_s0"]) == "Code: aaa (each run's env.json)"

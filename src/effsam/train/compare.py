@@ -25,7 +25,7 @@ from .distributed import resolve_device
 from .loop import RunDiverged, train
 from .preflight import preflight
 from .progress import format_duration
-from .records import environment, write_json, write_text_atomic
+from .records import code_line, environment, write_json, write_text_atomic
 from .report import aggregate, csv_table, markdown_table, plot_accuracy_speed
 from .validate import compare_entries, compare_seeds
 
@@ -161,6 +161,9 @@ def run_compare(
         "only (evaluation and data loading excluded): each run's total images / total step time, "
         "median over seeds.\n"
     )
+    code = code_line([p[3] for p in plan])
+    if code:
+        note += f"\n{code}\n"
     write_text_atomic(root / "compare.md", md + note)
     write_text_atomic(root / "compare.csv", csv_table(rows))
     write_json(

@@ -66,10 +66,14 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def environment(device: torch.device, world_size: int, amp: str, compiled: bool) -> dict[str, Any]:
-    """Versions, hardware and threading: what a throughput number depends on."""
+    """Versions, hardware and threading: what a throughput number depends on; and the
+    code (``code``: the git commit of effsam's checkout, whether it had uncommitted
+    changes, a digest of the package; see :mod:`effsam._provenance`)."""
+    from effsam._provenance import code_stamp
     from effsam.environment import environment as machine
 
     env = machine(device)
+    code = code_stamp()
     env.update(
         {
             "torch_interop_threads": torch.get_num_interop_threads(),
@@ -77,9 +81,31 @@ def environment(device: torch.device, world_size: int, amp: str, compiled: bool)
             "amp": amp,
             "compile": compiled,
             "cuda": torch.version.cuda,
+            "code": {k: code[k] for k in ("commit", "dirty", "text", "src")},
         }
     )
     return env
+
+
+def code_line(run_dirs: list[Path]) -> str:
+    """ "Code: ..." for a table of runs: the code each run was (last) launched with, from
+    its env.json; one commit for all, or each with its runs."""
+    by_code: dict[str, list[str]] = {}
+    for run_dir in run_dirs:
+        try:
+            code = json.loads((Path(run_dir) / "env.json").read_text()).get("code") or {}
+        except (OSError, ValueError, AttributeError):
+            code = {}
+        text = code.get("commit") or code.get("text") or "not recorded"
+        if code.get("commit") and code.get("dirty"):
+            text += "+dirty"
+        by_code.setdefault(text, []).append(Path(run_dir).name)
+    if not by_code:
+        return ""
+    if len(by_code) == 1:
+        return f"Code: {next(iter(by_code))} (each run's env.json)"
+    parts = [f"{text} ({', '.join(names)})" for text, names in by_code.items()]
+    return "Code: " + "; ".join(parts) + " (each run's env.json)"
 
 
 def label_noise_record(data: Any) -> dict[str, Any]:
