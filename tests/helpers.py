@@ -1,6 +1,8 @@
-"""Tiny float64 models and data shared by the optimizer tests."""
+"""Tiny float64 models and data shared by the optimizer tests, and an exact nested equality."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,3 +33,21 @@ def per_sample_ce(model: nn.Module, batch):
 
 def clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same(a: Any, b: Any, where: str = "") -> None:
+    """a == b all the way down (dicts, lists, tuples), tensors bit for bit and of one dtype;
+    the assertion names the path of the first difference."""
+    assert type(a) is type(b), (where, type(a), type(b))
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)

@@ -17,6 +17,7 @@ import effsam
 from effsam.optim._transaction import Snapshot, StepTransaction
 from effsam.optim.masks import RandomTensorSubset
 from effsam.optim.schedule import Randomized
+from helpers import assert_same
 
 
 def _net() -> nn.Module:
@@ -56,29 +57,12 @@ def _everything(model: nn.Module, opt: effsam.SharpnessAware) -> dict:
     )
 
 
-def _equal(a, b, where: str) -> None:
-    """a == b all the way down, tensors bit for bit."""
-    assert type(a) is type(b), where
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _equal(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, (where, a, b)
-
-
 def _same(a: dict, b: dict) -> None:
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     assert torch.equal(a["slice"], b["slice"])
     # counters, schedule, mask (its generator's state), slice, update: every value
-    _equal(a["opt"]["effsam"], b["opt"]["effsam"], "effsam")
+    assert_same(a["opt"]["effsam"], b["opt"]["effsam"], "effsam")
     for pa, pb in zip(a["opt"]["state"].values(), b["opt"]["state"].values()):
         for k in pa:
             if k != "theta":  # the backup buffer's content is scratch between steps
@@ -149,7 +133,7 @@ def test_method_undos_run_latest_first_and_the_policies_come_back_after_them():
     assert txn.selected_fraction == 4 / 16
     txn.rollback(opt)
     assert order == ["second", "first"]
-    _equal(opt.schedule.state_dict(), schedule_before, "schedule")
+    assert_same(opt.schedule.state_dict(), schedule_before, "schedule")
     assert StepTransaction().selected_fraction is None
 
 

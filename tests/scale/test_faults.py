@@ -4,12 +4,12 @@ BatchNorm buffers, optimizer state, the SWP generator, frozen flags, the GradSca
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import pytest
 import torch
 
 import effsam
+from helpers import assert_same
 from scale._common import LR, MOMENTUM, RHO, bn_mlp, ce, data
 
 
@@ -43,22 +43,6 @@ def _failing(opt: effsam.SharpnessAware, where: str, armed: dict):
         return losses
 
     return loss_fn
-
-
-def _same(a: Any, b: Any, path: str = "") -> None:
-    """Recursive exact equality of nested dicts/lists/tensors."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, (path, a, b)
 
 
 @pytest.mark.parametrize("scaled", [False, True])
@@ -97,22 +81,22 @@ def test_failed_step_changes_nothing(where: str, error: type, scaled: bool) -> N
         effsam.sharpness_aware_step(model, opt, batches[2], loss_fn, scaler=s)
     armed["on"] = False
 
-    _same(model.state_dict(), model_before, "model")  # weights and BN buffers
-    _same(opt.state_dict(), opt_before, "optimizer")  # moments, counters, SWP generator
+    assert_same(model.state_dict(), model_before, "model")  # weights and BN buffers
+    assert_same(opt.state_dict(), opt_before, "optimizer")  # moments, counters, SWP generator
     assert [p.requires_grad for p in model.parameters()] == flags_before
     assert all(p.grad is None for p in model.parameters())
     assert not opt.perturbed
     if s is not None:
-        _same(s.state_dict(), scaler_before, "scaler")
+        assert_same(s.state_dict(), scaler_before, "scaler")
 
     # The run continues exactly as one that never saw the failure.
     for batch in batches[2:]:
         effsam.sharpness_aware_step(model, opt, batch, loss_fn, scaler=s)
         effsam.sharpness_aware_step(twin_model, twin_opt, batch, ce, scaler=twin_s)
-    _same(model.state_dict(), twin_model.state_dict(), "model after")
-    _same(opt.state_dict(), twin_opt.state_dict(), "optimizer after")
+    assert_same(model.state_dict(), twin_model.state_dict(), "model after")
+    assert_same(opt.state_dict(), twin_opt.state_dict(), "optimizer after")
     if s is not None:
-        _same(s.state_dict(), twin_s.state_dict(), "scaler after")
+        assert_same(s.state_dict(), twin_s.state_dict(), "scaler after")
 
 
 def test_failed_plain_step_changes_nothing() -> None:
@@ -128,6 +112,6 @@ def test_failed_plain_step_changes_nothing() -> None:
     with pytest.raises(ValueError, match="shape"):
         effsam.sharpness_aware_step(model, opt, data(seed=2, n=8), wrong_shape, scaler=s)
     # The forward ran, so BN statistics moved; they must be put back.
-    _same(model.state_dict(), before[0])
-    _same(opt.state_dict(), before[1])
+    assert_same(model.state_dict(), before[0])
+    assert_same(opt.state_dict(), before[1])
     effsam.sharpness_aware_step(model, opt, data(seed=3, n=8), ce, scaler=s, clip_grad_norm=1.0)
