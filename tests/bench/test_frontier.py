@@ -201,6 +201,28 @@ def test_keeps_sams_accuracy_only_on_all_three_protocols():
         assert fr.overall_verdicts(case, members)["rst"]["status"] == status, share
 
 
+def test_the_rule_as_stated_names_each_protocol_its_criterion_and_a_shared_reason_once():
+    from effsam.frontier.rule import rule_text
+
+    rules = {"noisy": "share", "frontier": "std", "augment": "std"}
+    notes = {
+        "noisy": "SAM's gain ~8 points",
+        "frontier": "SAM's gain ~1 point",
+        "augment": "SAM's gain ~1 point",
+    }
+    text = rule_text(5, 3, rules, notes)
+    assert any("all 3 protocols (noisy, frontier, augment)" in x for x in text)
+    share = next(x for x in text if "mean share of SAM's gain is >= 0.90" in x)
+    assert share.startswith("On noisy (SAM's gain ~8 points) ")
+    std = next(x for x in text if "within SAM's seed std" in x)
+    assert std.startswith("On frontier and augment (SAM's gain ~1 point) "), std
+    # two reasons that differ are both given
+    text = rule_text(5, 3, rules, {**notes, "augment": "150 epochs"})
+    std = next(x for x in text if "within SAM's seed std" in x)
+    assert "(SAM's gain ~1 point; 150 epochs)" in std, std
+    assert any("5 for SGD and SAM" in x and "3 for one that does not" in x for x in text)
+
+
 # ----------------------------------------------------------------------------- targets
 
 

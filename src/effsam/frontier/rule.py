@@ -77,7 +77,8 @@ def rule_text(
         text = (
             " and ".join(group) if len(group) < 3 else ", ".join(group[:-1]) + f" and {group[-1]}"
         )
-        why = "; ".join(notes[n] for n in group if n in notes)
+        # protocols that share a reason (frontier and augment) state it once
+        why = "; ".join(dict.fromkeys(notes[n] for n in group if n in notes))
         return text + (f" ({why})" if why else "")
 
     out = []
