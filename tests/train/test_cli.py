@@ -63,7 +63,7 @@ def test_compare_writes_table_csv_json_and_plot(tmp_path, capsys):
         for d in (root / "runs").iterdir()
     }
     assert codes == {head or None}
-    assert f"\nCode: {head or 'effsam'}" in md
+    assert f"\nCode: commit {head}" in md if head else "\nCode: effsam" in md
     # --resume reuses finished runs instead of training again
     code, out, err = run([*argv, "--resume"], capsys)
     assert code == 0, err
@@ -182,6 +182,7 @@ def test_the_code_line_names_each_code_with_its_runs(tmp_path):
         (tmp_path / name / "env.json").write_text(json.dumps(env))
     line = code_line(sorted(tmp_path.iterdir()))
     assert line == (
-        "Code: aaa (A_s0, C_s0); bbb+dirty (B_s0); not recorded (D_s0) (each run's env.json)"
+        "Code: commit aaa (A_s0, C_s0); commit bbb+dirty (B_s0); not recorded (D_s0) "
+        "(each run's env.json)"
     )
-    assert code_line([tmp_path / "A_s0"]) == "Code: aaa (each run's env.json)"
+    assert code_line([tmp_path / "A_s0"]) == "Code: commit aaa (each run's env.json)"

@@ -96,9 +96,10 @@ def code_line(run_dirs: list[Path]) -> str:
             code = json.loads((Path(run_dir) / "env.json").read_text()).get("code") or {}
         except (OSError, ValueError, AttributeError):
             code = {}
-        text = code.get("commit") or code.get("text") or "not recorded"
-        if code.get("commit") and code.get("dirty"):
-            text += "+dirty"
+        if code.get("commit"):
+            text = f"commit {code['commit']}" + ("+dirty" if code.get("dirty") else "")
+        else:
+            text = code.get("text") or "not recorded"
         by_code.setdefault(text, []).append(Path(run_dir).name)
     if not by_code:
         return ""
